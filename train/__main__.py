@@ -1,0 +1,53 @@
+"""`python -m train [overrides]` under torchrun, the deepspeed launcher, srun, or alone."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; Hydra would reject it."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    from train.config import ConfigError, load_config
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s r{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Engine deprecation chatter (DeepSpeed calls deprecated c10d names) would drown the log.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+    raw = OmegaConf.to_container(dcfg, resolve=True)
+    try:
+        cfg = load_config(raw)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from train.loop import train
+
+    train(cfg, raw)
+
+
+if __name__ == "__main__":
+    sys.argv = _strip_launcher_args(sys.argv)
+    main()

@@ -1,0 +1,189 @@
+"""The training loop: one function, the same for every strategy (STYLE 1).
+
+Read top to bottom: set up -> resume -> for each step (accumulate micro-batches, step,
+log, evaluate, checkpoint, export, stop on request) -> final checkpoint and export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from data_pipeline import build_loader
+from train import dist as d
+from train.checkpoint import (TrainState, load_rank_files, read_state, resume_candidates,
+                              save_checkpoint, set_rng_state)
+from train.config import Config, grad_accum_steps
+from train.metrics import MetricsFile
+from train.model import build_model, lm_loss, num_params
+from train.signals import StopRequest
+from train.strategies import build_strategy
+from train.tracking import build_tracker
+from train.tracking.redact import redact
+
+log = logging.getLogger("scaletrain")
+
+
+def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
+    info = d.init_distributed(cfg.trainer.device)
+    run_dir = Path(cfg.run.dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    torch.manual_seed(cfg.trainer.seed)
+    accum = grad_accum_steps(cfg.trainer, info.world_size)
+    t = cfg.trainer
+    loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
+                          micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
+                          pin_memory=info.device.type == "cuda")
+    model = build_model(cfg.model, loader.vocab_size, t.seed)
+    n_params = num_params(model)
+
+    resume_from, saved = _pick_resume(run_dir / "checkpoints", cfg, info)
+    universal = (resume_from is not None and cfg.strategy.kind == "deepspeed"
+                 and saved.world_size != info.world_size)
+    if universal:
+        _to_universal(resume_from, info)
+    strategy = build_strategy(model, cfg, info, accum, load_universal=universal)
+    state = TrainState(world_size=info.world_size, model_config=model.config.to_dict(),
+                       strategy={"name": cfg.strategy.name, "kind": cfg.strategy.kind,
+                                 "zero_stage": cfg.strategy.zero_stage},
+                       tokenizer_dir=loader.tokenizer_dir, config_digest=_digest(raw_cfg))
+    if resume_from is not None:
+        _restore(resume_from, saved, strategy, loader, info, universal)
+        state.step, state.tokens = saved.step, saved.tokens
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(raw_cfg)))
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=info.is_main)
+    metrics.truncate_after(state.step)
+    tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
+                            config=redact(raw_cfg), resume=resume_from is not None)
+    stop = StopRequest(run_dir)
+    log.info("model %s: %.2fM params | strategy %s | world %d | accum %d | global batch %d",
+             cfg.model.name, n_params / 1e6, cfg.strategy.name, info.world_size, accum,
+             t.micro_batch_size * accum * info.world_size)
+
+    def checkpoint() -> None:
+        t0 = time.perf_counter()
+        save_checkpoint(run_dir / "checkpoints", state, info, strategy.save, loader.state_dict(),
+                        config_yaml, cfg.checkpoint.keep_last)
+        tracker.log({"checkpoint_time_s": time.perf_counter() - t0}, state.step)
+
+    tokens_per_step = t.micro_batch_size * t.seq_len * accum * info.world_size
+    batches = iter(loader)
+    stopped = False
+    window_t0 = time.perf_counter()
+    while state.step < t.max_steps and (t.max_tokens is None or state.tokens < t.max_tokens):
+        step_t0, data_wait, losses = time.perf_counter(), 0.0, []
+        for micro in range(accum):
+            wait_t0 = time.perf_counter()
+            batch = {k: v.to(info.device, non_blocking=True) for k, v in next(batches).items()}
+            data_wait += time.perf_counter() - wait_t0
+            losses.append(strategy.forward_backward(batch, sync_grads=micro == accum - 1))
+        grad_norm = strategy.step()
+        lr = strategy.lr()
+        state.step += 1
+        state.tokens += tokens_per_step
+        step_time = time.perf_counter() - step_t0
+
+        if state.step % t.log_every == 0 or state.step == t.max_steps:
+            loss = d.mean_across_ranks([torch.stack(losses).mean().item()], info.device)[0]
+            elapsed, window_t0 = time.perf_counter() - window_t0, time.perf_counter()
+            record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": state.tokens, "tokens_per_s": tokens_per_step * t.log_every / elapsed,
+                      "step_time_s": step_time, "data_wait_s": data_wait,
+                      "data_wait_frac": data_wait / step_time, "mem_peak_gb": _mem_peak_gb(info.device),
+                      **loader.metrics()}
+            metrics.write(record)
+            tracker.log(record, state.step)
+            if info.is_main:
+                log.info("step %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | wait %.1f%%",
+                         state.step, loss, lr, grad_norm, record["tokens_per_s"], 100 * record["data_wait_frac"])
+        if t.eval_every and state.step % t.eval_every == 0:
+            ev = evaluate(strategy, cfg, info)
+            metrics.write({"step": state.step, **ev})
+            tracker.log(ev, state.step)
+
+        stopped = d.any_rank(stop.local(), info.device)
+        last = state.step >= t.max_steps or (t.max_tokens is not None and state.tokens >= t.max_tokens)
+        every = cfg.checkpoint.every_steps
+        if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end):
+            checkpoint()
+        if stopped:
+            log.warning("stop requested (%s): checkpointed step %d, exiting", stop.reason(), state.step)
+            if info.is_main:
+                stop.clear()
+            break
+
+    tracker.finish()
+    d.barrier()
+    d.shutdown()
+    return state
+
+
+@torch.no_grad()
+def evaluate(strategy, cfg: Config, info: d.DistInfo) -> dict[str, float]:
+    """Mean loss over `trainer.eval_batches` held-out micro-batches per rank, and perplexity."""
+    t = cfg.trainer
+    loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
+                          micro_batch_size=t.micro_batch_size, seq_len=t.seq_len, split="val")
+    strategy.model.eval()
+    losses = []
+    for _, batch in zip(range(t.eval_batches), loader):
+        batch = {k: v.to(info.device) for k, v in batch.items()}
+        losses.append(lm_loss(strategy.model, batch).item())
+    strategy.model.train()
+    loss = d.mean_across_ranks([sum(losses) / max(1, len(losses))], info.device)[0]
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _pick_resume(root: Path, cfg: Config, info: d.DistInfo) -> tuple[Path | None, TrainState | None]:
+    if not cfg.checkpoint.resume:
+        return None, None
+    candidates = d.broadcast_object([str(p) for p in resume_candidates(root)] if info.is_main else None)
+    if not candidates:
+        return None, None
+    path = Path(candidates[0])
+    return path, read_state(path)
+
+
+def _restore(path: Path, saved: TrainState, strategy, loader, info: d.DistInfo, universal: bool) -> None:
+    strategy.load(path.parent / "universal" if universal else path)
+    rng, data_states = load_rank_files(path, info, saved.world_size)
+    set_rng_state(rng)
+    if saved.world_size == info.world_size:
+        loader.load_state_dict(data_states[0])
+    else:
+        log.warning("checkpoint %s was written by %d ranks; resuming on %d (resharded)",
+                    path, saved.world_size, info.world_size)
+        loader.load_elastic(data_states)
+
+
+def _to_universal(path: Path, info: d.DistInfo) -> None:
+    raise RuntimeError(
+        f"checkpoint {path} was written by DeepSpeed on a different number of ranks. Convert it "
+        "first: python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+        f"{path}/deepspeed/state --output_folder {path}/deepspeed/state_universal, or resume on "
+        "the original world size")
+
+
+def _digest(raw_cfg: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(raw_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _mem_peak_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,65 @@
+"""PyTorch FSDP2: `fully_shard` on every decoder block, then on the root (torchtitan's recipe)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from train.config import Config
+from train.dist import DistInfo
+from train.model import decoder_layers, lm_loss
+from train.schedule import build_scheduler
+from train.strategies.base import adamw, compute_dtype, enable_activation_checkpointing
+from train.strategies.dcp_state import load_dcp, save_dcp
+
+
+class FSDPStrategy:
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
+        assert dist.is_initialized(), "FSDP needs a process group (init_distributed creates one)"
+        self.accum, self.clip = accum, cfg.trainer.grad_clip
+        s = cfg.strategy
+        dtype = compute_dtype(cfg, info.device)
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy() if s.offload_params else OffloadPolicy()
+        if cfg.trainer.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        if not s.offload_params:
+            model.to(info.device)
+        kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+        for layer in decoder_layers(model):
+            fully_shard(layer, reshard_after_forward=s.reshard_after_forward, **kwargs)
+        fully_shard(model, reshard_after_forward=s.reshard_after_forward, **kwargs)
+        self.model = model
+        self.optimizer = adamw(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
+        self.model.set_requires_gradient_sync(sync_grads)
+        loss = lm_loss(self.model, batch)
+        (loss / self.accum).backward()
+        return loss.detach()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, path: Path) -> None:
+        save_dcp(path, self.model, self.optimizer, self.scheduler)
+
+    def load(self, path: Path) -> None:
+        load_dcp(path, self.model, self.optimizer, self.scheduler)
