@@ -1,0 +1,270 @@
+"""A throwaway single-node SLURM cluster on localhost for the SLURM tests.
+
+`slurm_cluster` (session-scoped fixture) starts munged, slurmctld and slurmd from a generated
+slurm.conf in a temp dir and stops them afterwards; nothing under /etc is touched. Every
+client call goes through `SlurmCluster.env` (SLURM_CONF points at the generated file). The
+node uses proctrack/linuxproc and task/none so no cgroup setup is needed, and it is declared
+with at least 2 CPUs so that two ranks fit. Where SLURM or munge is missing, or we are not
+root (slurmd must start jobs as their user), the fixture skips with the reason.
+
+Also usable by hand: `python tests/slurm_cluster.py DIR` starts a cluster and prints the
+`export SLURM_CONF=...` line; Ctrl-C stops it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel")
+
+
+def missing_reason() -> str | None:
+    """Why a local cluster cannot start here, or None when it can."""
+    missing = [b for b in DAEMONS + CLIENTS if shutil.which(b) is None]
+    if missing:
+        return (f"SLURM/munge not installed (missing: {', '.join(missing)}); "
+                "install with `apt-get install -y slurm-wlm munge` (.ci/run does this as root)")
+    if os.geteuid() != 0:
+        return "the local SLURM cluster needs root (slurmd starts jobs as the submitting user)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _real_memory_mb() -> int:
+    """MemTotal with headroom: slurmd drains a node that declares more than it has."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return max(512, int(line.split()[1]) // 1024 * 8 // 10)
+    return 1024
+
+
+SLURM_CONF = """\
+ClusterName=scaletrain-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket}
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+KillWait=30
+MinJobAge=3600
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+MessageTimeout=30
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+"""
+
+
+@dataclass
+class SlurmCluster:
+    """Handle on a running local cluster: paths, client environment, job helpers."""
+
+    dir: Path
+    conf: Path
+    host: str
+    cpus: int
+    mem_mb: int
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """os.environ plus SLURM_CONF, for every client command and submitted job."""
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess:
+        env = {**self.env, **kw.pop("env", {})}
+        res = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        if check and res.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}{res.stderr}"
+                               f"\n{self.logs()}")
+        return res
+
+    def sbatch(self, *args: str, **kw) -> int:
+        out = self.run("sbatch", *args, **kw).stdout
+        m = re.search(r"Submitted batch job (\d+)", out)
+        assert m, out
+        return int(m.group(1))
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job -o` as a dict (JobState, Restarts, Reason, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def wait_job(self, job_id: int, states: set[str], timeout: float = 180,
+                 release_begin_time: bool = False) -> dict[str, str]:
+        """Poll until the job reaches one of `states`; optionally release a requeued job's BeginTime."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            if (release_begin_time and info.get("JobState") == "PENDING"
+                    and info.get("Reason") == "BeginTime"):
+                # A requeued job waits ~2 minutes before it may start again; start it now.
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} did not reach {states} in {timeout}s: {info}\n{self.logs()}")
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Wait until no job is pending, running or completing (tests run one job at a time)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.run("squeue", "-h", "-t", "PD,R,CG,S,CF").stdout.strip():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster still busy:\n{self.run('squeue').stdout}")
+
+    def logs(self, tail: int = 30) -> str:
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            p = self.dir / name
+            if p.exists():
+                lines = p.read_text(errors="replace").splitlines()[-tail:]
+                parts.append(f"--- {name} (last {tail} lines)\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Stop the daemons this cluster started (by pid), slurmd first."""
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _start_munge(d: Path) -> tuple[subprocess.Popen, Path]:
+    mdir = d / "munge"
+    mdir.mkdir(mode=0o700)
+    key = mdir / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    sock = mdir / "munge.socket"
+    proc = subprocess.Popen(
+        ["munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
+         f"--pid-file={mdir / 'munged.pid'}", f"--log-file={mdir / 'munged.log'}",
+         f"--seed-file={mdir / 'munged.seed'}"],
+        stdout=subprocess.DEVNULL, stderr=open(mdir / "munged.stderr", "w"))
+    _wait_for(lambda: sock.exists(), 20, "munged socket", proc, mdir / "munged.log")
+    return proc, sock
+
+
+def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    text = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"{what} not ready (exit code {proc.poll()}):\n{text}")
+
+
+def start_cluster(base: Path, cpus: int | None = None) -> SlurmCluster:
+    """Generate slurm.conf under `base` and start munged, slurmctld and slurmd."""
+    d = Path(base).absolute()
+    d.mkdir(parents=True, exist_ok=True)
+    for sub in ("state", "spool"):
+        (d / sub).mkdir(exist_ok=True)
+    host = socket.gethostname().split(".")[0]
+    cpus = cpus or max(2, os.cpu_count() or 2)
+    cluster = SlurmCluster(dir=d, conf=d / "slurm.conf", host=host, cpus=cpus,
+                           mem_mb=_real_memory_mb())
+    try:
+        cluster.procs["munged"], sock = _start_munge(d)
+        cluster.conf.write_text(SLURM_CONF.format(
+            host=host, d=d, ctld_port=_free_port(), slurmd_port=_free_port(),
+            munge_socket=sock, cpus=cpus, mem=cluster.mem_mb))
+        env = cluster.env
+        cluster.procs["slurmctld"] = subprocess.Popen(
+            ["slurmctld", "-D", "-i", "-f", str(cluster.conf)], env=env,
+            stdout=subprocess.DEVNULL, stderr=open(d / "slurmctld.stderr", "w"))
+        _wait_for(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0,
+                  30, "slurmctld", cluster.procs["slurmctld"], d / "slurmctld.log")
+        cluster.procs["slurmd"] = subprocess.Popen(
+            ["slurmd", "-D", "-N", host, "-f", str(cluster.conf)], env=env,
+            stdout=subprocess.DEVNULL, stderr=open(d / "slurmd.stderr", "w"))
+        _wait_for(lambda: _node_idle(cluster), 40, "slurmd (node idle)",
+                  cluster.procs["slurmd"], d / "slurmd.log")
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _node_idle(cluster: SlurmCluster) -> bool:
+    out = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
+    return bool(out) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in out)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> SlurmCluster:
+    """A running local cluster for the whole session (skips with the reason when impossible)."""
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    why = missing_reason()
+    if why:
+        sys.exit(why)
+    c = start_cluster(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/scaletrain-slurm"))
+    print(f"export SLURM_CONF={c.conf}", flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.stop()
