@@ -7,6 +7,7 @@ the trainer can collect every config error into one message before any process s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -34,23 +35,32 @@ class SyntheticDataConfig:
 
 @dataclass
 class WebDatasetConfig:
-    """Streaming loader over tokenized WebDataset tar shards written by `data_pipeline.prepare`."""
+    """Streaming loader over tokenized WebDataset tar shards written by `data_pipeline.prepare`.
+
+    The global order of documents (and so of packed sequences) depends only on the shards and
+    `seed`, never on the world size or `num_workers`; see data_pipeline/order.py.
+    """
 
     kind: str = "webdataset"
     urls: str = ""
-    """Shard URLs: brace pattern, local path, file://, or pipe: (only with allow_pipe)."""
+    """Shards: a prepare output directory (or its manifest.json), or shard URLs: brace pattern,
+    local path, file://, `a::b` lists, or pipe: (only with allow_pipe)."""
     val_urls: str = ""
     """Validation shard URLs; empty = the manifest's validation split next to `urls`."""
     manifest: str = ""
-    """Path of manifest.json; empty = next to the shards."""
+    """Path of manifest.json; empty = found next to the shards (their folder or its parent)."""
     allow_pipe: bool = False
     """Allow `pipe:` URLs, which run shell commands."""
+    cache_dir: str = ""
+    """Where pipe:/remote shards are copied for random access; empty = $TMPDIR/scaletrain-shards."""
     num_workers: int = 1
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (0 = build batches in the training process)."""
     prefetch_factor: int = 4
     """Batches prefetched per worker."""
+    shuffle: bool = True
+    """Shuffle shard order every epoch and documents within blocks of `shuffle_buffer`."""
     shuffle_buffer: int = 1000
-    """Samples in the seeded shuffle buffer (0 = no sample shuffle)."""
+    """Documents per seeded shuffle block (0 = keep documents in shard order)."""
     seed: int = 1234
     """Seed of shard-order and sample shuffling."""
     on_error: str = "raise"
@@ -65,14 +75,41 @@ class WebDatasetConfig:
         if not self.urls:
             problems.append("data.urls is empty: set data.urls=PATH/shard-{000000..000009}.tar "
                             "(shards written by `python -m data_pipeline.prepare`)")
-        if self.urls.startswith("pipe:") and not self.allow_pipe:
-            problems.append(f"data.urls={self.urls!r} is a pipe: command; set data.allow_pipe=true "
-                            "to allow it (it runs a shell command)")
+        for key, value in (("data.urls", self.urls), ("data.val_urls", self.val_urls)):
+            if "pipe:" in value and not self.allow_pipe:
+                problems.append(f"{key}={value!r} is a pipe: command; set data.allow_pipe=true "
+                                "to allow it (it runs a shell command)")
         if self.on_error not in ("raise", "skip"):
             problems.append(f"data.on_error={self.on_error!r}: use 'raise' or 'skip'")
         if self.num_workers < 0:
             problems.append(f"data.num_workers={self.num_workers}: must be >= 0")
+        if self.prefetch_factor < 1:
+            problems.append(f"data.prefetch_factor={self.prefetch_factor}: must be >= 1")
+        if self.shuffle_buffer < 0:
+            problems.append(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 0")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            problems.append(f"data.vocab_size={self.vocab_size}: must be >= 2 or null")
+        problems.extend(_missing_local(self.urls, "data.urls"))
+        if self.manifest and not Path(self.manifest).is_file():
+            problems.append(f"data.manifest={self.manifest!r} does not exist: point it at the "
+                            "manifest.json written by prepare, or leave it empty")
         return problems
+
+
+def _missing_local(urls: str, key: str) -> list[str]:
+    """Local shard paths in `urls` that do not exist (checked before any process starts)."""
+    if not urls or "pipe:" in urls:
+        return []
+    import braceexpand
+
+    paths = [u[len("file://"):] if u.startswith("file://") else u
+             for part in urls.split("::") for u in braceexpand.braceexpand(part)]
+    missing = [p for p in paths if ":" not in p.split("/", 1)[0] and not Path(p).exists()]
+    if not missing:
+        return []
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return [f"{key}={urls!r}: {shown} does not exist; run `python -m data_pipeline.prepare "
+            f"out=DIR` and set {key}=DIR (or the shard paths)"]
 
 
 DATA_CONFIGS = {"synthetic": SyntheticDataConfig, "webdataset": WebDatasetConfig}

@@ -1,0 +1,169 @@
+"""The on-disk sample format shared by `prepare`, the loader and `testing.make_shards`.
+
+A shard is a plain tar file (`tar -tf` lists it, `webdataset.WebDataset` reads it). One
+sample per document: a single member `<key>.u16` (or `<key>.u32`) holding the document's
+token ids as a raw little-endian array that already ends with the EOS token. Any tar written
+by `webdataset.TarWriter` with samples `{"__key__": key, "u16": ids.astype("<u2").tobytes()}`
+follows this format. Members with other extensions are ignored by the loader.
+
+Next to each shard `prepare` writes `<shard>.idx.npy`: an (n + 1, 2) uint64 array whose rows
+are (byte offset of document i's data in the tar, tokens before document i); the last row is
+(tar size, shard tokens). The loader uses it for random access (see `order.py`); shards
+without it are indexed by scanning their tar headers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+TOKEN_EXTS = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
+INDEX_SUFFIX = ".idx.npy"
+
+
+def ext_for_vocab(vocab_size: int) -> str:
+    """`u16` for vocabularies up to 65,535 ids, `u32` above (the DESIGN.md contract)."""
+    return "u16" if vocab_size <= 65535 else "u32"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardFormatError(ValueError):
+    """A shard that cannot be read as documented above (truncated, bad member, bad array)."""
+
+
+@dataclass
+class ScanResult:
+    """Token members of one tar: data offsets, token counts, dtype; plus rejected samples."""
+
+    offsets: np.ndarray
+    tokens: np.ndarray
+    ext: str
+    bad_samples: list[str] = field(default_factory=list)
+
+    def index_array(self, size: int) -> np.ndarray:
+        cum = np.concatenate([[0], np.cumsum(self.tokens, dtype=np.int64)])
+        return np.stack([np.append(self.offsets, size), cum], axis=1).astype(np.uint64)
+
+
+def scan_tar(path: str | Path) -> ScanResult:
+    """Index a tar by its headers (no data read). Raises ShardFormatError when truncated.
+
+    webdataset only streams tars sequentially; random access needs the member offsets,
+    which `tarfile` gives, so the index is built here.
+    """
+    size = os.path.getsize(path)
+    offsets, tokens, bad, exts = [], [], [], set()
+    end = 0
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            for m in tf:
+                end = m.offset_data + ((m.size + 511) // 512) * 512
+                if m.offset_data + m.size > size:
+                    raise ShardFormatError(f"shard {path} is truncated: member {m.name} needs "
+                                           f"{m.offset_data + m.size} bytes, file has {size}")
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                ext = base.split(".", 1)[1] if "." in base else ""
+                if ext not in TOKEN_EXTS:
+                    continue
+                isz = TOKEN_EXTS[ext].itemsize
+                if m.size == 0 or m.size % isz:
+                    bad.append(f"{m.name} ({m.size} bytes is not a non-empty {ext} array)")
+                    continue
+                exts.add(ext)
+                offsets.append(m.offset_data)
+                tokens.append(m.size // isz)
+    except tarfile.TarError as e:
+        raise ShardFormatError(f"shard {path} is truncated or not a readable tar ({e})") from e
+    if size < end + 1024:
+        raise ShardFormatError(f"shard {path} is truncated: no end-of-archive marker after "
+                               f"byte {end} (file has {size} bytes)")
+    if len(exts) > 1:
+        raise ShardFormatError(f"shard {path} mixes token dtypes {sorted(exts)}; use one per shard")
+    if not offsets:
+        raise ShardFormatError(f"shard {path} has no .u16/.u32 token members")
+    return ScanResult(np.asarray(offsets, np.int64), np.asarray(tokens, np.int64),
+                      exts.pop(), bad)
+
+
+@dataclass
+class ShardRecord:
+    """One finished shard as the manifest lists it (paths relative to the output root)."""
+
+    path: str
+    index: str
+    samples: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ShardWriter:
+    """Write documents into `dir/shard-%06d.tar` of about `max_bytes` each, with indexes.
+
+    webdataset.ShardWriter rotates shards too, but cannot report per-shard sample and token
+    counts nor write the random-access index, which the manifest needs; TarWriter does the tar.
+    """
+
+    def __init__(self, root: Path, subdir: str, ext: str, max_bytes: int) -> None:
+        self.root, self.subdir, self.ext, self.max_bytes = Path(root), subdir, ext, max_bytes
+        (self.root / subdir).mkdir(parents=True, exist_ok=True)
+        self.records: list[ShardRecord] = []
+        self._writer: wds.TarWriter | None = None
+        self._bytes = self._samples = self._tokens = 0
+        self.total_samples = 0
+
+    def write(self, tokens: bytes | np.ndarray) -> None:
+        """Append one document (its token ids, EOS included, in this writer's dtype)."""
+        data = tokens if isinstance(tokens, bytes) else \
+            np.ascontiguousarray(tokens, dtype=TOKEN_EXTS[self.ext]).tobytes()
+        member = 512 + (len(data) + 511) // 512 * 512
+        if self._writer is not None and self._bytes + member > self.max_bytes:
+            self.end_shard()
+        if self._writer is None:
+            name = self._path(len(self.records))
+            self._writer = wds.TarWriter(str(self.root / name), mtime=0)
+        self._writer.write({"__key__": f"{self.total_samples:012d}", self.ext: data})
+        self._bytes += member
+        self._samples += 1
+        self._tokens += len(data) // TOKEN_EXTS[self.ext].itemsize
+        self.total_samples += 1
+
+    def _path(self, i: int) -> str:
+        return f"{self.subdir}/shard-{i:06d}.tar"
+
+    def end_shard(self) -> None:
+        """Finish the current shard now (the next document starts a new one)."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        rel = self._path(len(self.records))
+        path = self.root / rel
+        scan = scan_tar(path)
+        assert len(scan.offsets) == self._samples and int(scan.tokens.sum()) == self._tokens
+        size = path.stat().st_size
+        np.save(self.root / (rel + INDEX_SUFFIX), scan.index_array(size))
+        self.records.append(ShardRecord(rel, rel + INDEX_SUFFIX, self._samples, self._tokens,
+                                        size, file_sha256(path)))
+        self._bytes = self._samples = self._tokens = 0
+
+    def close(self) -> list[ShardRecord]:
+        self.end_shard()
+        return self.records

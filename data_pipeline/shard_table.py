@@ -1,0 +1,222 @@
+"""Resolve `data.urls` into a checked table of shards and their documents.
+
+Every rank builds the same table from the same files (manifest indexes, or tar headers), so
+the plan derived from it (`order.py`) is identical everywhere without any communication.
+Unusable shards are dropped here, before any batch is planned (`data.on_error=skip`), or
+stop the run with an error naming them (`raise`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from data_pipeline.config import WebDatasetConfig
+from data_pipeline.manifest import MANIFEST_NAME, load_index, load_manifest
+from data_pipeline.shard_format import TOKEN_EXTS, ShardFormatError, file_sha256, scan_tar
+
+
+class DataWarning(UserWarning):
+    """A shard or sample was skipped (data.on_error=skip)."""
+
+
+class ShardError(ValueError):
+    """A shard cannot be used and data.on_error=raise."""
+
+
+@dataclass
+class ShardTable:
+    """Documents of all usable shards, in table order (global doc id g = row)."""
+
+    paths: list[str]
+    names: list[str]
+    itemsize: np.ndarray       # per shard: 2 or 4
+    n_docs: np.ndarray         # per shard
+    n_tokens: np.ndarray       # per shard
+    doc_base: np.ndarray       # per shard: first global doc id (len S + 1)
+    offsets: np.ndarray        # per doc: byte offset of its data in its shard
+    lengths: np.ndarray        # per doc: tokens
+    cum_tokens: np.ndarray     # per doc: tokens before it in table order (len N + 1)
+    vocab_size: int
+    eos_token_id: int | None
+    tokenizer_dir: str | None
+    skipped: list[str] = field(default_factory=list)
+    bad_samples: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.cum_tokens[-1])
+
+    @property
+    def fingerprint(self) -> str:
+        rows = [[Path(p).name, int(d), int(t)] for p, d, t in
+                zip(self.paths, self.n_docs, self.n_tokens)]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def _local(url: str) -> str | None:
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if ":" in url.split("/", 1)[0] else url
+
+
+def _find_manifest(cfg: WebDatasetConfig, first_local: str | None) -> Path | None:
+    if cfg.manifest:
+        p = Path(cfg.manifest)
+        if not p.is_file():
+            raise ValueError(f"data.manifest={cfg.manifest!r} does not exist; point it at the "
+                             "manifest.json written by prepare or leave it empty")
+        return p
+    if first_local:
+        for d in (Path(first_local).parent, Path(first_local).parent.parent):
+            if (d / MANIFEST_NAME).is_file():
+                return d / MANIFEST_NAME
+    return None
+
+
+def resolve_urls(cfg: WebDatasetConfig, split: str) -> tuple[list[str], Path | None]:
+    """Shard URLs for `split` and the manifest describing them (None = scan the tars)."""
+    urls = cfg.val_urls if split == "val" and cfg.val_urls else cfg.urls
+    key = "data.val_urls" if split == "val" and cfg.val_urls else "data.urls"
+    loc = _local(urls) if "::" not in urls else None
+    if loc and ("{" not in loc) and (Path(loc).is_dir() or loc.endswith(".json")):
+        mpath = Path(loc) / MANIFEST_NAME if Path(loc).is_dir() else Path(loc)
+        if not mpath.is_file():
+            raise ValueError(f"{key}={urls!r}: no {mpath}; run `python -m data_pipeline.prepare "
+                             f"out={loc}` or list the shards (e.g. {loc}/shard-{{000000..000009}}.tar)")
+        m = load_manifest(mpath)
+        return [str(mpath.parent / s["path"]) for s in m["splits"][split]["shards"]], mpath
+    expanded = wds.shardlists.expand_urls(urls)
+    mpath = _find_manifest(cfg, _local(expanded[0]) if expanded else None)
+    if split == "val" and not cfg.val_urls:
+        if mpath is None:
+            raise ValueError(f"split=val: data.urls={urls!r} has no manifest.json next to it; "
+                             "set data.val_urls to the validation shards")
+        m = load_manifest(mpath)
+        return [str(mpath.parent / s["path"]) for s in m["splits"]["val"]["shards"]], mpath
+    return expanded, mpath
+
+
+def _materialize(url: str, cache_dir: str) -> str:
+    """Copy a remote (pipe:, http...) shard into the local cache for random access.
+
+    Like MosaicML Streaming's local cache; webdataset's gopen does the transfer. Concurrent
+    ranks may copy the same shard: each writes a private temp file and renames it.
+    """
+    root = Path(cache_dir or Path(tempfile.gettempdir()) / "scaletrain-shards")
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".tar")
+    if not dest.is_file():
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+        with wds.gopen(url, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, dest)
+    return str(dest)
+
+
+def _check_shard(url: str, path: str, entry: dict | None, root: Path | None,
+                 cfg: WebDatasetConfig) -> tuple[np.ndarray, int, list[str]]:
+    """(index array, itemsize, bad-sample notes) for one shard; raises ShardFormatError."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ShardFormatError(f"shard {url} is unreadable: {e}") from e
+    if entry is not None:
+        if size != entry["bytes"]:
+            raise ShardFormatError(f"shard {url} has {size} bytes but the manifest says "
+                                   f"{entry['bytes']} (truncated or rewritten)")
+        if cfg.verify and file_sha256(path) != entry["sha256"]:
+            raise ShardFormatError(f"shard {url} fails data.verify: sha256 differs from the manifest")
+        idx = load_index(root / entry["index"], entry["samples"], entry["tokens"], size)
+        if idx is not None:
+            return idx, entry["_itemsize"], []
+    elif cfg.verify:
+        warnings.warn(f"data.verify: shard {url} is not listed in a manifest; not verified",
+                      DataWarning, stacklevel=3)
+    scan = scan_tar(path)
+    return scan.index_array(size), TOKEN_EXTS[scan.ext].itemsize, scan.bad_samples
+
+
+def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
+    """Resolve, check and index the shards of `split`; see the module docstring."""
+    urls, mpath = resolve_urls(cfg, split)
+    manifest = load_manifest(mpath) if mpath else None
+    entries: dict[str, dict] = {}
+    if manifest:
+        isz = TOKEN_EXTS[manifest["sample_ext"]].itemsize
+        for sp in manifest["splits"].values():
+            for s in sp["shards"]:
+                entries[os.path.realpath(mpath.parent / s["path"])] = {**s, "_itemsize": isz}
+    if not urls:
+        raise ValueError(f"no {split} shards in data.urls={cfg.urls!r}"
+                         + (f" (manifest {mpath} lists none)" if mpath else ""))
+    paths, names, idxs, sizes, skipped, bad = [], [], [], [], [], 0
+    for url in urls:
+        if url.startswith("pipe:") and not cfg.allow_pipe:
+            raise ValueError(f"data.urls has the pipe: URL {url!r}; set data.allow_pipe=true to run it")
+        try:
+            path = _local(url) or _materialize(url, cfg.cache_dir)
+            entry = entries.get(os.path.realpath(path))
+            idx, itemsize, bad_notes = _check_shard(url, path, entry, mpath.parent if mpath else None, cfg)
+        except (ShardFormatError, OSError) as e:
+            if cfg.on_error == "raise":
+                raise ShardError(f"{e} (set data.on_error=skip to skip bad shards)") from e
+            warnings.warn(f"skipping shard: {e}", DataWarning, stacklevel=2)
+            skipped.append(url)
+            continue
+        if bad_notes:
+            if cfg.on_error == "raise":
+                raise ShardError(f"shard {url} has bad samples: {'; '.join(bad_notes[:3])} "
+                                 "(set data.on_error=skip to skip them)")
+            warnings.warn(f"shard {url}: skipping {len(bad_notes)} bad samples: "
+                          f"{'; '.join(bad_notes[:3])}", DataWarning, stacklevel=2)
+            bad += len(bad_notes)
+        paths.append(path)
+        names.append(url)
+        idxs.append(np.asarray(idx, dtype=np.int64))
+        sizes.append(itemsize)
+    if not paths:
+        raise ValueError(f"no readable {split} shards in data.urls={cfg.urls!r}: skipped {skipped}")
+    vocab, eos, tok_dir = _vocab(cfg, manifest, mpath)
+    return _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad)
+
+
+def _vocab(cfg: WebDatasetConfig, manifest: dict[str, Any] | None,
+           mpath: Path | None) -> tuple[int, int | None, str | None]:
+    vocab = manifest["vocab_size"] if manifest else None
+    if cfg.vocab_size is not None:
+        if vocab is not None and cfg.vocab_size < vocab:
+            raise ValueError(f"data.vocab_size={cfg.vocab_size} is smaller than the manifest's "
+                             f"vocab_size={vocab}; leave data.vocab_size=null")
+        vocab = cfg.vocab_size
+    if vocab is None:
+        raise ValueError("data.vocab_size is null and no manifest.json describes these shards: "
+                         "set data.vocab_size (or data.manifest)")
+    tok = manifest.get("tokenizer") if manifest else None
+    tok_dir = str((mpath.parent / tok["dir"]).resolve()) if tok and tok.get("dir") else None
+    return vocab, manifest.get("eos_token_id") if manifest else None, tok_dir
+
+
+def _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad) -> ShardTable:
+    n_docs = np.array([len(i) - 1 for i in idxs], dtype=np.int64)
+    lengths = np.concatenate([np.diff(i[:, 1]) for i in idxs]).astype(np.int64)
+    offsets = np.concatenate([i[:-1, 0] for i in idxs]).astype(np.int64)
+    return ShardTable(
+        paths=paths, names=names, itemsize=np.array(sizes, dtype=np.int64), n_docs=n_docs,
+        n_tokens=np.array([int(i[-1, 1]) for i in idxs], dtype=np.int64),
+        doc_base=np.concatenate([[0], np.cumsum(n_docs)]).astype(np.int64),
+        offsets=offsets, lengths=lengths,
+        cum_tokens=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        vocab_size=int(vocab), eos_token_id=eos, tokenizer_dir=tok_dir,
+        skipped=skipped, bad_samples=bad)
