@@ -1,0 +1,146 @@
+"""Publishing exports atomically, retention, and re-hashing a finished export against export.json.
+
+An export is built under `.tmp-NAME-PID` next to its final name and renamed into place only
+when complete and verified, so a kill at any moment leaves either the previous export or the
+new one at NAME, never a partial directory. Replacing an existing NAME moves it to
+`.old-NAME-PID` first; `clean_stale` restores or deletes what a killed exporter left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+META_NAME = "export.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class ExportVerifyError(ValueError):
+    """An export directory does not match its export.json."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    """Relative paths of every file under `root` except export.json."""
+    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(r for r in rels if r != META_NAME)
+
+
+def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {sha256, size}} of every file under `root` except export.json."""
+    return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+            for rel in list_files(root)}
+
+
+def temp_dir_for(final: Path) -> Path:
+    return final.parent / f".tmp-{final.name}-{os.getpid()}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make `tmp` visible as `final`; an existing `final` is replaced, never left half-deleted."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def clean_stale(parent: Path, name: str | None = None) -> list[str]:
+    """Remove `.tmp-*` left by killed exports; put back an `.old-NAME-*` whose NAME is missing."""
+    notes = []
+    if not parent.is_dir():
+        return notes
+    for path in sorted(parent.iterdir()):
+        match = re.match(r"^\.(tmp|old)-(.+)-(\d+)$", path.name)
+        if not match or (name is not None and match.group(2) != name) or not path.is_dir():
+            continue
+        kind, target, pid = match.group(1), parent / match.group(2), int(match.group(3))
+        if _alive(pid) and pid != os.getpid():
+            continue
+        if kind == "old" and not target.exists():
+            os.rename(path, target)
+            notes.append(f"restored {target} from {path.name}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            notes.append(f"removed stale {path}")
+    return notes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune(exports_dir: Path, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` step_N exports (0 keeps all); returns the deleted dirs."""
+    if keep_last <= 0 or not exports_dir.is_dir():
+        return []
+    steps = sorted((int(m.group(1)), p) for p in exports_dir.iterdir()
+                   if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / META_NAME).is_file())
+    doomed = [p for _, p in steps[:-keep_last]]
+    for path in doomed:
+        trash = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.rename(path, trash)  # gone from its final name at once; a kill here is cleaned later
+        shutil.rmtree(trash)
+    return doomed
+
+
+def verify_dir(export_dir: str | Path) -> dict[str, Any]:
+    """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file."""
+    root = Path(export_dir)
+    meta_path = root / META_NAME
+    if not meta_path.is_file():
+        raise ExportVerifyError(f"{meta_path} is missing: {root} is not a finished export")
+    try:
+        meta = json.loads(meta_path.read_text())
+        listed = meta["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ExportVerifyError(f"{meta_path} is unreadable or has no 'files' ({exc})") from exc
+    problems = []
+    for rel, info in sorted(listed.items()):
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != info["size"]:
+            problems.append(f"{rel}: size {size} bytes, export.json says {info['size']} (truncated or altered)")
+            continue
+        digest = sha256_file(path)
+        if digest != info["sha256"]:
+            problems.append(f"{rel}: sha256 {digest[:16]}... does not match export.json "
+                            f"{info['sha256'][:16]}... (file was modified)")
+    unlisted = sorted(set(list_files(root)) - set(listed))
+    if problems:
+        raise ExportVerifyError(f"{root} failed verification:\n  - " + "\n  - ".join(problems))
+    return {"files_checked": len(listed), "unlisted_files": unlisted}

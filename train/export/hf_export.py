@@ -1,0 +1,191 @@
+"""Export one training checkpoint (any strategy) to a verified Hugging Face directory.
+
+`export_checkpoint` is the single code path of the training hook and of
+`python -m train.export`: read trainer_state.json, stream the fp32 weights tensor by tensor
+into sharded safetensors in the export dtype, add config/generation config/tokenizer/model
+card, verify by reloading with transformers, optionally write GGUF, hash every file into
+export.json, then rename the temporary directory to its final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.export.artifacts import (TORCH_DTYPES, find_tokenizer_dir, hf_config, load_tokenizer,
+                                    model_card, param_count, save_generation_config)
+from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
+from train.export.config import ExportConfig, parse_size
+from train.export.files import META_NAME, clean_stale, hash_tree, publish, temp_dir_for
+from train.export.safetensors_writer import TensorSpec, write_sharded
+from train.export.verify import (ExportVerificationError, check_export, reference_logits_from_checkpoint,
+                                 tolerance, verify_batch)
+
+FORMAT_VERSION = 1
+
+
+def export_names(config: Any, ckpt: Checkpoint) -> tuple[dict[str, str], list[str]]:
+    """Export name -> checkpoint name for every tensor the model needs, and the dropped names.
+
+    The model is built on the meta device to learn its state-dict keys; tied parameters
+    (lm_head when tie_word_embeddings) are written once, as save_pretrained does. Extra
+    checkpoint entries (e.g. rotary caches) are dropped and listed in export.json.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    seen: set[int] = set()
+    wanted: list[tuple[str, torch.Size]] = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in seen:
+            seen.add(id(param))
+            wanted.append((name, param.shape))
+    persistent = set(model.state_dict())
+    wanted += [(n, b.shape) for n, b in model.named_buffers() if n in persistent]
+    available = set(ckpt.weights.names())
+    missing = [n for n, _ in wanted if n not in available]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint lacks {len(missing)} tensors the "
+                              f"{type(model).__name__} needs, e.g. {missing[:5]}")
+    bad = [f"{n}: checkpoint {tuple(ckpt.weights.shape(n))}, model {tuple(s)}"
+           for n, s in wanted if tuple(ckpt.weights.shape(n)) != tuple(s)]
+    if bad:
+        raise CheckpointError(f"{ckpt.path}: shapes disagree with model_config: {bad[:5]}")
+    keep = {n for n, _ in wanted}
+    return {n: n for n, _ in wanted}, sorted(available - keep)
+
+
+def _digest_config(ckpt: Checkpoint) -> str | None:
+    path = ckpt.path / "config.yaml"
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: ExportConfig,
+                      reference_logits: torch.Tensor | None = None,
+                      reference_precision: str = "fp32") -> dict[str, Any]:
+    """Export `checkpoint_dir` to `out_dir` atomically; returns the export.json metadata.
+
+    reference_logits: logits of the training model on `verify_batch(vocab_size)`, computed by
+    the live model during training; None = rebuild the fp32 model from the checkpoint.
+    reference_precision: the precision those logits were computed in (bf16 under autocast),
+    which widens the tolerance. Raises ExportVerificationError (nothing published) on mismatch.
+    """
+    started = time.perf_counter()
+    ckpt = open_checkpoint(checkpoint_dir)
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent, out.name)
+    config = hf_config(ckpt.model_config, cfg.dtype)
+    if cfg.gguf:
+        from train.export.gguf_export import check_supported
+
+        check_supported(config)
+    names, dropped = export_names(config, ckpt)
+    tok_dir = find_tokenizer_dir(ckpt.tokenizer_dir, ckpt.path)
+    tokenizer = load_tokenizer(tok_dir) if tok_dir else None
+    tmp = temp_dir_for(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        meta = _build(ckpt, config, names, dropped, tokenizer, tok_dir, tmp, cfg,
+                      reference_logits, reference_precision)
+        meta["export_time_s"] = round(time.perf_counter() - started, 3)
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta["path"] = str(out)
+    return meta
+
+
+def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[str], tokenizer: Any,
+           tok_dir: Path | None, tmp: Path, cfg: ExportConfig, reference_logits: torch.Tensor | None,
+           reference_precision: str) -> dict[str, Any]:
+    dtype = TORCH_DTYPES[cfg.dtype]
+    source = ckpt.weights
+
+    def out_dtype(name: str) -> torch.dtype:
+        return dtype if source.dtype(names[name]).is_floating_point else source.dtype(names[name])
+
+    specs = [TensorSpec(n, tuple(source.shape(src)), out_dtype(n)) for n, src in names.items()]
+    write_sharded(tmp, specs, parse_size(cfg.max_shard_size),
+                  lambda n: source.load(names[n]).to(out_dtype(n)))
+    config.architectures = config.architectures or [_architecture(config)]
+    config.save_pretrained(str(tmp))
+    save_generation_config(config, tmp, tokenizer)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source_checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "tokens": ckpt.state.get("tokens"),
+        "strategy": ckpt.strategy,
+        "world_size": ckpt.state.get("world_size"),
+        "dtype": cfg.dtype,
+        "model_type": config.model_type,
+        "architectures": config.architectures,
+        "config_digest": ckpt.state.get("config_digest"),
+        "config_yaml_sha256": _digest_config(ckpt),
+        "tokenizer": ({"source": str(tok_dir), "class": type(tokenizer).__name__,
+                       "eos_token": tokenizer.eos_token} if tokenizer is not None else None),
+        "dropped_keys": dropped,
+        "versions": _versions(),
+    }
+    if tokenizer is None:
+        meta["tokenizer_note"] = ("no tokenizer: the run trained on synthetic token ids "
+                                  "(trainer_state.json tokenizer_dir is null)")
+    meta["verification"] = (_verify(ckpt, config, names, tmp, cfg, tokenizer, reference_logits,
+                                    reference_precision) if cfg.verify else None)
+    if cfg.gguf:
+        from train.export.gguf_export import verify_gguf, write_gguf
+
+        info = write_gguf(tmp, config, cfg.gguf, name=f"{config.model_type}-step{ckpt.step}")
+        info["verification"] = verify_gguf(tmp, config, info["file"])
+        meta["gguf"] = info
+    n_params = param_count([s.shape for s in specs])
+    (tmp / "README.md").write_text(model_card(meta, n_params))
+    meta["parameters"] = n_params
+    meta["files"] = hash_tree(tmp)
+    return meta
+
+
+def _verify(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path, cfg: ExportConfig,
+            tokenizer: Any, reference_logits: torch.Tensor | None, reference_precision: str) -> dict[str, Any]:
+    batch = verify_batch(config.vocab_size, getattr(config, "max_position_embeddings", None))
+    if reference_logits is None:
+        ref_config = hf_config(ckpt.model_config, "fp32")
+        reference = reference_logits_from_checkpoint(ref_config, ckpt.weights, names, batch)
+        origin = "checkpoint fp32 weights"
+    else:
+        reference = reference_logits.detach().float().cpu()
+        origin = f"live training model ({reference_precision})"
+    tol = tolerance(cfg.dtype, reference_precision, cfg.verify_tolerance)
+    report = check_export(tmp, reference, batch, cfg.dtype, tol, cfg.verify_new_tokens, tokenizer)
+    report["reference"] = origin
+    if not report["passed"]:
+        raise ExportVerificationError(
+            f"export of {ckpt.path} failed verification: max |logit diff| {report['max_abs_diff']:.4g} "
+            f"= {report['relative_diff']:.4g} of max |logit|, tolerance {tol:.3g} for dtype {cfg.dtype} "
+            f"(reference: {origin}); nothing was published")
+    return report
+
+
+def _architecture(config: Any) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
