@@ -47,13 +47,6 @@ def training_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
-def hydra_value(value: str) -> str:
-    """`value` written so that Hydra's override parser reads it back verbatim."""
-    if re.fullmatch(r"[A-Za-z0-9_./:+\-@%~]+", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def executable(name: str) -> str:
     """`name` from this Python's environment (the venv that validated the config), else PATH."""
     local = Path(sys.executable).parent / name
@@ -89,12 +82,15 @@ def deepspeed_plan(lc: LaunchConfig, overrides: list[str], run_dir: Path) -> Pla
     """The deepspeed launcher: `--num_gpus N --module train` (it passes --local_rank to each rank).
 
     Several nodes: it reaches every host of the hostfile over ssh/pdsh from this machine and
-    uses launch.rdzv_endpoint as the master address.
+    uses launch.rdzv_endpoint as the master address (on one node too, when set).
     """
     argv = [executable("deepspeed")]
     files: dict[Path, str] = {}
     if lc.nnodes == 1:
         argv += ["--num_gpus", str(lc.procs)]
+        if lc.rdzv_endpoint:  # otherwise DeepSpeed's default 127.0.0.1:29500
+            addr, port = lc.rdzv_endpoint.rsplit(":", 1)
+            argv += ["--master_addr", addr, "--master_port", port]
     else:
         hostfile = Path(lc.hostfile) if lc.hostfile else run_dir.absolute() / "launch" / "hostfile"
         if not lc.hostfile:

@@ -30,11 +30,11 @@ class SlurmConfig:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str = "01:00:00"
+    time: str | int = "01:00:00"
     """Wall-clock limit: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
     cpus_per_task: int = 8
     """CPUs per node: the one task per node runs torchrun and all its ranks."""
-    mem: str | None = None
+    mem: str | int | None = None
     """Memory per node (sbatch --mem), e.g. 64G; null = cluster default; 0 = all of it."""
     signal_seconds: int = 120
     """USR1 this long before the time limit: every rank checkpoints and the job requeues."""
@@ -147,11 +147,11 @@ def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "aut
     if target != "slurm" and lc.nnodes > 1 and not (0 <= lc.node_rank < lc.nnodes):
         p.append(f"launch.node_rank={lc.node_rank}: must be in 0..{lc.nnodes - 1} "
                  f"for launch.nnodes={lc.nnodes}")
-    if target in ("local", "deepspeed") and lc.nnodes > 1:
-        if not lc.rdzv_endpoint:
+    if target in ("local", "deepspeed"):
+        if lc.nnodes > 1 and not lc.rdzv_endpoint:
             p.append(f"launch.nnodes={lc.nnodes} needs launch.rdzv_endpoint=HOST:PORT, an address of "
                      "node 0 that every node can reach (e.g. launch.rdzv_endpoint=node001:29500)")
-        elif not re.fullmatch(r"[^\s:]+:\d{1,5}", lc.rdzv_endpoint):
+        elif lc.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d{1,5}", lc.rdzv_endpoint):
             p.append(f"launch.rdzv_endpoint={lc.rdzv_endpoint!r}: expected HOST:PORT")
     if target == "deepspeed" and lc.nnodes > 1:
         p.extend(_check_hosts(lc))
