@@ -130,6 +130,7 @@ def plot_all(records: list[dict[str, Any]], out: Path) -> list[str]:
             mfu = series(records, "mfu", 100.0)
             ax2.plot([p[0] for p in mfu], [p[1] for p in mfu], color="tab:green", alpha=0.7, label="MFU %")
             ax2.set_ylabel("MFU %")
+            ax2.set_ylim(bottom=0)
             ax2.legend(loc="lower right")
         ax.legend(loc="upper left")
         _save(fig, out / name)

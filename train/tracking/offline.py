@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ class OfflineRun:
     path: Path
     """The run-<id>.wandb file."""
     run_id: str = ""
+    start_time: str = ""
+    """ISO-8601 UTC start of this session."""
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     """One dict per logged step: the metrics plus `_step`."""
@@ -43,6 +46,7 @@ def read_run(wandb_file: Path | str) -> OfflineRun:
         body = rec.get(kind) or {}
         if kind == "run":
             run.run_id = body.get("run_id", "")
+            run.start_time = body.get("start_time", "")
             run.config.update(body.get("config", {}).get("update", {}))
         elif kind == "config":
             run.config.update(body.get("update", {}))
@@ -60,5 +64,12 @@ def read_run(wandb_file: Path | str) -> OfflineRun:
 
 def offline_runs(run_dir: Path | str) -> list[OfflineRun]:
     """All offline W&B sessions under RUN_DIR/wandb, oldest first (one per start or resume)."""
-    files = sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
-    return [read_run(f) for f in files]
+    runs = [read_run(f) for f in Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")]
+    return sorted(runs, key=lambda r: (_when(r.start_time), r.path.parent.name))
+
+
+def _when(iso: str) -> datetime:
+    try:
+        return datetime.fromisoformat(iso)
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)

@@ -101,6 +101,6 @@ class Progress:
 
 def _isatty(stream: TextIO) -> bool:
     try:
-        return stream.isatty() and sys.stdout.isatty()
+        return stream.isatty()
     except (AttributeError, ValueError):
         return False
