@@ -1,0 +1,210 @@
+"""Typed settings of `python -m data_pipeline.prepare` (root config conf/prepare.yaml).
+
+`load_prepare_config` fills these dataclasses from the composed YAML and collects every
+problem (unknown keys, bad values, missing paths) into one PrepareConfigError before any
+file is read or written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("text", "jsonl", "parquet", "arrow")
+STOPPING = ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement")
+
+
+class PrepareConfigError(ValueError):
+    """Every problem found in a prepare config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid prepare config:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass
+class SourceConfig:
+    path: str = "stdlib"
+    """A file, directory or glob of text/JSONL/Parquet files, a `datasets.save_to_disk`
+    directory, or `stdlib`: the running Python's own standard-library .py files (no download)."""
+    format: str | None = None
+    """text (one document per file), jsonl, parquet or arrow (save_to_disk); null = inferred."""
+    text_field: str = "text"
+    """Field/column holding the document text (jsonl, parquet, arrow)."""
+    weight: float = 1.0
+    """Share of documents drawn from this source when several are mixed."""
+    max_files: int | None = None
+    """Use at most this many files, evenly spaced (null = all; stdlib: 300)."""
+    split: str | None = None
+    """Split of a saved DatasetDict (null = its only split, or `train`)."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    """Local Hugging Face tokenizer directory (never downloaded)."""
+    train: bool | None = None
+    """Train a byte-level BPE on the corpus (null = train when `path` is null)."""
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    max_train_docs: int = 0
+    """Train on at most this many documents (0 = all)."""
+
+
+@dataclass
+class ShardSettings:
+    max_bytes: int = 64 << 20
+    """Target shard size; a shard closes before the document that would exceed it."""
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.05
+    """Fraction of documents (by a hash of their text) in the validation split."""
+    seed: int = 0
+    """Salt of that hash: another seed draws another validation set."""
+
+
+@dataclass
+class MixConfig:
+    stopping_strategy: str = "all_exhausted"
+    """How datasets.interleave_datasets ends a weighted mix of several sources."""
+    seed: int = 0
+
+
+@dataclass
+class PrepareConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sources: list[dict] = field(default_factory=list)
+    """Several weighted sources ({path, weight, format, text_field, ...}); replaces `source`."""
+    out: str = "data/stdlib"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shard: ShardSettings = field(default_factory=ShardSettings)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    on_bad_utf8: str = "replace"
+    """Documents with invalid UTF-8: `replace` (U+FFFD, counted) or `skip` (counted)."""
+    on_bad_record: str = "skip"
+    """A JSONL line that is not JSON or lacks the field, a non-text value: `skip` (counted)
+    or `raise` (error naming file and line)."""
+    num_proc: int = 0
+    """Tokenizer processes (0 = one per CPU, at most 8)."""
+    batch_docs: int = 64
+    """Documents per task sent to a tokenizer process."""
+    progress: bool = True
+    force: bool = False
+    """Rebuild even when `out` already holds the same sources and settings."""
+
+    def source_list(self) -> list[SourceConfig]:
+        if not self.sources:
+            return [self.source]
+        return [_build(SourceConfig, s, f"sources[{i}]", []) for i, s in enumerate(self.sources)]
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        problems.append(f"{prefix}={data!r}: expected a mapping of {cls.__name__} settings")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            problems.append(f"{key}: unknown key; known keys: {', '.join(sorted(names))}")
+        elif dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v, key, problems)
+        else:
+            kwargs[k] = _check_type(v, hints[k], key, problems)
+    return cls(**kwargs)
+
+
+def _check_type(v: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    args = typing.get_args(tp) if union else (tp,)
+    if v is None:
+        if type(None) not in args:
+            problems.append(f"{key} is null: set a value")
+        return v
+    base = next(a for a in args if a is not type(None))
+    base = typing.get_origin(base) or base
+    if base is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if not isinstance(v, base) or (base is int and isinstance(v, bool)):
+        problems.append(f"{key}={v!r}: expected {base.__name__}")
+    return v
+
+
+def _source_problems(s: SourceConfig, key: str) -> list[str]:
+    p = []
+    if s.format is not None and s.format not in FORMATS:
+        p.append(f"{key}.format={s.format!r}: use one of {', '.join(FORMATS)} (or null to infer)")
+    if s.path != "stdlib":
+        exists = Path(s.path).exists() if not glob.has_magic(s.path) else bool(glob.glob(s.path, recursive=True))
+        if not exists:
+            p.append(f"{key}.path={s.path!r} does not exist (or matches nothing): point it at a "
+                     "file, directory or glob of your corpus, or use stdlib for the demo corpus")
+    if not s.weight > 0:
+        p.append(f"{key}.weight={s.weight}: must be > 0")
+    if s.max_files is not None and s.max_files < 1:
+        p.append(f"{key}.max_files={s.max_files}: must be >= 1 or null")
+    if not s.text_field:
+        p.append(f"{key}.text_field is empty: name the field that holds the text")
+    return p
+
+
+def validate(cfg: PrepareConfig) -> list[str]:
+    p: list[str] = []
+    if not cfg.sources:
+        p.extend(_source_problems(cfg.source, "source"))
+    for i, raw in enumerate(cfg.sources):
+        p.extend(_source_problems(_build(SourceConfig, raw, f"sources[{i}]", p), f"sources[{i}]"))
+    t = cfg.tokenizer
+    if t.path and t.train:
+        p.append(f"tokenizer.path={t.path!r} and tokenizer.train=true: choose one (set "
+                 "tokenizer.path=null to train, or tokenizer.train=false to use the path)")
+    if t.path is None and t.train is False:
+        p.append("tokenizer.train=false needs tokenizer.path=DIR (a local Hugging Face tokenizer)")
+    if t.path and not (Path(t.path) / "tokenizer.json").is_file() and \
+            not (Path(t.path) / "tokenizer_config.json").is_file():
+        p.append(f"tokenizer.path={t.path!r} has no tokenizer.json or tokenizer_config.json: point "
+                 "it at a local Hugging Face tokenizer directory (nothing is downloaded)")
+    if (t.path is None) and t.vocab_size < 300:
+        p.append(f"tokenizer.vocab_size={t.vocab_size}: must be >= 300 (256 byte tokens + EOS + merges)")
+    if cfg.shard.max_bytes < 4096:
+        p.append(f"shard.max_bytes={cfg.shard.max_bytes}: must be >= 4096")
+    if not 0 <= cfg.split.val_fraction < 1:
+        p.append(f"split.val_fraction={cfg.split.val_fraction}: must be in [0, 1)")
+    if cfg.mix.stopping_strategy not in STOPPING:
+        p.append(f"mix.stopping_strategy={cfg.mix.stopping_strategy!r}: use one of {', '.join(STOPPING)}")
+    for key, val, ok in (("on_bad_utf8", cfg.on_bad_utf8, ("replace", "skip")),
+                         ("on_bad_record", cfg.on_bad_record, ("skip", "raise"))):
+        if val not in ok:
+            p.append(f"{key}={val!r}: use {' or '.join(ok)}")
+    if cfg.num_proc < 0 or cfg.batch_docs < 1:
+        p.append(f"num_proc={cfg.num_proc}, batch_docs={cfg.batch_docs}: need num_proc >= 0, batch_docs >= 1")
+    if not cfg.out:
+        p.append("out is empty: set out=DIR for the shards")
+    elif Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or (
+            any(Path(cfg.out).iterdir()) and not (Path(cfg.out) / "manifest.json").is_file())):
+        p.append(f"out={cfg.out!r} exists and is not a prepare output (no manifest.json): choose "
+                 "another out, or remove it")
+    return p
+
+
+def load_prepare_config(raw: dict[str, Any]) -> PrepareConfig:
+    """Build and validate; raises PrepareConfigError listing every problem."""
+    problems: list[str] = []
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    cfg = _build(PrepareConfig, raw, "", problems)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise PrepareConfigError(problems)
+    return cfg
