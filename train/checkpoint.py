@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -96,11 +97,19 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
     torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
     torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
     d.barrier()
+    _fault_injection(state.step)
     if info.is_main:
         _publish(ckpt_root, tmp, final, state, config_yaml)
         _retain(ckpt_root, keep_last)
     d.barrier()
     return final
+
+
+def _fault_injection(step: int) -> None:
+    """Tests kill the job mid-write with SCALETRAIN_DEBUG_KILL_IN_SAVE=<step>: a real SIGKILL of
+    every rank after the shards are written and before the checkpoint is published."""
+    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml: str) -> None:

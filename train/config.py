@@ -177,8 +177,11 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, bool):
             problems.append(f"{key}={value!r}: expected true or false")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{key}={value!r}: expected a number")
+        return value
     if tp in (int, str) and (not isinstance(value, tp) or isinstance(value, bool)):
         problems.append(f"{key}={value!r}: expected {tp.__name__}")
         return value
@@ -300,8 +303,11 @@ def load_config(raw: dict[str, Any], world_size: int | None = None) -> Config:
     problems: list[str] = []
     raw = {k: v for k, v in raw.items() if k not in ("hydra", "launch", "target", "dry_run")}
     cfg = build(Config, raw, "", problems)
-    if not problems:
+    try:
         problems.extend(validate(cfg, world_size if world_size is not None else env_world_size()))
+    except (TypeError, ValueError, AttributeError):
+        pass  # a value of the wrong type, already reported above, broke a cross-field check
+
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -7,6 +7,7 @@ trainer (and Hydra's submitit launcher) works without torchrun.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -51,6 +52,12 @@ def _slurm_head_node() -> str:
     return out[0]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -60,14 +67,21 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_request: str = "auto", timeout_s: float = 1800) -> DistInfo:
-    """Initialise the default process group when launched with >1 rank (gloo on CPU, nccl on GPU)."""
+def init_distributed(device_request: str = "auto", need_group: bool = False,
+                     timeout_s: float = 1800) -> DistInfo:
+    """Initialise the default process group (gloo on CPU, nccl on GPU).
+
+    With one process a group is made only when `need_group` (FSDP2 and DeepSpeed need one).
+    """
     _slurm_env_to_torch()
+    if need_group and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_request, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or need_group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)

@@ -32,7 +32,7 @@ log = logging.getLogger("scaletrain")
 
 
 def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
-    info = d.init_distributed(cfg.trainer.device)
+    info = d.init_distributed(cfg.trainer.device, need_group=cfg.strategy.kind != "ddp")
     run_dir = Path(cfg.run.dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """PyTorch FSDP2: `fully_shard` on every decoder block, then on the root (torchtitan's recipe)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ from train.strategies.base import adamw, compute_dtype, enable_activation_checkp
 from train.strategies.dcp_state import load_dcp, save_dcp
 
 
+log = logging.getLogger("scaletrain")
+
+
 class FSDPStrategy:
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
         assert dist.is_initialized(), "FSDP needs a process group (init_distributed creates one)"
@@ -26,10 +30,17 @@ class FSDPStrategy:
         dtype = compute_dtype(cfg, info.device)
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        offload = CPUOffloadPolicy() if s.offload_params else OffloadPolicy()
+        offload: OffloadPolicy = OffloadPolicy()
+        if s.offload_params and info.device.type == "cuda":
+            offload = CPUOffloadPolicy(pin_memory=True)
+        elif s.offload_params:
+            # FSDP2's CPU offload moves shards to host memory between uses of the accelerator;
+            # training on the CPU they are in host memory already, so the policy would be a no-op.
+            log.warning("strategy.offload_params on CPU: parameters already live in host memory; "
+                        "running FSDP2 without an offload policy")
         if cfg.trainer.activation_checkpointing:
             enable_activation_checkpointing(model)
-        if not s.offload_params:
+        if not isinstance(offload, CPUOffloadPolicy):
             model.to(info.device)
         kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
         for layer in decoder_layers(model):
