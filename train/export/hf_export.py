@@ -119,6 +119,10 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
     write_sharded(tmp, specs, parse_size(cfg.max_shard_size),
                   lambda n: source.load(names[n]).to(out_dtype(n)))
     config.architectures = config.architectures or [_architecture(config)]
+    config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
+    if tokenizer is not None:
+        config.eos_token_id = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id if config.bos_token_id is None else config.bos_token_id
     config.save_pretrained(str(tmp))
     save_generation_config(config, tmp, tokenizer)
     if tokenizer is not None:
