@@ -1,0 +1,92 @@
+"""Training runs shared by the launch and SLURM tests: one config, one uninterrupted reference.
+
+Every launcher test trains the same tiny run (2 ranks, 100 steps of the tiny model on
+32-token sequences) and compares its loss curve with `launch_reference`, the same run started
+by `python -m launch target=local` (torchrun --standalone, 2 ranks) once per session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 100
+RUN = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1", f"trainer.max_steps={MAX_STEPS}",
+       "trainer.micro_batch_size=2"]
+"""Training overrides of every launcher test (world size 2, global batch 4)."""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for launched ranks: one thread each, nothing from the network."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("WANDB_API_KEY", None)
+    return {**env, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """metrics.jsonl as {step: loss} (a resumed run's later record of a step wins)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def launch_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "launch", *args]
+
+
+def run_launch(args: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m launch ARGS` to completion; fails the test with the output when it fails."""
+    res = subprocess.run(launch_cmd(args), cwd=REPO, env=env or child_env(), capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, f"launch failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res
+
+
+def assert_same_curve(run_dir: Path, reference: dict[int, float]) -> None:
+    """Every step's loss of `run_dir` equals the reference (the same global batches and math)."""
+    curve = losses(run_dir)
+    assert sorted(curve) == sorted(reference), (sorted(curve)[-3:], len(curve))
+    for step, loss in reference.items():
+        assert curve[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), (step, curve[step], loss)
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass  # a line being written
+    return out
+
+
+@pytest.fixture(scope="session")
+def launch_reference(tmp_path_factory) -> dict[int, float]:
+    """Loss per step of the uninterrupted run, launched by `python -m launch target=local`."""
+    run_dir = tmp_path_factory.mktemp("launch-reference")
+    res = run_launch(["target=local", "launch.nproc_per_node=2", f"run.dir={run_dir}", *RUN])
+    assert "--standalone --nnodes 1 --nproc_per_node 2 -m train" in res.stderr
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, MAX_STEPS + 1))
+    assert curve[MAX_STEPS] < curve[1], "the loss should fall on the synthetic data"
+    return curve
