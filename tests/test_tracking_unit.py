@@ -139,7 +139,8 @@ def test_progress_plain_lines_when_not_a_terminal():
     assert lines[-1].startswith("train step 10/10 (100.0%)") and "ETA 0:00:00" in lines[-1]
     quiet = io.StringIO()
     q = Progress(total_steps=10, initial_step=0, enabled=False, stream=quiet)
-    q.update(5, {"loss": 1.0})
+    with q.redirect_logging():
+        q.update(5, {"loss": 1.0})
     q.close()
     assert quiet.getvalue() == ""
 

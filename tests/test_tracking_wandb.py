@@ -143,3 +143,25 @@ def test_other_ranks_start_no_wandb_and_write_nothing(tmp_path):
         "assert list(run.iterdir()) == [], list(run.iterdir())\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_training_outlives_a_dead_wandb_process(tmp_path):
+    """Ctrl-C or a SLURM signal can kill wandb-core before the trainer's graceful checkpoint
+    logs its timing: W&B goes quiet with one warning, the trainer's calls keep working."""
+    code = (
+        "import os, signal, psutil\n"
+        "from train.tracking import TrackingConfig, build_tracker\n"
+        f"t = build_tracker(TrackingConfig(kind='wandb', mode='offline', system_stats=False), run_dir={str(tmp_path)!r},\n"
+        "                  rank=0, world_size=1, config={}, resume=False)\n"
+        "t.log({'loss': 2.0}, 1)\n"
+        "children = psutil.Process().children(recursive=True)\n"
+        "for child in children:\n"
+        "    try: os.kill(child.pid, signal.SIGKILL)\n"
+        "    except ProcessLookupError: pass\n"
+        "psutil.wait_procs(children, timeout=30)\n"
+        "t.log({'loss': 1.9}, 2); t.log({'checkpoint_time_s': 0.1}, 2)\n"
+        f"t.log_export({str(tmp_path)!r}, {{'step': 2}}); t.finish()\n"
+        "print('survived')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-3000:]
+    assert proc.stderr.count("W&B logging is off for the rest of this run") == 1, proc.stderr[-3000:]

@@ -130,8 +130,8 @@ def peak_flops(device: torch.device, override: float | None = None) -> float | N
     return peak
 
 
-def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation in [0, 1] (None when the peak is unknown)."""
-    if not peak or tokens_per_s_per_device is None:
+def mfu(tokens_per_s_per_device: float, flops_per_token: float | None, peak: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1] (None when the peak or the FLOPs count is unknown)."""
+    if not peak or not flops_per_token or tokens_per_s_per_device is None:
         return None
     return tokens_per_s_per_device * flops_per_token / peak

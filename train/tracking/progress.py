@@ -1,11 +1,13 @@
 """A progress bar for rank 0 that turns into plain log lines when nobody watches a terminal.
 
-Under SLURM or with output piped to a file a tqdm bar would write one carriage-return frame
+The bar is drawn when its stream (stderr by default) is a terminal. Under SLURM or with
+output piped to a file a tqdm bar would write one carriage-return frame
 per update into the log; instead a line with the same facts is printed every `every_s`
 seconds and at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import sys
@@ -13,6 +15,7 @@ import time
 from typing import Any, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -89,6 +92,13 @@ class Progress:
         fields += [v if k == "speed" else f"{k} {v}" for k, v in self.describe(self._last_metrics).items()]
         fields += [f"elapsed {_fmt_duration(time.monotonic() - self.t0)}", f"ETA {_fmt_duration(self.eta_s())}"]
         print(" | ".join(fields), file=self.stream, flush=True)
+
+    def redirect_logging(self) -> contextlib.AbstractContextManager:
+        """Route console log lines through the bar while it is shown, so they do not tear it
+        (`with progress.redirect_logging(): ...` around the loop); a no-op without a bar."""
+        if self.bar is None:
+            return contextlib.nullcontext()
+        return logging_redirect_tqdm()
 
     def close(self) -> None:
         if self.bar is not None:

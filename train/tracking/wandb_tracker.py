@@ -110,6 +110,7 @@ class WandbTracker:
         self._floor = self._last = floor
         self._skipped = 0
         self._finished = False
+        self._broken: str | None = None
         for key in ("loss", "eval_loss"):
             self.run.define_metric(key, summary="min")
         log.info("W&B run %s (%s) in %s%s", run_id, self.mode, self.state_dir,
@@ -129,7 +130,8 @@ class WandbTracker:
             log.warning("W&B: step %d is behind the last logged step %d; not logged", step, self._last)
             return extra
         data = {k: v for k, v in {**metrics, **extra}.items() if k != "step" and v is not None}
-        self.run.log(data, step=step)
+        if not self._call("log", self.run.log, data, step=step):
+            return extra
         if step > self._last:
             self._last = step
             _write_atomic(self.state_dir / "last_step", f"{step}\n")
@@ -138,33 +140,45 @@ class WandbTracker:
     def log_export(self, path: str | Path, metadata: dict[str, Any]) -> None:
         """Record an export directory as a model artifact by reference (nothing is uploaded)."""
         path = Path(path).resolve()
-        self.run.summary["export/last_dir"] = str(path)
-        if not self.cfg.log_exports:
+        if self._broken or not self.cfg.log_exports:
             return
         step = metadata.get("step")
         try:
             art = self._wandb.Artifact(f"model-{self.run.id}", type="model", metadata=redact(metadata))
             art.add_reference(path.as_uri(), checksum=self.cfg.export_checksum)
-            self.run.log_artifact(art, aliases=["latest"] + ([f"step_{step}"] if step is not None else []))
-        except Exception as e:  # a tracking hiccup must not stop training
-            log.warning("W&B: could not log export %s as an artifact: %s", path, e)
+        except Exception as e:  # a bad path must not stop training
+            log.warning("W&B: could not describe export %s as an artifact: %s", path, e)
+            return
+        aliases = ["latest"] + ([f"step_{step}"] if step is not None else [])
+        self._call("log_artifact", self.run.log_artifact, art, aliases=aliases)
 
     def alert(self, title: str, text: str) -> None:
         """A logged warning always; a W&B alert (email/Slack) in online mode."""
         log.warning("%s: %s", title, text)
-        if self.mode != "online":
-            return
-        try:
-            self.run.alert(title=title, text=text, level=self._wandb.AlertLevel.WARN,
-                           wait_duration=self.cfg.alert_wait_s)
-        except Exception as e:
-            log.warning("W&B: alert failed: %s", e)
+        if self.mode == "online":
+            self._call("alert", self.run.alert, title=title, text=text, level=self._wandb.AlertLevel.WARN,
+                       wait_duration=self.cfg.alert_wait_s)
 
     def finish(self, exit_code: int = 0) -> None:
         if self._finished:
             return
         self._finished = True
-        self.run.finish(exit_code=exit_code)
+        self._call("finish", self.run.finish, exit_code=exit_code)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> bool:
+        """Run one SDK call; the first failure (e.g. the wandb-core process was killed by a
+        signal meant for the trainer) turns W&B off for the rest of the run instead of
+        stopping training. metrics.jsonl keeps every record either way."""
+        if self._broken:
+            return False
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as e:
+            self._broken = f"{what}: {type(e).__name__}: {e}"
+            log.warning("W&B %s failed (%s: %s); W&B logging is off for the rest of this run, "
+                        "metrics.jsonl continues", what, type(e).__name__, e)
+            return False
 
 
 def _clean(value: str | None) -> str | None:
