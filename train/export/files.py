@@ -2,16 +2,21 @@
 
 An export is built under `.tmp-NAME-PID` next to its final name and renamed into place only
 when complete and verified, so a kill at any moment leaves either the previous export or the
-new one at NAME, never a partial directory. Replacing an existing NAME moves it to
-`.old-NAME-PID` first; `clean_stale` restores or deletes what a killed exporter left behind.
+new one at NAME, never a partial directory. Replacing an existing NAME (the same step
+exported again) swaps the two directories in one atomic renameat2(RENAME_EXCHANGE); where the
+filesystem lacks it, NAME is moved to `.old-NAME-PID` first. `clean_stale` deletes the
+`.tmp-` directories a killed exporter left and puts back an `.old-` one whose NAME is missing.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +60,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(ctypes.get_errno(), f"cannot swap {a} and {b}: {os.strerror(ctypes.get_errno())}")
+
+
 def publish(tmp: Path, final: Path) -> None:
-    """Make `tmp` visible as `final`; an existing `final` is replaced, never left half-deleted."""
+    """Make `tmp` visible as `final`. An existing `final` is swapped out atomically where the
+    filesystem can (RENAME_EXCHANGE), else moved to `.old-NAME-PID` first (clean_stale puts it
+    back if a kill lands between the two renames)."""
     for path in tmp.rglob("*"):
         if path.is_file():
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
+    if final.exists() and _exchange(tmp, final):
+        _fsync_dir(final.parent)
+        shutil.rmtree(tmp)
+        return
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
+        fault_injection("publish")
     os.rename(tmp, final)
     _fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def fault_injection(phase: str) -> None:
+    """Tests SIGKILL the exporter at a chosen point with SCALETRAIN_DEBUG_KILL_IN_EXPORT=<phase>."""
+    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_EXPORT") == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def clean_stale(parent: Path, name: str | None = None) -> list[str]:

@@ -21,7 +21,7 @@ from train.export.artifacts import (TORCH_DTYPES, find_tokenizer_dir, hf_config,
                                     model_card, param_count, save_generation_config)
 from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
 from train.export.config import ExportConfig, parse_size
-from train.export.files import META_NAME, clean_stale, hash_tree, publish, temp_dir_for
+from train.export.files import META_NAME, fault_injection, clean_stale, hash_tree, publish, temp_dir_for
 from train.export.safetensors_writer import TensorSpec, write_sharded
 from train.export.verify import (ExportVerificationError, check_export, reference_logits_from_checkpoint,
                                  tolerance, verify_batch)
@@ -82,6 +82,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
     config = hf_config(ckpt.model_config, cfg.dtype)
+    config.architectures = config.architectures or [_architecture(config)]
     if cfg.gguf:
         from train.export.gguf_export import check_supported
 
@@ -118,7 +119,7 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
     specs = [TensorSpec(n, tuple(source.shape(src)), out_dtype(n)) for n, src in names.items()]
     write_sharded(tmp, specs, parse_size(cfg.max_shard_size),
                   lambda n: source.load(names[n]).to(out_dtype(n)))
-    config.architectures = config.architectures or [_architecture(config)]
+    fault_injection("write")
     config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
     if tokenizer is not None:
         config.eos_token_id = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id
