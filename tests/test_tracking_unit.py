@@ -194,3 +194,32 @@ def test_tracking_none_still_warns_and_reports_memory(tmp_path, caplog):
                           config={}, resume=False)
     assert isinstance(other, NullTracker) and other.log({"loss": math.nan}, 3) == {}
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_figures_and_peak_table_are_plausible():
+    from train.tracking.system import memory_metrics
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    block = torch.empty(512 * 2**20, dtype=torch.uint8, device=dev)
+    mem = memory_metrics(dev)
+    assert mem["sys/gpu_mem_allocated_gb"] >= 0.5 and mem["sys/gpu_mem_used_gb"] >= 0.5
+    assert mem["sys/gpu_mem_total_gb"] > mem["sys/gpu_mem_used_gb"]
+    del block
+    peak = peak_flops(dev)
+    if peak is None:
+        pytest.skip(f"{torch.cuda.get_device_name(dev)} is not in the peak table")
+    # A large bf16 matmul reaches a good share of the dense peak, never more: the table holds
+    # dense (not sparsity-doubled) figures.
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ a
+    end.record()
+    torch.cuda.synchronize()
+    achieved = 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3)
+    assert 0.3 < achieved / peak < 1.05, (torch.cuda.get_device_name(dev), achieved, peak)
