@@ -35,7 +35,8 @@ def read_records(wandb_file: Path | str) -> list[dict[str, Any]]:
     out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
                          capture_output=True, text=True, timeout=120)
     if out.returncode:
-        raise RuntimeError(f"wandb leet inspect {wandb_file} failed ({out.returncode}): {out.stderr[-2000:]}")
+        raise RuntimeError(f"wandb leet inspect --json {wandb_file} failed ({out.returncode}; it needs "
+                           f"wandb >= 0.30): {out.stderr[-2000:]}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
