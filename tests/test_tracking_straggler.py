@@ -19,9 +19,12 @@ def _worker(rank: int, tmp: str) -> None:
         mon = StragglerMonitor(every=3, margin=0.2)
         out = []
         for step in range(1, 7):
-            # Steps 1-3: balanced. Steps 4-6: rank 1 waits 0.5 s of its 1 s step for data.
+            # Step 1 (start-up, left out): rank 0 is slow. Steps 2-3: balanced.
+            # Steps 4-6: rank 1 waits 0.5 s of its 1 s step for data.
             wait = 0.5 if (rank == 1 and step > 3) else 0.01
-            out.append(mon.update(step, 1.0, wait))
+            out.append(mon.update(step, 9.0 if (step == 1 and rank == 0) else 1.0, wait))
+            if step in (3, 4):
+                assert bool(mon.metrics()) == (step == 3)  # fresh figures once per exchange
         Path(tmp, f"rank{rank}.json").write_text(json.dumps([out, mon.last]))
     finally:
         dist.destroy_process_group()

@@ -25,27 +25,41 @@ class StragglerMonitor:
         self._sum_step = self._sum_wait = 0.0
         self._n = 0
         self.last: dict[str, float] = {}
-        """Figures of the latest exchange, as `straggler/*` metric keys (rank 0 logs them)."""
+        """Figures of the latest exchange, as `straggler/*` metric keys."""
+        self._fresh = False
+        self._warm = False
 
     @staticmethod
     def _active() -> bool:
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def update(self, step: int, step_time_s: float, data_wait_s: float) -> str | None:
-        """Accumulate this step; on exchange steps return a message naming a straggler (or None)."""
-        self._sum_step += step_time_s
-        self._sum_wait += data_wait_s
-        self._n += 1
+        """Accumulate this step; on exchange steps return a message naming a straggler (or None).
+
+        The first step of a session (lazy init, first batch) is left out of the averages."""
+        if self._warm:
+            self._sum_step += step_time_s
+            self._sum_wait += data_wait_s
+            self._n += 1
+        self._warm = True
         if self.every <= 0 or step % self.every or not self._active():
             return None
-        mine = [self._sum_step / self._n, self._sum_wait / self._n]
+        mine = [self._sum_step / max(1, self._n), self._sum_wait / max(1, self._n)]
         self._sum_step = self._sum_wait = 0.0
         self._n = 0
         times = _all_gather(mine)
         message = self.judge(step, times)
+        self._fresh = True
         if message and dist.get_rank() == 0:
             log.warning("%s", message)
         return message
+
+    def metrics(self) -> dict[str, float]:
+        """The latest exchange's figures once (for the next logged record), else {}."""
+        if not self._fresh:
+            return {}
+        self._fresh = False
+        return dict(self.last)
 
     def judge(self, step: int, times: list[list[float]]) -> str | None:
         """The straggler message for per-rank [step_time, data_wait] means (pure; testable)."""
