@@ -104,9 +104,10 @@ def test_stop_file_works_like_a_signal(tmp_path):
     assert latest(tmp_path) == f"step_{logged_steps(tmp_path):08d}"
 
 
-@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_fsdp_resumes_on_another_world_size(first, second, tmp_path, reference_runs):
-    args = [*BASE, "strategy=fsdp", f"run.dir={tmp_path}", "checkpoint.every_steps=4"]
+@pytest.mark.parametrize("strategy,first,second", [("fsdp", 2, 1), ("fsdp", 1, 2), ("zero2", 2, 1), ("zero3", 1, 2)])
+def test_resume_on_another_world_size(strategy, first, second, tmp_path, reference_runs):
+    """FSDP reshards through DCP; DeepSpeed through its universal checkpoint, converted on the fly."""
+    args = [*BASE, f"strategy={strategy}", f"run.dir={tmp_path}", "checkpoint.every_steps=4"]
     run_train([*args, "trainer.max_steps=4"], nproc=first)
     out = run_train([*args, "trainer.max_steps=10"], nproc=second)
     assert f"written by {first} ranks; resuming on {second}" in out.stderr + out.stdout

@@ -9,6 +9,10 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from train.metrics import MetricsFile
 from train.model import build_model, lm_loss, num_params
 from train.signals import StopRequest
 from train.strategies import build_strategy
+from train.strategies.deepspeed import UNIVERSAL
 from train.tracking import build_tracker
 from train.tracking.redact import redact
 
@@ -158,7 +163,7 @@ def _pick_resume(root: Path, cfg: Config, info: d.DistInfo) -> tuple[Path | None
 
 
 def _restore(path: Path, saved: TrainState, strategy, loader, info: d.DistInfo, universal: bool) -> None:
-    strategy.load(path.parent / "universal" if universal else path)
+    strategy.load(path, universal=universal)
     rng, data_states = load_rank_files(path, info, saved.world_size)
     set_rng_state(rng)
     if saved.world_size == info.world_size:
@@ -170,11 +175,26 @@ def _restore(path: Path, saved: TrainState, strategy, loader, info: d.DistInfo, 
 
 
 def _to_universal(path: Path, info: d.DistInfo) -> None:
-    raise RuntimeError(
-        f"checkpoint {path} was written by DeepSpeed on a different number of ranks. Convert it "
-        "first: python -m deepspeed.checkpoint.ds_to_universal --input_folder "
-        f"{path}/deepspeed/state --output_folder {path}/deepspeed/state_universal, or resume on "
-        "the original world size")
+    """DeepSpeed shards optimizer state by world size; its universal format reshards on load.
+
+    Rank 0 converts once (`deepspeed.checkpoint.ds_to_universal`) into a temporary folder that
+    is renamed when complete, so a crash mid-conversion leaves nothing half-written.
+    """
+    out = path / UNIVERSAL
+    if info.is_main and not out.is_dir():
+        tmp = path / f".tmp-{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("converting %s to DeepSpeed's universal checkpoint for a new world size", path)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(path / "deepspeed" / "state"), "--output_folder", str(tmp / "state"),
+               "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not convert {path} to a universal checkpoint ({proc.stderr[-2000:]}); "
+                               "resume on the original world size instead")
+        (tmp / "latest_universal").write_text("state")
+        os.rename(tmp, out)
+    d.barrier()
 
 
 def _digest(raw_cfg: dict[str, Any]) -> str:

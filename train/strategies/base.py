@@ -31,8 +31,9 @@ class Strategy(Protocol):
     def save(self, path: Path) -> None:
         """Collective: write this strategy's native state under `path` (a fresh directory)."""
 
-    def load(self, path: Path) -> None:
-        """Collective: restore what `save` wrote (resharding where the engine can)."""
+    def load(self, path: Path, universal: bool = False) -> None:
+        """Collective: restore what `save` wrote, resharding where the engine can
+        (`universal`: DeepSpeed's world-size-independent copy made by the loop)."""
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -53,5 +53,5 @@ class DDPStrategy:
     def save(self, path: Path) -> None:
         save_dcp(path, self.raw, self.optimizer, self.scheduler)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, universal: bool = False) -> None:
         load_dcp(path, self.raw, self.optimizer, self.scheduler)

@@ -22,6 +22,7 @@ from train.schedule import build_scheduler
 from train.strategies.base import compute_dtype, enable_activation_checkpointing, param_groups
 
 TAG = "state"
+UNIVERSAL = "deepspeed_universal"  # written next to deepspeed/ when resuming on another world size
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -91,8 +92,8 @@ class DeepSpeedStrategy:
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag=TAG)
 
-    def load(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag=TAG,
+    def load(self, path: Path, universal: bool = False) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path / (UNIVERSAL if universal else "deepspeed")), tag=TAG,
                                                    load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:

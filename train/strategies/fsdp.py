@@ -72,5 +72,5 @@ class FSDPStrategy:
     def save(self, path: Path) -> None:
         save_dcp(path, self.model, self.optimizer, self.scheduler)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, universal: bool = False) -> None:
         load_dcp(path, self.model, self.optimizer, self.scheduler)
