@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ class ShardReader:
         self.max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._dtypes = [np.dtype("<u2") if s == 2 else np.dtype("<u4") for s in table.itemsize]
+        self.span_dtype = np.dtype("<u4") if 4 in set(table.itemsize.tolist()) else np.dtype("<u2")
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fds": OrderedDict()}
@@ -51,59 +52,98 @@ class ShardReader:
             self._fds.move_to_end(shard)
         return fd
 
-    def read(self, piece: Piece) -> np.ndarray:
-        """The piece's tokens (little-endian uint16/uint32 view of fresh bytes)."""
+    def read_into(self, dst: np.ndarray, piece: Piece) -> None:
+        """Fill dst (piece.take tokens) with the piece's tokens; straight into dst when the
+        shard's dtype is dst's (one syscall, no intermediate bytes)."""
         dt = self._dtypes[piece.shard]
         off = int(self.table.offsets[piece.doc]) + piece.within * dt.itemsize
         want = piece.take * dt.itemsize
-        data = os.pread(self._fd(piece.shard), want, off)
-        if len(data) != want:
+        if dt == dst.dtype:
+            got = os.preadv(self._fd(piece.shard), [dst], off)
+        else:
+            data = os.pread(self._fd(piece.shard), want, off)
+            got = len(data)
+            if got == want:
+                dst[:] = np.frombuffer(data, dtype=dt)
+        if got != want:
             raise ShardFormatError(f"shard {self.table.names[piece.shard]} is truncated: short read "
-                                   f"of document data at byte {off} ({len(data)} of {want} bytes)")
-        return np.frombuffer(data, dtype=dt)
+                                   f"of document data at byte {off} ({got} of {want} bytes)")
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:  # bound early: also runs at interpreter exit
         for fd in self._fds.values():
-            os.close(fd)
+            _close(fd)
         self._fds.clear()
 
 
-def build_batch(order: GlobalOrder, reader: ShardReader, pos: int, rows: int, seq_len: int,
-                on_error: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The micro-batch at stream position `pos`, plus notes on masked data for metrics."""
-    n = rows * seq_len + 1
-    buf = np.empty(n, dtype=np.int64)
-    starts = np.zeros(n, dtype=bool)
-    bad = None
+class Span(NamedTuple):
+    """What a worker hands over for one micro-batch: the raw tokens of the stream span
+    (uint16/uint32, B*T+1 of them), where documents start in it, and masked ranges.
+
+    Compact on purpose: pickling 2-4 bytes a token through the worker queue costs a fraction
+    of moving three int64 tensors through torch's shared-memory files (see BENCHMARKS.md).
+    """
+
+    tokens: np.ndarray
+    doc_starts: list[int]
+    bad: list[tuple[int, int]]
+    notes: dict[str, Any]
+
+
+def read_span(order: GlobalOrder, reader: ShardReader, pos: int, n: int, on_error: str) -> Span:
+    """Tokens [pos, pos + n) of the stream; bad pieces are zeroed (skip) or raise."""
+    buf = np.empty(n, dtype=reader.span_dtype)
+    pieces = list(order.pieces(pos, n))
+    bad: list[tuple[int, int]] = []
     notes: dict[str, Any] = {"masked_tokens": 0, "bad": []}
-    vocab = reader.table.vocab_size
-    for piece in order.pieces(pos, n):
-        dst = buf[piece.out:piece.out + piece.take]
-        if piece.within == 0:
-            starts[piece.out] = True
+
+    def failed(piece: Piece, e: Exception) -> None:
+        if on_error == "raise":
+            raise ShardFormatError(f"{e} (set data.on_error=skip to mask bad data)") from e
+        buf[piece.out:piece.out + piece.take] = 0
+        bad.append((piece.out, piece.take))
+        notes["masked_tokens"] += piece.take
+        notes["bad"].append(str(e))
+
+    for piece in pieces:
         try:
-            dst[:] = reader.read(piece)
-            if dst.max() >= vocab:
-                raise ShardFormatError(
-                    f"shard {reader.table.names[piece.shard]}: document {piece.doc - int(reader.table.doc_base[piece.shard])} "
-                    f"has token id {int(dst.max())} >= vocab_size {vocab} (bad array)")
+            reader.read_into(buf[piece.out:piece.out + piece.take], piece)
         except (ShardFormatError, OSError) as e:
-            if on_error == "raise":
-                raise ShardFormatError(f"{e} (set data.on_error=skip to mask bad data)") from e
-            bad = np.zeros(n, dtype=bool) if bad is None else bad
-            bad[piece.out:piece.out + piece.take] = True
-            dst[:] = 0
-            notes["masked_tokens"] += piece.take
-            notes["bad"].append(str(e))
+            failed(piece, e)
+    vocab = reader.table.vocab_size
+    if (1 << 8 * buf.itemsize) > vocab and int(buf.max()) >= vocab:  # one pass; find culprits
+        for piece in pieces:
+            top = int(buf[piece.out:piece.out + piece.take].max())
+            if top >= vocab:
+                local = piece.doc - int(reader.table.doc_base[piece.shard])
+                failed(piece, ShardFormatError(
+                    f"shard {reader.table.names[piece.shard]}: document {local} has token id "
+                    f"{top} >= vocab_size {vocab} (bad array)"))
+    return Span(buf, [p.out for p in pieces if p.within == 0], bad, notes)
+
+
+_RANGE = np.arange(1 << 16, dtype=np.int64)
+
+
+def _ranges(n: int) -> np.ndarray:
+    global _RANGE
+    if n > len(_RANGE):
+        _RANGE = np.arange(max(n, 2 * len(_RANGE)), dtype=np.int64)
+    return _RANGE
+
+
+def finish_batch(span: Span, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """The int64 [rows, seq_len] input_ids / labels / position_ids of a span (see top)."""
+    n = rows * seq_len + 1
+    buf = span.tokens.astype(np.int64)
     labels = buf[1:].copy()
-    labels[starts[1:]] = IGNORE
-    if bad is not None:
-        labels[bad[1:] | bad[:-1]] = IGNORE
-    row_start = starts[:-1].copy()
-    row_start[::seq_len] = True
-    idx = np.arange(n - 1)
-    positions = idx - np.maximum.accumulate(np.where(row_start, idx, 0))
-    batch = {"input_ids": torch.from_numpy(buf[:-1].reshape(rows, seq_len)),
-             "labels": torch.from_numpy(labels.reshape(rows, seq_len)),
-             "position_ids": torch.from_numpy(positions.reshape(rows, seq_len))}
-    return batch, notes
+    labels[[s - 1 for s in span.doc_starts if s > 0]] = IGNORE
+    for out, take in span.bad:
+        labels[max(out - 1, 0):out + take] = IGNORE
+    positions = np.empty(n - 1, dtype=np.int64)
+    bounds = sorted(set(range(0, n - 1, seq_len)).union(s for s in span.doc_starts if s < n - 1))
+    ar = _ranges(n)
+    for a, b in zip(bounds, bounds[1:] + [n - 1]):
+        positions[a:b] = ar[:b - a]
+    return {"input_ids": torch.from_numpy(buf[:-1].reshape(rows, seq_len)),
+            "labels": torch.from_numpy(labels.reshape(rows, seq_len)),
+            "position_ids": torch.from_numpy(positions.reshape(rows, seq_len))}

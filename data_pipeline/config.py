@@ -89,23 +89,24 @@ class WebDatasetConfig:
             problems.append(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 0")
         if self.vocab_size is not None and self.vocab_size < 2:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 2 or null")
-        problems.extend(_missing_local(self.urls, "data.urls"))
         if self.manifest and not Path(self.manifest).is_file():
             problems.append(f"data.manifest={self.manifest!r} does not exist: point it at the "
                             "manifest.json written by prepare, or leave it empty")
         return problems
 
 
-def _missing_local(urls: str, key: str) -> list[str]:
-    """Local shard paths in `urls` that do not exist (checked before any process starts)."""
+def missing_local(urls: str, key: str) -> list[str]:
+    """A problem when no local path in `urls` exists (the loader checks this at start-up;
+    validate() does not, so that configs compose and validate before the data exists)."""
     if not urls or "pipe:" in urls:
         return []
     import braceexpand
 
     paths = [u[len("file://"):] if u.startswith("file://") else u
              for part in urls.split("::") for u in braceexpand.braceexpand(part)]
-    missing = [p for p in paths if ":" not in p.split("/", 1)[0] and not Path(p).exists()]
-    if not missing:
+    local = [p for p in paths if ":" not in p.split("/", 1)[0]]
+    missing = [p for p in local if not Path(p).exists()]
+    if not local or len(missing) < len(local):
         return []
     shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     return [f"{key}={urls!r}: {shown} does not exist; run `python -m data_pipeline.prepare "

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batches import ShardReader, build_batch
+from data_pipeline.batches import ShardReader, Span, finish_batch, read_span
 from data_pipeline.config import WebDatasetConfig
 from data_pipeline.order import GlobalOrder
 from data_pipeline.shard_table import DataWarning, build_table
@@ -37,7 +37,7 @@ class _RankStream(IterableDataset):
         self.rank, self.world_size, self.rows, self.seq_len = rank, world_size, rows, seq_len
         self.on_error = on_error
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    def __iter__(self) -> Iterator[Span]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         span = self.rows * self.seq_len
@@ -45,11 +45,15 @@ class _RankStream(IterableDataset):
         try:
             while True:
                 pos = self.base + (k * self.world_size + self.rank) * span
-                yield build_batch(self.order, self.reader, pos, self.rows, self.seq_len,
-                                  self.on_error)
+                yield read_span(self.order, self.reader, pos, span + 1, self.on_error)
                 k += workers
         finally:
             self.reader.close()
+
+
+def _as_is(span: Span) -> Span:
+    """DataLoader collate_fn: keep numpy (its default would make shared-memory tensors)."""
+    return span
 
 
 class WebDatasetLoader:
@@ -87,20 +91,16 @@ class WebDatasetLoader:
         """Tokens of the global stream consumed by all ranks together."""
         return self._base + self._consumed * self.world_size * self.micro_batch_size * self.seq_len
 
-    def _source(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    def _source(self) -> Iterator[Span]:
         stream = _RankStream(self.order, ShardReader(self.table), base=self._base,
                              first_round=self._consumed, rank=self.rank,
                              world_size=self.world_size, rows=self.micro_batch_size,
                              seq_len=self.seq_len, on_error=self.cfg.on_error)
         if self.cfg.num_workers == 0:
-            for batch, notes in stream:
-                if self.pin_memory:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                yield batch, notes
+            yield from stream
             return
         it = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                             prefetch_factor=self.cfg.prefetch_factor,
-                             pin_memory=self.pin_memory))
+                             prefetch_factor=self.cfg.prefetch_factor, collate_fn=_as_is))
         try:
             yield from it
         finally:
@@ -113,11 +113,14 @@ class WebDatasetLoader:
             generation = self._generation
             source = self._source()
             try:
-                for batch, notes in source:
+                for span in source:
                     if generation != self._generation:
                         break
                     self._consumed += 1
-                    self._note(notes)
+                    self._note(span.notes)
+                    batch = finish_batch(span, self.micro_batch_size, self.seq_len)
+                    if self.pin_memory:
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
                     yield batch
                     if generation != self._generation:
                         break

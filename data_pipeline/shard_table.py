@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from data_pipeline.config import WebDatasetConfig
+from data_pipeline.config import WebDatasetConfig, missing_local
 from data_pipeline.manifest import MANIFEST_NAME, load_index, load_manifest
 from data_pipeline.shard_format import TOKEN_EXTS, ShardFormatError, file_sha256, scan_tar
 
@@ -87,6 +87,9 @@ def resolve_urls(cfg: WebDatasetConfig, split: str) -> tuple[list[str], Path | N
     """Shard URLs for `split` and the manifest describing them (None = scan the tars)."""
     urls = cfg.val_urls if split == "val" and cfg.val_urls else cfg.urls
     key = "data.val_urls" if split == "val" and cfg.val_urls else "data.urls"
+    missing = missing_local(urls, key)
+    if missing:
+        raise ValueError(missing[0])
     loc = _local(urls) if "::" not in urls else None
     if loc and ("{" not in loc) and (Path(loc).is_dir() or loc.endswith(".json")):
         mpath = Path(loc) / MANIFEST_NAME if Path(loc).is_dir() else Path(loc)

@@ -156,10 +156,24 @@ def test_pipe_urls_need_allow_pipe(tmp_path):
     assert_same(next(iter(ld)), ref_batch(s.docs, 0, 2, 16))
 
 
-def test_validate_names_missing_paths(tmp_path):
+def test_config_problems_and_missing_paths(tmp_path):
     problems = WebDatasetConfig(urls=str(tmp_path / "nope/shard-{0..2}.tar"), on_error="ignore",
-                                num_workers=-1).validate()
+                                num_workers=-1, manifest=str(tmp_path / "m.json")).validate()
     text = "\n".join(problems)
-    assert "does not exist" in text and "data_pipeline.prepare" in text
     assert "data.on_error='ignore'" in text and "data.num_workers=-1" in text
+    assert "data.manifest=" in text
     assert WebDatasetConfig(urls=str(tmp_path)).validate() == []
+    with pytest.raises(ValueError, match="nope/shard-0.tar, .*does not exist.*data_pipeline.prepare"):
+        loader(tmp_path / "nope/shard-{0..2}.tar")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pin_memory_with_workers(tmp_path):
+    s = make_shards(tmp_path)
+    ld = build_loader(WebDatasetConfig(urls=str(s.root), num_workers=1), rank=0, world_size=1,
+                      micro_batch_size=2, seq_len=8, pin_memory=True)
+    batch = next(iter(ld))
+    assert all(v.is_pinned() for v in batch.values())
+    assert_same({k: v.cuda(non_blocking=True).cpu() for k, v in batch.items()},
+                take(loader(s.root, b=2, t=8), 1)[0])

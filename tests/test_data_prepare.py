@@ -226,6 +226,8 @@ def test_uint32_for_large_vocabularies(tmp_path):
     assert read_docs(tmp_path / "o")[0].tolist() == [1, 69999, 5, 70001]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_cli(tmp_path, stdlib):
     (tmp_path / "c.txt").write_text("hello world")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
