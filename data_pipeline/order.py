@@ -42,13 +42,16 @@ class _Block(NamedTuple):
 class GlobalOrder:
     """Maps stream token positions to document pieces; pure function of (table, seed)."""
 
-    def __init__(self, table: ShardTable, seed: int, block_docs: int, shuffle: bool = True) -> None:
-        self.table, self.seed, self.shuffle = table, int(seed), shuffle
+    def __init__(self, table: ShardTable, seed: int, shuffle_block: int, shuffle: bool = True) -> None:
+        """shuffle: permute shards per epoch; shuffle_block: documents per shuffled block
+        (0 = keep shard order; blocks of 1024 then only speed up lookups)."""
+        self.table, self.seed = table, int(seed)
+        self.shuffle, self.shuffle_docs = shuffle, shuffle and shuffle_block > 0
         self.num_docs = int(table.doc_base[-1])
         self.epoch_tokens = table.total_tokens
         if self.epoch_tokens <= 0:
             raise ValueError("the shards hold no tokens")
-        self.block = max(1, int(block_docs))
+        self.block = int(shuffle_block) if shuffle_block > 0 else 1024
         self.num_blocks = -(-self.num_docs // self.block)
         self._epochs: OrderedDict[int, tuple] = OrderedDict()
         self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
@@ -84,7 +87,7 @@ class GlobalOrder:
             i = np.searchsorted(doc_cum, d, side="right") - 1
             shards = perm[i]
             docs = self.table.doc_base[shards] + (d - doc_cum[i])
-            if self.shuffle:
+            if self.shuffle_docs:
                 p = np.random.default_rng([self.seed, e, k + 1]).permutation(len(d))
                 shards, docs = shards[p], docs[p]
             starts = np.concatenate([[0], np.cumsum(self.table.lengths[docs])])

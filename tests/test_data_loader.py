@@ -81,6 +81,13 @@ def test_shuffled_epochs_cover_every_document_once(tmp_path):
     assert [p.doc for p in again.order.pieces(0, nt)] == orders[0]
     other = loader(s.root, shuffle_buffer=5, seed=8)
     assert [p.doc for p in other.order.pieces(0, nt)] != orders[0]
+    # shuffle_buffer=0: shards still change order per epoch, documents keep their shard order.
+    plain = loader(s.root, shuffle_buffer=0, seed=7)
+    docs = list(dict.fromkeys(p.doc for p in plain.order.pieces(0, nt)))
+    shards = [int(np.searchsorted(plain.table.doc_base, d, side="right")) - 1 for d in docs]
+    runs = list(dict.fromkeys(shards))
+    assert runs != sorted(runs) and sorted(docs) == list(range(len(s.docs)))
+    assert all(docs[i] < docs[i + 1] for i in range(len(docs) - 1) if shards[i] == shards[i + 1])
 
 
 @pytest.mark.parametrize("sizes,world,workers", [((7, 3, 12), 2, 0), ((6,), 4, 2)])
