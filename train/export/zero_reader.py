@@ -147,7 +147,7 @@ class ZeroWeights:
         shape = self.shape(name)
         kind = entry[0]
         if kind == "zero3":
-            out = entry[1].contiguous().clone()
+            out = entry[1].contiguous()  # a fresh tensor (torch.cat of the rank slices), not a view of the file
         elif kind == "zero12":
             _, g, offset, part = entry
             out = torch.empty(shape.numel(), dtype=torch.float32)
