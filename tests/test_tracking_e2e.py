@@ -19,9 +19,11 @@ TINY = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1"]
 
 
 def _train(args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true",
-           "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
-           "WANDB_API_KEY": API_KEY, "HF_TOKEN": HF_TOKEN}  # a key would mean online: mode is forced offline
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # start an own wandb-core
+    # A W&B key would mean online mode: the test forces tracking.mode=offline (there is no network).
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true",
+                "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
+                "WANDB_API_KEY": API_KEY, "HF_TOKEN": HF_TOKEN})
     proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,20 @@ from train.tracking.redact import REDACTED
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"run": {"name": "unit"}, "trainer": {"max_steps": 8, "seq_len": 32},
           "model": {"num_key_value_heads": 2}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_wandb_service():
+    """In-process runs start a wandb-core service and export WANDB_SERVICE; stop it afterwards so
+    later tests' subprocesses start their own instead of attaching to this one."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +156,8 @@ def test_other_ranks_start_no_wandb_and_write_nothing(tmp_path):
         "t.log({'loss': 1.0}, 1); t.log_export(run, {'step': 1}); t.alert('a', 'b'); t.finish()\n"
         "assert 'wandb' not in sys.modules, 'rank 1 imported wandb'\n"
         "assert list(run.iterdir()) == [], list(run.iterdir())\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_child_env(), capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -162,6 +178,7 @@ def test_training_outlives_a_dead_wandb_process(tmp_path):
         "t.log({'loss': 1.9}, 2); t.log({'checkpoint_time_s': 0.1}, 2)\n"
         f"t.log_export({str(tmp_path)!r}, {{'step': 2}}); t.finish()\n"
         "print('survived')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_child_env(), capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-3000:]
     assert proc.stderr.count("W&B logging is off for the rest of this run") == 1, proc.stderr[-3000:]
