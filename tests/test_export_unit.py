@@ -198,3 +198,21 @@ def test_bad_checkpoints_are_refused_clearly(ckpt, tmp_path):
     # a run directory resolves through checkpoints/latest
     meta = export_checkpoint(ckpt.path.parent.parent, tmp_path / "o", hf(verify=False))
     assert meta["step"] == 2
+
+
+@pytest.mark.parametrize("group", ["hf", "none"])
+def test_export_configs_compose_and_validate(group, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import load_config
+    from train.export.__main__ import CONF_DIR, compose as compose_cmd, export_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        raw = OmegaConf.to_container(compose("train", overrides=[f"export={group}", f"run.dir={tmp_path}"]),
+                                     resolve=True)
+    assert load_config(raw, world_size=1).export.kind == group
+    if group == "hf":
+        cmd = compose_cmd(["checkpoint=/x", "export.gguf=q8_0", "export.dtype=bf16"])
+        cfg = export_config(cmd["export"])
+        assert cmd["checkpoint"] == "/x" and (cfg.gguf, cfg.dtype, cfg.verify) == ("q8_0", "bf16", True)
