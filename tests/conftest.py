@@ -29,6 +29,8 @@ def child_env(**extra: str) -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_SERVICE", None)  # an in-process wandb.init would make children attach to its core
+    env.setdefault("HYDRA_FULL_ERROR", "1")
     env.update(extra)
     return env
 

@@ -7,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data_pipeline.testing import make_shards
 from tests.conftest import REPO, run_train
 from train.config import ConfigError, load_config
 
@@ -42,7 +43,7 @@ def tiny_hf(tmp_path_factory) -> Path:
 def test_every_group_option_composes_and_validates(group, option, tiny_hf, tmp_path):
     overrides = [f"{group}={option}", f"run.dir={tmp_path}/run"]
     if (group, option) in REQUIRED:
-        overrides.append(REQUIRED[(group, option)].format(tiny_hf=tiny_hf, shards=tmp_path / "shard-000000.tar"))
+        overrides.append(REQUIRED[(group, option)].format(tiny_hf=tiny_hf, shards=make_shards(tmp_path).root))
     cfg = load_config(compose_train(overrides), world_size=2)
     if group not in ("experiment",):
         section = getattr(cfg, group, None)
@@ -67,6 +68,12 @@ def test_cross_field_errors_name_key_and_fix(tmp_path):
     assert any("trainer.global_batch_size=6" in p and "multiple of 8" in p for p in problems), problems
     assert any("trainer.dtype='fp8'" in p and "auto, fp32 or bf16" in p for p in problems), problems
     assert any("model.path='/nonexistent'" in p for p in problems), problems
+
+
+def test_missing_shards_are_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist; run `python -m data_pipeline.prepare"):
+        load_config(compose_train([f"run.dir={tmp_path}", "data=webdataset", f"data.urls={tmp_path}/nope"]),
+                    world_size=1)
 
 
 def test_hf_local_without_path_is_refused(tmp_path):

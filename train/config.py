@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.config import DATA_CONFIGS, SyntheticDataConfig, WebDatasetConfig
+from data_pipeline.config import DATA_CONFIGS, SyntheticDataConfig, WebDatasetConfig, missing_local
 from train.export.config import ExportConfig
 from train.tracking.config import TrackingConfig
 
@@ -282,6 +282,8 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
     for section in (cfg.data, cfg.tracking, cfg.export):
         p.extend(section.validate())
+    if isinstance(cfg.data, WebDatasetConfig):
+        p.extend(missing_local(cfg.data.urls, "data.urls"))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 

@@ -31,7 +31,10 @@ from train.signals import StopRequest
 from train.strategies import build_strategy
 from train.strategies.deepspeed import UNIVERSAL
 from train.tracking import build_tracker
+from train.tracking.flops import flops_per_token, mfu, peak_flops
+from train.tracking.progress import Progress
 from train.tracking.redact import redact
+from train.tracking.straggler import StragglerMonitor
 
 log = logging.getLogger("scaletrain")
 
@@ -74,6 +77,15 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                             config=redact(raw_cfg), resume=resume_from is not None)
     stop = StopRequest(run_dir)
+    try:
+        flops_tok = flops_per_token(model.config, t.seq_len)
+    except ValueError as e:
+        log.warning("%s", e)
+        flops_tok = None
+    peak = peak_flops(info.device, cfg.tracking.peak_flops)
+    straggler = StragglerMonitor(cfg.tracking.straggler_every, cfg.tracking.straggler_margin)
+    progress = Progress(t.max_steps, initial_step=state.step, enabled=info.is_main and cfg.tracking.progress,
+                        every_s=cfg.tracking.progress_every_s)
     log.info("model %s: %.2fM params | strategy %s | world %d | accum %d | global batch %d",
              cfg.model.name, n_params / 1e6, cfg.strategy.name, info.world_size, accum,
              t.micro_batch_size * accum * info.world_size)
@@ -100,6 +112,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         state.step += 1
         state.tokens += tokens_per_step
         step_time = time.perf_counter() - step_t0
+        straggler.update(state.step, step_time, data_wait)  # every rank, every step (collective every N)
 
         if state.step % t.log_every == 0 or state.step == t.max_steps:
             loss = d.mean_across_ranks([torch.stack(losses).mean().item()], info.device)[0]
@@ -109,8 +122,13 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                       "step_time_s": step_time, "data_wait_s": data_wait,
                       "data_wait_frac": data_wait / step_time, "mem_peak_gb": _mem_peak_gb(info.device),
                       **loader.metrics()}
+            util = mfu(record["tokens_per_s"] / info.world_size, flops_tok, peak)
+            if util is not None:
+                record["mfu"] = util
+            record.update(straggler.metrics())  # straggler/* figures on exchange steps
+            record.update(tracker.log(record, state.step))  # + alerts/* counters and sys/* memory
             metrics.write(record)
-            tracker.log(record, state.step)
+            progress.update(state.step, record)
             if info.is_main:
                 log.info("step %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | wait %.1f%%",
                          state.step, loss, lr, grad_norm, record["tokens_per_s"], 100 * record["data_wait_frac"])
@@ -130,6 +148,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                 stop.clear()
             break
 
+    progress.close()
     tracker.finish()
     d.barrier()
     d.shutdown()
