@@ -8,7 +8,7 @@ with at least 2 CPUs so that two ranks fit. Where SLURM or munge is missing, or 
 root (slurmd must start jobs as their user), the fixture skips with the reason.
 
 Also usable by hand: `python tests/slurm_cluster.py DIR` starts a cluster and prints the
-`export SLURM_CONF=...` line; Ctrl-C stops it.
+`export SLURM_CONF=...` line; Ctrl-C or SIGTERM stops it.
 """
 from __future__ import annotations
 
@@ -243,15 +243,41 @@ def _node_idle(cluster: SlurmCluster) -> bool:
     return bool(out) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in out)
 
 
+_RUNNING: list[SlurmCluster] = []
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> SlurmCluster:
-    """A running local cluster for the whole session (skips with the reason when impossible)."""
+    """A running local cluster for the whole session (skips with the reason when impossible).
+
+    Each test module that imports this fixture gets its own fixture object; `_RUNNING` makes
+    them share one cluster, stopped by the one that started it.
+    """
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
+    if _RUNNING:
+        yield _RUNNING[0]
+        return
     cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    _RUNNING.append(cluster)
     try:
         yield cluster
+    finally:
+        _RUNNING.clear()
+        cluster.stop()
+
+
+def _serve(base: Path) -> None:
+    """Run a cluster until SIGINT or SIGTERM (background shells ignore SIGINT), then stop it."""
+    cluster = start_cluster(base)
+    print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            signal.pause()
     finally:
         cluster.stop()
 
@@ -260,11 +286,4 @@ if __name__ == "__main__":
     why = missing_reason()
     if why:
         sys.exit(why)
-    c = start_cluster(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/scaletrain-slurm"))
-    print(f"export SLURM_CONF={c.conf}", flush=True)
-    try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        c.stop()
+    _serve(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/scaletrain-slurm"))

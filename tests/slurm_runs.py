@@ -80,13 +80,23 @@ def metrics_steps(run_dir: Path) -> list[int]:
     return out
 
 
+_REFERENCE: dict[int, float] = {}
+
+
 @pytest.fixture(scope="session")
 def launch_reference(tmp_path_factory) -> dict[int, float]:
-    """Loss per step of the uninterrupted run, launched by `python -m launch target=local`."""
+    """Loss per step of the uninterrupted run, launched by `python -m launch target=local`.
+
+    Test modules import this fixture, which makes one fixture per module: the module-level
+    cache keeps it to one run per session.
+    """
+    if _REFERENCE:
+        return dict(_REFERENCE)
     run_dir = tmp_path_factory.mktemp("launch-reference")
     res = run_launch(["target=local", "launch.nproc_per_node=2", f"run.dir={run_dir}", *RUN])
     assert "--standalone --nnodes 1 --nproc_per_node 2 -m train" in res.stderr
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, MAX_STEPS + 1))
     assert curve[MAX_STEPS] < curve[1], "the loss should fall on the synthetic data"
-    return curve
+    _REFERENCE.update(curve)
+    return dict(curve)

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from launch.__main__ import make_plan
+from launch.__main__ import run as launch_run
 from launch.commands import training_overrides
 from launch.config import load_launch, node_local_reason, parse_time
 from launch.slurm import TEMPLATE, slurm_plan
@@ -193,16 +194,16 @@ def test_cli_dry_run_prints_the_job_and_writes_nothing(tmp_path):
     assert not run_dir.exists()
 
 
-def test_cli_errors_name_every_problem_and_submit_nothing(tmp_path):
+def test_cli_errors_name_every_problem_and_submit_nothing(tmp_path, monkeypatch):
     res = _launch_cli(["target=slurm", "trainer.max_steps=0", "launch.slurm.time=xyz",
                        f"run.dir={tmp_path / 'r'}"])
     assert res.returncode == 2
     assert "trainer.max_steps=0" in res.stderr and "launch.slurm.time='xyz'" in res.stderr
     # A valid job but no SLURM client: a clear error before anything is written or submitted.
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    res = _launch_cli(["target=slurm", f"run.dir={tmp_path / 'r'}"], env={**os.environ, "PATH": str(empty)})
-    assert res.returncode == 2 and "sbatch not found on PATH" in res.stderr, res.stderr
+    monkeypatch.setenv("PATH", str(tmp_path))
+    overrides = ["target=slurm", f"run.dir={tmp_path / 'r'}"]
+    with pytest.raises(FileNotFoundError, match="sbatch not found on PATH"):
+        launch_run(composed("launch", overrides), overrides)
     assert not (tmp_path / "r").exists()
 
 
@@ -220,3 +221,27 @@ def test_run_dir_helper_for_hand_submitted_jobs(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(tmp_path / "runs" / "abc")
+
+
+def _checkpoint(run_dir: Path, step: int, tokens: int, max_steps: int, max_tokens: int | None) -> None:
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(f'{{"step": {step}, "tokens": {tokens}, "world_size": 2}}')
+    limit = "null" if max_tokens is None else max_tokens
+    (ckpt / "config.yaml").write_text(f"trainer:\n  max_steps: {max_steps}\n  max_tokens: {limit}\n")
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+
+
+def test_finished_reads_the_latest_checkpoint(tmp_path):
+    from launch.finished import progress
+
+    assert progress(tmp_path) == (False, f"no {tmp_path / 'checkpoints' / 'latest'}")
+    _checkpoint(tmp_path, 32, 4096, 100, None)
+    assert progress(tmp_path) == (False, "step_00000032: step 32 of 100")
+    _checkpoint(tmp_path, 100, 12800, 100, None)
+    assert progress(tmp_path) == (True, "step_00000100: step 100 of 100")
+    _checkpoint(tmp_path / "t", 40, 5120, 100, 5000)
+    assert progress(tmp_path / "t") == (True, "step_00000040: 5120 tokens of 5000")
+    res = subprocess.run([sys.executable, "-m", "launch.finished", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout) == (0, "finished: step_00000100: step 100 of 100\n")

@@ -34,10 +34,44 @@ def _job_logs(run_dir: Path, job: int) -> str:
     return "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
 
 
-@pytest.mark.timeout(420)
-def test_rendered_job_checkpoints_requeues_on_usr1_and_resumes(slurm_cluster, launch_reference, tmp_path):
-    """USR1 mid-run: every rank checkpoints, the job requeues itself, resumes and ends like an
-    uninterrupted run (same losses), with a final checkpoint, an HF export and one W&B run."""
+def _signal_at(cluster, run_dir: Path, job: int, min_step: int) -> None:
+    """Once the run has logged `min_step`, send USR1 to the batch script (as SLURM does before the
+    time limit)."""
+    deadline = time.monotonic() + 240
+    while max(metrics_steps(run_dir), default=0) < min_step:
+        info = cluster.job(job)
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # a requeued attempt
+        assert info["JobState"] in ("PENDING", "RUNNING"), (info, _job_logs(run_dir, job))
+        assert time.monotonic() < deadline, _job_logs(run_dir, job)
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+
+
+def _wait_done(cluster, run_dir: Path, job: int, restarts: int) -> str:
+    """Wait until the job ended after `restarts` requeues (releasing requeued attempts); its logs."""
+    deadline = time.monotonic() + 240
+    while True:
+        info = cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
+                                timeout=max(1, deadline - time.monotonic()), release_begin_time=True)
+        if info["JobState"] != "COMPLETED" or int(info["Restarts"]) >= restarts:
+            break
+        time.sleep(0.5)  # an attempt may show COMPLETED for a moment before its requeue lands
+    logs = _job_logs(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == restarts, (info, logs)
+    return logs
+
+
+def _stops(logs: str) -> list[int]:
+    return [int(s) for s in dict.fromkeys(re.findall(r"checkpointed step (\d+), exiting", logs))]
+
+
+@pytest.mark.timeout(480)
+def test_rendered_job_requeues_on_usr1_up_to_the_limit_and_resumes(slurm_cluster, launch_reference, tmp_path):
+    """USR1 mid-run: every rank checkpoints and the job requeues itself (launch.max_requeues=1);
+    the second USR1 stops it for good; `sbatch RUN_DIR/slurm/train.sbatch` resumes it by hand.
+    Together they end like the uninterrupted run (same losses), with a final checkpoint, an HF
+    export and one W&B run over all three attempts."""
     slurm_cluster.wait_idle()
     run_dir = tmp_path / "run"
     env = child_env(SLURM_CONF=str(slurm_cluster.conf))
@@ -48,41 +82,44 @@ def test_rendered_job_checkpoints_requeues_on_usr1_and_resumes(slurm_cluster, la
     assert m, res.stdout + res.stderr
     job = int(m.group(1))
 
-    # Wait until the ranks are training, then signal the batch script as SLURM would before the limit.
-    deadline = time.monotonic() + 200
-    while max(metrics_steps(run_dir), default=0) < 2:
-        state = slurm_cluster.job(job)["JobState"]
-        assert state in ("PENDING", "RUNNING"), (state, _job_logs(run_dir, job))
-        assert time.monotonic() < deadline, _job_logs(run_dir, job)
-        time.sleep(0.2)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
-
-    deadline = time.monotonic() + 300
-    while True:  # the requeued attempt waits for BeginTime: release it, then wait for the end
-        info = slurm_cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
-                                      timeout=max(1, deadline - time.monotonic()), release_begin_time=True)
-        if info["JobState"] != "COMPLETED" or int(info["Restarts"]) >= 1:
-            break
-        time.sleep(0.5)  # attempt 0 may show COMPLETED for a moment before the requeue lands
-    logs = _job_logs(run_dir, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, logs)
-
-    # Attempt 0 stopped early at a step boundary, checkpointed and requeued; attempt 1 resumed from it.
-    stopped = re.search(r"checkpointed step (\d+), exiting", logs)
-    assert stopped and 2 <= int(stopped.group(1)) < MAX_STEPS, logs
+    _signal_at(slurm_cluster, run_dir, job, 2)  # attempt 0: checkpoint, requeue
+    first = _wait_for_stop(run_dir, job)
+    _signal_at(slurm_cluster, run_dir, job, first + 2)  # attempt 1: checkpoint, limit reached
+    logs = _wait_done(slurm_cluster, run_dir, job, restarts=1)
+    stops = _stops(logs)
+    assert len(stops) == 2 and 2 <= stops[0] < stops[1] < MAX_STEPS, (stops, logs)
     assert "attempt 0" in logs and "attempt 1" in logs, logs  # --open-mode=append kept attempt 0
-    assert "requeueing (requeue 1 of 1)" in logs and "training finished" in logs, logs
-    assert f"step_{int(stopped.group(1)):08d} at step {stopped.group(1)}" in logs, logs  # resumed there
+    assert f"not finished: step_{stops[0]:08d}: step {stops[0]} of {MAX_STEPS}" in logs, logs
+    assert "requeueing (requeue 1 of 1)" in logs and "requeue limit reached (1 of 1)" in logs, logs
+    assert f"step_{stops[0]:08d} at step {stops[0]}" in logs, logs  # attempt 1 resumed there
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stops[1]:08d}"
+
+    # Resume by hand from the kept job script; a job that finishes normally does not requeue.
+    job2 = slurm_cluster.sbatch(str(run_dir / "slurm" / "train.sbatch"), env=env)
+    logs2 = _wait_done(slurm_cluster, run_dir, job2, restarts=0)
+    assert f"step_{stops[1]:08d} at step {stops[1]}" in logs2, logs2
+    assert "training ended; no requeue requested" in logs2, logs2
     assert not (run_dir / "STOP").exists()
 
     assert_same_curve(run_dir, launch_reference)
     final = f"step_{MAX_STEPS:08d}"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == final
     if LOOP_EXPORTS:
-        assert (run_dir / "exports" / final / "config.json").is_file(), logs
+        assert (run_dir / "exports" / final / "config.json").is_file(), logs2
     run_id = (run_dir / "wandb" / "run_id").read_text().strip()
     offline_runs = list((run_dir / "wandb").rglob("offline-run-*"))
-    assert offline_runs and all(p.name.endswith(run_id) for p in offline_runs), (run_id, offline_runs)
+    assert len(offline_runs) >= 1 and all(p.name.endswith(run_id) for p in offline_runs), (run_id, offline_runs)
+
+
+def _wait_for_stop(run_dir: Path, job: int) -> int:
+    """The step at which the signalled attempt checkpointed and stopped."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        stops = _stops(_job_logs(run_dir, job))
+        if stops:
+            return stops[-1]
+        time.sleep(0.2)
+    raise AssertionError(_job_logs(run_dir, job))
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,42 @@
+"""`python -m launch.finished RUN_DIR`: exit 0 when the run has reached its end, 1 when not.
+
+slurm/train.sbatch asks this after a signalled attempt, to requeue only a run that still has
+steps to go. It reads the newest checkpoint (checkpoints/latest -> trainer_state.json and the
+config.yaml saved beside it), so it does not depend on timing between the signal and the ranks.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def progress(run_dir: Path) -> tuple[bool, str]:
+    """(finished, why): finished when the latest checkpoint reached trainer.max_steps or max_tokens."""
+    root = Path(run_dir) / "checkpoints"
+    latest = root / "latest"
+    if not latest.is_file():
+        return False, f"no {latest}"
+    ckpt = root / latest.read_text().strip()
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        trainer = OmegaConf.load(ckpt / "config.yaml").get("trainer", {})
+    except (OSError, ValueError) as err:
+        return False, f"cannot read {ckpt}: {err}"
+    step, tokens = int(state["step"]), int(state.get("tokens", 0))
+    max_steps, max_tokens = int(trainer.get("max_steps", 0)), trainer.get("max_tokens")
+    if step >= max_steps:
+        return True, f"{ckpt.name}: step {step} of {max_steps}"
+    if max_tokens is not None and tokens >= int(max_tokens):
+        return True, f"{ckpt.name}: {tokens} tokens of {max_tokens}"
+    return False, f"{ckpt.name}: step {step} of {max_steps}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m launch.finished RUN_DIR")
+    done, why = progress(Path(sys.argv[1]))
+    print(("finished: " if done else "not finished: ") + why)
+    sys.exit(0 if done else 1)
