@@ -25,6 +25,7 @@ from train import dist as d
 from train.checkpoint import (TrainState, load_rank_files, read_state, resume_candidates,
                               save_checkpoint, set_rng_state)
 from train.config import Config, grad_accum_steps
+from train.export.hook import ExportHook
 from train.metrics import MetricsFile
 from train.model import build_model, lm_loss, num_params
 from train.signals import StopRequest
@@ -90,11 +91,16 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
              cfg.model.name, n_params / 1e6, cfg.strategy.name, info.world_size, accum,
              t.micro_batch_size * accum * info.world_size)
 
-    def checkpoint() -> None:
+    exporter = ExportHook(cfg.export, run_dir, rank=info.rank)
+
+    def checkpoint() -> Path:
         t0 = time.perf_counter()
-        save_checkpoint(run_dir / "checkpoints", state, info, strategy.save, loader.state_dict(),
-                        config_yaml, cfg.checkpoint.keep_last)
-        tracker.log({"checkpoint_time_s": time.perf_counter() - t0}, state.step)
+        path = save_checkpoint(run_dir / "checkpoints", state, info, strategy.save, loader.state_dict(),
+                               config_yaml, cfg.checkpoint.keep_last)
+        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}
+        metrics.write(timing)
+        tracker.log(timing, state.step)
+        return path
 
     tokens_per_step = t.micro_batch_size * t.seq_len * accum * info.world_size
     batches = iter(loader)
@@ -129,7 +135,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
             record.update(tracker.log(record, state.step))  # + alerts/* counters and sys/* memory
             metrics.write(record)
             progress.update(state.step, record)
-            if info.is_main:
+            if info.is_main and progress.bar is None:  # on a terminal the bar shows these
                 log.info("step %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | wait %.1f%%",
                          state.step, loss, lr, grad_norm, record["tokens_per_s"], 100 * record["data_wait_frac"])
         if t.eval_every and state.step % t.eval_every == 0:
@@ -140,8 +146,12 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         stopped = d.any_rank(stop.local(), info.device)
         last = state.step >= t.max_steps or (t.max_tokens is not None and state.tokens >= t.max_tokens)
         every = cfg.checkpoint.every_steps
-        if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end):
-            checkpoint()
+        export_now = exporter.due(state.step, final=last)
+        if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end) or export_now:
+            ckpt_path = checkpoint()
+        if export_now:  # from the checkpoint just written, so it equals an offline export of it
+            timing = export(exporter, strategy, ckpt_path, state.step, info, cfg, tracker)
+            metrics.write(timing)
         if stopped:
             log.warning("stop requested (%s): checkpointed step %d, exiting", stop.reason(), state.step)
             if info.is_main:
@@ -153,6 +163,35 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     d.barrier()
     d.shutdown()
     return state
+
+
+def export(exporter: ExportHook, strategy, ckpt_path: Path, step: int, info: d.DistInfo, cfg: Config,
+           tracker) -> dict[str, Any]:
+    """Every rank runs the live (possibly sharded) model on the verification batch; rank 0 then
+    exports the checkpoint and checks the exported model's logits against these."""
+    t0 = time.perf_counter()
+    model_cfg = strategy_model_config(strategy)
+    ids = exporter.verify_batch(model_cfg.vocab_size, getattr(model_cfg, "max_position_embeddings", None))
+    with torch.no_grad():
+        strategy.model.eval()
+        reference = strategy.model(input_ids=ids.to(info.device)).logits.float().cpu()
+        strategy.model.train()
+    meta: dict[str, Any] = {}
+    if info.is_main:
+        bf16 = cfg.trainer.dtype == "bf16" or (cfg.trainer.dtype == "auto" and info.device.type == "cuda")
+        meta = exporter(step, ckpt_path, reference_logits=reference,
+                        reference_precision="bf16" if bf16 else "fp32")
+        if "path" in meta:
+            tracker.log_export(meta["path"], meta)
+    d.barrier()
+    timing = {"step": step, "export_time_s": time.perf_counter() - t0}
+    tracker.log(timing, step)
+    return timing
+
+
+def strategy_model_config(strategy):
+    module = getattr(strategy.model, "module", strategy.model)  # DDP and DeepSpeed wrap the model
+    return module.config
 
 
 @torch.no_grad()
