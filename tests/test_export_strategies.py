@@ -1,6 +1,8 @@
 """Exports from real training checkpoints of every engine (2 gloo ranks via torchrun).
 
-One tiny 2-step run per strategy is shared by all tests of this module. The export must equal
+One tiny 2-step run per strategy, on a corpus prepared by `data_pipeline.prepare` (so the
+checkpoint names the manifest's BPE tokenizer), is shared by all tests of this module. The
+export must equal
 the engine's own consolidation of the checkpoint (torch's dcp_to_torch_save for DDP/FSDP,
 DeepSpeed's zero_to_fp32 for ZeRO), every strategy must export the same model (they train
 identically), and an export made by the training loop must equal the offline export.
@@ -23,7 +25,25 @@ pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def corpus(tmp_path_factory) -> Path:
+    """A small JSONL corpus prepared into WebDataset shards with a trained byte-level BPE."""
+    import random
+
+    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare_config import PrepareConfig, SourceConfig, TokenizerConfig
+
+    root = tmp_path_factory.mktemp("corpus")
+    words = "the quick brown fox jumps over a lazy dog while export hooks write checkpoints".split()
+    rng = random.Random(0)
+    lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) for _ in range(200)]
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    prepare(PrepareConfig(source=SourceConfig(path=str(root / "corpus.jsonl")), out=str(root / "data"),
+                          tokenizer=TokenizerConfig(train=True, vocab_size=320), num_proc=1, progress=False))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
     """strategy -> run dir, trained on first use (2 ranks, 2 steps, checkpoint + export at step 2)."""
     runs: dict[str, Path] = {}
     root = tmp_path_factory.mktemp("export_runs")
@@ -32,7 +52,9 @@ def trained(tmp_path_factory):
         if strategy not in runs:
             run_dir = root / strategy
             run_train([*TINY, f"strategy={strategy}", "trainer.max_steps=2", "checkpoint.every_steps=2",
-                       "export=hf", "export.every_steps=2", f"run.dir={run_dir}"], nproc=2, timeout=240)
+                       "data=webdataset", f"data.urls={corpus}", "data.num_workers=0",
+                       "export=hf", "export.every_steps=2", "export.gguf=q8_0", f"run.dir={run_dir}"],
+                      nproc=2, timeout=240)
             runs[strategy] = run_dir
         return runs[strategy]
 
@@ -49,7 +71,8 @@ def offline(trained, tmp_path_factory):
         if strategy not in done:
             ckpt = trained(strategy) / "checkpoints" / "step_00000002"
             out = root / strategy
-            done[strategy] = (ckpt, out, export_checkpoint(ckpt, out, ExportConfig(kind="hf")))
+            cfg = ExportConfig(kind="hf", gguf="q8_0" if strategy == "zero3" else None)
+            done[strategy] = (ckpt, out, export_checkpoint(ckpt, out, cfg))
         return done[strategy]
 
     return get
@@ -88,6 +111,25 @@ def test_every_strategy_exports_the_same_model(offline):
         worst = max((other[k] - base[k]).abs().max().item() for k in base)
         assert worst < 1e-5, f"{strategy} export differs from ddp's by {worst}"
     assert max(t.abs().max().item() for t in base.values()) > 0.01
+
+
+@pytest.mark.timeout(300)
+def test_export_of_a_real_run_carries_the_manifest_tokenizer_into_hf_and_gguf(offline, corpus):
+    import gguf
+    from transformers import AutoTokenizer
+
+    ckpt, out, meta = offline("zero3")
+    manifest_tok = AutoTokenizer.from_pretrained(corpus / "tokenizer")
+    exported = AutoTokenizer.from_pretrained(out)
+    text = "the lazy fox writes export hooks"
+    assert exported(text)["input_ids"] == manifest_tok(text)["input_ids"]
+    assert meta["tokenizer"]["source"] == str((corpus / "tokenizer").resolve())
+    assert meta["tokens"] == json.loads((ckpt / "trainer_state.json").read_text())["tokens"] > 0
+    assert meta["gguf"]["tokenizer"] == "gpt2" and meta["gguf"]["special_ids"]["eos"] == manifest_tok.eos_token_id
+    reader = gguf.GGUFReader(out / meta["gguf"]["file"])
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == json.loads((out / "config.json").read_text())["vocab_size"]
+    assert isinstance(meta["verification"]["generated_text"], str)
 
 
 @pytest.mark.timeout(300)

@@ -42,9 +42,11 @@ def list_files(root: Path) -> list[str]:
     return sorted(r for r in rels if r != META_NAME)
 
 
-def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {sha256, size}} of every file under `root` except export.json."""
-    return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+def hash_tree(root: Path, known: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {sha256, size}} of every file under `root` except export.json;
+    `known` digests (computed while writing) are taken as they are."""
+    known = known or {}
+    return {rel: {"sha256": known.get(rel) or sha256_file(root / rel), "size": (root / rel).stat().st_size}
             for rel in list_files(root)}
 
 

@@ -117,8 +117,8 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
         return dtype if source.dtype(names[name]).is_floating_point else source.dtype(names[name])
 
     specs = [TensorSpec(n, tuple(source.shape(src)), out_dtype(n)) for n, src in names.items()]
-    write_sharded(tmp, specs, parse_size(cfg.max_shard_size),
-                  lambda n: source.load(names[n]).to(out_dtype(n)))
+    digests = write_sharded(tmp, specs, parse_size(cfg.max_shard_size),
+                            lambda n: source.load(names[n]).to(out_dtype(n)))
     fault_injection("write")
     config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
     if tokenizer is not None:
@@ -159,7 +159,7 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
     n_params = param_count([s.shape for s in specs])
     (tmp / "README.md").write_text(model_card(meta, n_params))
     meta["parameters"] = n_params
-    meta["files"] = hash_tree(tmp)
+    meta["files"] = hash_tree(tmp, known=digests)
     return meta
 
 

@@ -54,7 +54,9 @@ class ExportHook:
         self.cfg = cfg
         self.rank = rank
         self.exports_dir = Path(run_dir) / "exports"
-        self.user_hooks = build_user_hooks(cfg.hooks) if cfg.kind == "hf" else []
+        # targets were imported (validated) by load_config on every rank; factories run on rank 0,
+        # the only rank that exports
+        self.user_hooks = build_user_hooks(cfg.hooks) if cfg.kind == "hf" and rank == 0 else []
 
     @property
     def enabled(self) -> bool:

@@ -8,6 +8,7 @@ read back by the `safetensors` library itself (transformers' loader and verifica
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -67,10 +68,16 @@ def _header(specs: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_shard(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> None:
-    """Write one safetensors file; `fetch(name)` returns the tensor already in its output dtype."""
+def write_shard(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> str:
+    """Write one safetensors file; `fetch(name)` returns the tensor already in its output dtype.
+
+    Returns the file's sha256, computed while writing (no second read of a multi-GB file).
+    """
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(_header(specs))
+        header = _header(specs)
+        f.write(header)
+        digest.update(header)
         for spec in specs:
             tensor = fetch(spec.name)
             if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
@@ -78,18 +85,20 @@ def write_shard(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torc
                                      f"planned {spec.shape} {spec.dtype}")
             data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             f.write(memoryview(data))
+            digest.update(memoryview(data))
             del tensor, data
+    return digest.hexdigest()
 
 
 def write_sharded(out_dir: Path, specs: list[TensorSpec], max_bytes: int,
-                  fetch: Callable[[str], torch.Tensor]) -> list[str]:
-    """Write every shard and the index (always, even for one shard); returns the file names."""
+                  fetch: Callable[[str], torch.Tensor]) -> dict[str, str]:
+    """Write every shard and the index (always, even for one shard); returns {shard file: sha256}."""
     shards = plan_shards(specs, max_bytes)
     names = shard_names(len(shards))
-    weight_map = {}
+    weight_map, digests = {}, {}
     for name, shard in zip(names, shards):
-        write_shard(out_dir / name, shard, fetch)
+        digests[name] = write_shard(out_dir / name, shard, fetch)
         weight_map.update({spec.name: name for spec in shard})
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    return names + [INDEX_NAME]
+    return digests

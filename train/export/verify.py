@@ -78,8 +78,15 @@ def check_export(export_dir: Path, reference: torch.Tensor, batch: torch.Tensor,
                  tol: float, new_tokens: int, tokenizer: Any | None) -> dict[str, Any]:
     """Reload `export_dir`, compare logits with `reference`, generate a few tokens."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(export_dir), local_files_only=True, dtype="auto")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the training log
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(export_dir), local_files_only=True, dtype="auto")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     loaded_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     logits = model(input_ids=batch).logits.float()
