@@ -25,8 +25,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node 2
+DEMO_DIR := runs/demo
+
+# The main job on an embedded default: prepare a real corpus (this Python's stdlib sources),
+# train on 2 ranks under ZeRO-3, interrupt it (STOP file = what SIGTERM/SIGUSR1 do), run the
+# same command again (it resumes from checkpoints/latest), then export offline and plot.
 demo: setup
-	$(PY) -m scripts_demo 2>/dev/null || bash bench/../scripts/demo.sh
+	$(PY) -m data_pipeline.prepare shard.max_bytes=1000000
+	rm -rf $(DEMO_DIR)
+	@echo "== 1/4 train; interrupted once step 30 is logged"
+	( until grep -qs '"step": 30,' $(DEMO_DIR)/metrics.jsonl; do sleep 0.2; done; touch $(DEMO_DIR)/STOP ) &
+	$(TORCHRUN) -m train experiment=demo
+	@echo "== 2/4 the same command again: resumes from $$(cat $(DEMO_DIR)/checkpoints/latest)"
+	$(TORCHRUN) -m train experiment=demo
+	@echo "== 3/4 offline export of the last checkpoint, and its integrity check"
+	$(PY) -m train.export checkpoint=$(DEMO_DIR)/checkpoints/step_00000060 out=$(DEMO_DIR)/export-offline
+	$(PY) -m train.export verify=$(DEMO_DIR)/export-offline
+	@echo "== 4/4 plots and summary"
+	$(PY) -m train.report $(DEMO_DIR)
+	@echo "done: $(DEMO_DIR)/exports/step_00000060 (HF + GGUF), $(DEMO_DIR)/report/summary.md, W&B offline files in $(DEMO_DIR)/wandb"
 
 test: setup
 	$(PY) -m pytest -q tests
