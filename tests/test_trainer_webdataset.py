@@ -23,7 +23,7 @@ def args(shards, run_dir, steps, workers=1):
 
 def test_two_ranks_on_three_uneven_shards_finish_multiple_epochs(shards, tmp_path):
     # 30 steps x 4 sequences x 32 tokens is several passes over ~400 tokens: epochs roll over.
-    out = run_train(args(shards, tmp_path, 30), nproc=2, timeout=240)
+    run_train([*args(shards, tmp_path, 30), "trainer.eval_every=15", "trainer.eval_batches=2"], nproc=2, timeout=240)
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 31))
     assert got[30] < got[1]
@@ -31,6 +31,10 @@ def test_two_ranks_on_three_uneven_shards_finish_multiple_epochs(shards, tmp_pat
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["data_epoch"] >= 2, last
     assert "data_wait_frac" in last and 0 <= last["data_wait_frac"] <= 1
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [15, 30]
+    for e in evals:  # held-out loss from the val shards, and its perplexity
+        assert e["eval_ppl"] == pytest.approx(__import__("math").exp(e["eval_loss"]))
 
 
 def test_sigkill_and_resume_with_webdataset_matches_uninterrupted(shards, tmp_path):

@@ -121,7 +121,6 @@ class TrainerConfig:
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: str = "auto"
     """auto, cpu or cuda."""
-    compile: bool = False
 
 
 @dataclass

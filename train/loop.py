@@ -53,6 +53,10 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                           micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
                           pin_memory=info.device.type == "cuda")
     model = build_model(cfg.model, loader.vocab_size, t.seed)
+    if loader.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the data has {loader.vocab_size} token ids but the model's vocabulary has "
+                         f"{model.config.vocab_size}: use a tokenizer that matches model.path, or set "
+                         "model.vocab_size >= the data's vocabulary")
     n_params = num_params(model)
 
     resume_from, saved = _pick_resume(run_dir / "checkpoints", cfg, info)
