@@ -109,7 +109,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     tokens_per_step = t.micro_batch_size * t.seq_len * accum * info.world_size
     batches = iter(loader)
     stopped = False
-    window_t0 = time.perf_counter()
+    window_t0, window_steps = time.perf_counter(), 0
     while state.step < t.max_steps and (t.max_tokens is None or state.tokens < t.max_tokens):
         step_t0, data_wait, losses = time.perf_counter(), 0.0, []
         for micro in range(accum):
@@ -122,13 +122,16 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         state.step += 1
         state.tokens += tokens_per_step
         step_time = time.perf_counter() - step_t0
+        window_steps += 1
         straggler.update(state.step, step_time, data_wait)  # every rank, every step (collective every N)
 
         if state.step % t.log_every == 0 or state.step == t.max_steps:
             loss = d.mean_across_ranks([torch.stack(losses).mean().item()], info.device)[0]
-            elapsed, window_t0 = time.perf_counter() - window_t0, time.perf_counter()
+            tokens_per_s = tokens_per_step * window_steps / (time.perf_counter() - window_t0)
+            window_t0, window_steps = time.perf_counter(), 0
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": state.tokens, "tokens_per_s": tokens_per_step * t.log_every / elapsed,
+                      "tokens": state.tokens, "tokens_per_s": tokens_per_s,
+                      "samples_per_s": tokens_per_s / t.seq_len,
                       "step_time_s": step_time, "data_wait_s": data_wait,
                       "data_wait_frac": data_wait / step_time, "mem_peak_gb": _mem_peak_gb(info.device),
                       **loader.metrics()}
