@@ -25,6 +25,9 @@ from train import dist as d
 
 log = logging.getLogger("scaletrain.checkpoint")
 STEP_RE = re.compile(r"^step_(\d{8})$")
+# DeepSpeed's world-size-independent copy of a checkpoint, made next to deepspeed/ when resuming
+# on another number of ranks.
+UNIVERSAL = "deepspeed_universal"
 
 
 @dataclass

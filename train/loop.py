@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
 from train import dist as d
-from train.checkpoint import (TrainState, load_rank_files, read_state, resume_candidates,
+from train.checkpoint import (UNIVERSAL, TrainState, load_rank_files, read_state, resume_candidates,
                               save_checkpoint, set_rng_state)
 from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
@@ -30,7 +30,6 @@ from train.metrics import MetricsFile
 from train.model import build_model, lm_loss, num_params
 from train.signals import StopRequest
 from train.strategies import build_strategy
-from train.strategies.deepspeed import UNIVERSAL
 from train.tracking import build_tracker
 from train.tracking.flops import flops_per_token, mfu, peak_flops
 from train.tracking.progress import Progress

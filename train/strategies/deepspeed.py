@@ -15,6 +15,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from train.checkpoint import UNIVERSAL
 from train.config import Config
 from train.dist import DistInfo
 from train.model import lm_loss
@@ -22,7 +23,6 @@ from train.schedule import build_scheduler
 from train.strategies.base import compute_dtype, enable_activation_checkpointing, param_groups
 
 TAG = "state"
-UNIVERSAL = "deepspeed_universal"  # written next to deepspeed/ when resuming on another world size
 
 
 def _merge(base: dict, extra: dict) -> dict:
