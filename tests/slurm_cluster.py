@@ -155,6 +155,13 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"cluster still busy:\n{self.run('squeue').stdout}")
 
+    def cancel_all(self) -> None:
+        """Cancel every job left on this cluster (after a failed test) and wait until it is idle."""
+        ids = self.run("squeue", "-h", "-o", "%i").stdout.split()
+        if ids:
+            self.run("scancel", *ids, check=False)
+        self.wait_idle(timeout=90)
+
     def logs(self, tail: int = 30) -> str:
         parts = []
         for name in ("slurmctld.log", "slurmd.log"):
