@@ -149,3 +149,24 @@ def test_export_made_during_training_equals_the_offline_export(trained, offline,
     assert meta["verification"]["max_abs_diff"] < 1e-5
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("export_time_s" in m for m in metrics) or (run_dir / "wandb").exists()
+
+
+@pytest.mark.timeout(300)
+def test_bf16_zero1_exports_the_fp32_master_weights(tmp_path):
+    """bf16 training keeps bf16 weights in the module and fp32 masters in DeepSpeed's BF16_Optimizer
+    files (no zero_stage key, which zero_to_fp32 rejects): the fp32 export must carry the masters."""
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "strategy=zero1", "trainer.dtype=bf16", "trainer.max_steps=2", "export=hf",
+               "export.dtype=bf16", f"run.dir={run_dir}"], nproc=2, timeout=240)
+    live = run_dir / "exports" / "step_00000002"
+    meta = json.loads((live / "export.json").read_text())
+    assert meta["verification"]["reference"] == "live training model (bf16)"
+    assert meta["verification"]["max_abs_diff"] == 0.0  # bf16 export == the live bf16 module
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert list((ckpt / "deepspeed" / "state").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    export_checkpoint(ckpt, tmp_path / "fp32", ExportConfig(kind="hf", dtype="fp32"))
+    master, bf16 = export_tensors(tmp_path / "fp32"), export_tensors(live)
+    for name, t in master.items():
+        assert t.dtype == torch.float32 and torch.equal(t.to(torch.bfloat16), bf16[name]), name
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in master.values()), \
+        "fp32 export holds only bf16-representable values: it read the bf16 module, not the masters"

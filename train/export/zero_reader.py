@@ -69,7 +69,11 @@ class ZeroWeights:
                                   f"and directories {sorted(d.name for d in tags)})")
         self.dir = tags[0]
         optim = [_load(f)["optimizer_state_dict"] for f in _files(self.dir, "*_optim_states.pt")]
-        self.stage = int(optim[0]["zero_stage"])
+        # BF16_Optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation) writes no
+        # zero_stage; its flat fp32 partitions have the ZeRO-1 layout.
+        if "zero_stage" not in optim[0] and "single_partition_of_fp32_groups" not in optim[0]:
+            raise CheckpointError(f"{self.dir}: optimizer files hold no ZeRO fp32 partitions")
+        self.stage = int(optim[0].get("zero_stage", 1))
         self.world = len(optim)
         counts = optim[0]["partition_count"]
         expected = max(counts) if isinstance(counts, list) else int(counts)
