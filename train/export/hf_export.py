@@ -21,7 +21,7 @@ from train.export.artifacts import (TORCH_DTYPES, find_tokenizer_dir, hf_config,
                                     model_card, param_count, save_generation_config)
 from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
 from train.export.config import ExportConfig, parse_size
-from train.export.files import META_NAME, fault_injection, clean_stale, hash_tree, publish, temp_dir_for
+from train.export.files import META_NAME, clean_stale, fault_injection, hash_tree, publish, temp_dir_for
 from train.export.safetensors_writer import TensorSpec, write_sharded
 from train.export.verify import (ExportVerificationError, check_export, reference_logits_from_checkpoint,
                                  tolerance, verify_batch)
@@ -174,7 +174,7 @@ def _verify(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path, cfg
         reference = reference_logits.detach().float().cpu()
         origin = f"live training model ({reference_precision})"
     tol = tolerance(cfg.dtype, reference_precision, cfg.verify_tolerance)
-    report = check_export(tmp, reference, batch, cfg.dtype, tol, cfg.verify_new_tokens, tokenizer)
+    report = check_export(tmp, reference, batch, tol, cfg.verify_new_tokens, tokenizer)
     report["reference"] = origin
     if not report["passed"]:
         raise ExportVerificationError(

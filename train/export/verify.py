@@ -47,7 +47,7 @@ def reference_logits_from_checkpoint(config: Any, weights: Any, names: dict[str,
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {name: weights.load(src).float() for name, src in names.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)  # leftovers are caught below
     del state
     model.tie_weights()
     _materialize_buffers(model)
@@ -74,8 +74,8 @@ def _materialize_buffers(model: Any) -> None:
 
 
 @torch.no_grad()
-def check_export(export_dir: Path, reference: torch.Tensor, batch: torch.Tensor, dtype: str,
-                 tol: float, new_tokens: int, tokenizer: Any | None) -> dict[str, Any]:
+def check_export(export_dir: Path, reference: torch.Tensor, batch: torch.Tensor, tol: float,
+                 new_tokens: int, tokenizer: Any | None) -> dict[str, Any]:
     """Reload `export_dir`, compare logits with `reference`, generate a few tokens."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
