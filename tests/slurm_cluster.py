@@ -56,7 +56,7 @@ def _real_memory_mb() -> int:
 
 SLURM_CONF = """\
 ClusterName=scaletrain-test
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={ctl_name}({ctl_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -65,11 +65,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket}
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
+SlurmdLogFile={d}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -89,9 +89,30 @@ InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
 MessageTimeout=30
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
+
+
+@dataclass
+class Node:
+    """A slurmd: node name, address, and its network namespace and hosts file (None = this host's)."""
+
+    name: str
+    addr: str
+    netns: str | None = None
+    hosts: Path | None = None
+
+    def wrap(self, cmd: list[str], hostname: str | None = None) -> list[str]:
+        """`cmd` in this node's network namespace; with `hostname`, also under that hostname and
+        with the node's hosts file (private mount and UTS namespaces, nothing under /etc changes)."""
+        if self.netns is None:
+            return cmd
+        prefix = ["nsenter", f"--net=/run/netns/{self.netns}"]
+        if hostname:
+            prefix += ["unshare", "--mount", "--uts", "sh", "-c",
+                       f'mount --bind "{self.hosts}" /etc/hosts && hostname {hostname} && exec "$0" "$@"']
+        return prefix + cmd
 
 
 @dataclass
@@ -100,10 +121,18 @@ class SlurmCluster:
 
     dir: Path
     conf: Path
-    host: str
+    nodes: list[Node]
     cpus: int
+    """CPUs of each node."""
     mem_mb: int
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    cleanups: list = field(default_factory=list)
+    """Callables run after the daemons stopped (e.g. deleting network namespaces)."""
+
+    @property
+    def host(self) -> str:
+        """The first node, where the batch scripts run."""
+        return self.nodes[0].name
 
     @property
     def env(self) -> dict[str, str]:
@@ -113,7 +142,7 @@ class SlurmCluster:
     def run(self, *cmd: str, check: bool = True, timeout: float = 60,
             **kw) -> subprocess.CompletedProcess:
         env = {**self.env, **kw.pop("env", {})}
-        res = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        res = subprocess.run(self.nodes[0].wrap(list(cmd)), env=env, capture_output=True, text=True, timeout=timeout, **kw)
         if check and res.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}{res.stderr}"
                                f"\n{self.logs()}")
@@ -164,18 +193,18 @@ class SlurmCluster:
 
     def logs(self, tail: int = 30) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log"):
-            p = self.dir / name
+        for p in [self.dir / "slurmctld.log", *sorted(self.dir.glob("slurmd-*.log"))]:
             if p.exists():
                 lines = p.read_text(errors="replace").splitlines()[-tail:]
-                parts.append(f"--- {name} (last {tail} lines)\n" + "\n".join(lines))
+                parts.append(f"--- {p.name} (last {tail} lines)\n" + "\n".join(lines))
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop the daemons this cluster started (by pid), slurmd first."""
-        for name in ("slurmd", "slurmctld", "munged"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
+        """Stop the daemons this cluster started (by pid), slurmds first, then clean up."""
+        order = sorted(self.procs, key=lambda n: (not n.startswith("slurmd"), n == "munged"))
+        for name in order:
+            proc = self.procs.pop(name)
+            if proc.poll() is not None:
                 continue
             proc.send_signal(signal.SIGTERM)
             try:
@@ -183,6 +212,8 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        while self.cleanups:
+            self.cleanups.pop()()
 
 
 def _start_munge(d: Path) -> tuple[subprocess.Popen, Path]:
@@ -213,32 +244,42 @@ def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen, log: Path
     raise RuntimeError(f"{what} not ready (exit code {proc.poll()}):\n{text}")
 
 
+def start_daemons(cluster: SlurmCluster, ctl_name: str) -> None:
+    """Write slurm.conf and start munged, slurmctld (beside node 0) and one slurmd per node."""
+    d = cluster.dir
+    (d / "state").mkdir(exist_ok=True)
+    cluster.procs["munged"], sock = _start_munge(d)
+    lines = [f"NodeName={n.name} NodeAddr={n.addr} CPUs={cluster.cpus} RealMemory={cluster.mem_mb} "
+             "State=UNKNOWN" for n in cluster.nodes]
+    cluster.conf.write_text(SLURM_CONF.format(
+        ctl_name=ctl_name, ctl_addr=cluster.nodes[0].addr, d=d, ctld_port=_free_port(),
+        slurmd_port=_free_port(), munge_socket=sock, node_lines="\n".join(lines),
+        node_names=",".join(n.name for n in cluster.nodes)))
+    env = cluster.env
+    cluster.procs["slurmctld"] = subprocess.Popen(
+        cluster.nodes[0].wrap(["slurmctld", "-D", "-i", "-f", str(cluster.conf)], hostname=ctl_name),
+        env=env, stdout=subprocess.DEVNULL, stderr=open(d / "slurmctld.stderr", "w"))
+    _wait_for(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0,
+              30, "slurmctld", cluster.procs["slurmctld"], d / "slurmctld.log")
+    for n in cluster.nodes:
+        (d / f"spool-{n.name}").mkdir(exist_ok=True)
+        cluster.procs[f"slurmd:{n.name}"] = subprocess.Popen(
+            n.wrap(["slurmd", "-D", "-N", n.name, "-f", str(cluster.conf)], hostname=n.name),
+            env=env, stdout=subprocess.DEVNULL, stderr=open(d / f"slurmd-{n.name}.stderr", "w"))
+    for n in cluster.nodes:
+        _wait_for(lambda: _node_idle(cluster), 40, f"slurmd {n.name} (node idle)",
+                  cluster.procs[f"slurmd:{n.name}"], d / f"slurmd-{n.name}.log")
+
+
 def start_cluster(base: Path, cpus: int | None = None) -> SlurmCluster:
-    """Generate slurm.conf under `base` and start munged, slurmctld and slurmd."""
+    """A one-node cluster on localhost under `base` (this machine's hostname and CPUs)."""
     d = Path(base).absolute()
     d.mkdir(parents=True, exist_ok=True)
-    for sub in ("state", "spool"):
-        (d / sub).mkdir(exist_ok=True)
     host = socket.gethostname().split(".")[0]
-    cpus = cpus or max(2, os.cpu_count() or 2)
-    cluster = SlurmCluster(dir=d, conf=d / "slurm.conf", host=host, cpus=cpus,
-                           mem_mb=_real_memory_mb())
+    cluster = SlurmCluster(dir=d, conf=d / "slurm.conf", nodes=[Node(host, "127.0.0.1")],
+                           cpus=cpus or max(2, os.cpu_count() or 2), mem_mb=_real_memory_mb())
     try:
-        cluster.procs["munged"], sock = _start_munge(d)
-        cluster.conf.write_text(SLURM_CONF.format(
-            host=host, d=d, ctld_port=_free_port(), slurmd_port=_free_port(),
-            munge_socket=sock, cpus=cpus, mem=cluster.mem_mb))
-        env = cluster.env
-        cluster.procs["slurmctld"] = subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(cluster.conf)], env=env,
-            stdout=subprocess.DEVNULL, stderr=open(d / "slurmctld.stderr", "w"))
-        _wait_for(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0,
-                  30, "slurmctld", cluster.procs["slurmctld"], d / "slurmctld.log")
-        cluster.procs["slurmd"] = subprocess.Popen(
-            ["slurmd", "-D", "-N", host, "-f", str(cluster.conf)], env=env,
-            stdout=subprocess.DEVNULL, stderr=open(d / "slurmd.stderr", "w"))
-        _wait_for(lambda: _node_idle(cluster), 40, "slurmd (node idle)",
-                  cluster.procs["slurmd"], d / "slurmd.log")
+        start_daemons(cluster, ctl_name=host)
     except BaseException:
         cluster.stop()
         raise
@@ -247,7 +288,7 @@ def start_cluster(base: Path, cpus: int | None = None) -> SlurmCluster:
 
 def _node_idle(cluster: SlurmCluster) -> bool:
     out = cluster.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
-    return bool(out) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in out)
+    return len(out) == len(cluster.nodes) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in out)
 
 
 _RUNNING: list[SlurmCluster] = []

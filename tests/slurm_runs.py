@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,58 @@ def launch_reference(tmp_path_factory) -> dict[int, float]:
     assert curve[MAX_STEPS] < curve[1], "the loss should fall on the synthetic data"
     _REFERENCE.update(curve)
     return dict(curve)
+
+
+# --- SLURM job helpers (the cluster objects come from slurm_cluster.py / slurm_netns.py) ---
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE", "PREEMPTED"}
+"""Job states after which nothing more happens (a requeue passes through COMPLETING and PENDING)."""
+
+
+def job_logs(run_dir: Path, job: int) -> str:
+    logs = [run_dir / "logs" / f"slurm-{job}.{ext}" for ext in ("out", "err")]
+    return "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
+
+
+def signal_at(cluster, run_dir: Path, job: int, min_step: int) -> None:
+    """Once the run has logged `min_step`, send USR1 to the batch script (as SLURM does before the
+    time limit)."""
+    deadline = time.monotonic() + 240
+    while max(metrics_steps(run_dir), default=0) < min_step:
+        info = cluster.job(job)
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # a requeued attempt
+        assert info["JobState"] not in ENDED, (info, job_logs(run_dir, job))
+        assert time.monotonic() < deadline, job_logs(run_dir, job)
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+
+
+def wait_done(cluster, run_dir: Path, job: int, restarts: int) -> str:
+    """Wait until the job ended after `restarts` requeues (releasing requeued attempts); its logs."""
+    deadline = time.monotonic() + 240
+    while True:
+        info = cluster.wait_job(job, ENDED,
+                                timeout=max(1, deadline - time.monotonic()), release_begin_time=True)
+        if info["JobState"] != "COMPLETED" or int(info["Restarts"]) >= restarts:
+            break
+        time.sleep(0.5)  # an attempt may show COMPLETED for a moment before its requeue lands
+    logs = job_logs(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == restarts, (info, logs)
+    return logs
+
+
+def stops_in(logs: str) -> list[int]:
+    return [int(s) for s in dict.fromkeys(re.findall(r"checkpointed step (\d+), exiting", logs))]
+
+
+def wait_for_stop(run_dir: Path, job: int) -> int:
+    """The step at which the signalled attempt checkpointed and stopped."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        stops = stops_in(job_logs(run_dir, job))
+        if stops:
+            return stops[-1]
+        time.sleep(0.2)
+    raise AssertionError(job_logs(run_dir, job))
