@@ -128,6 +128,7 @@ class SlurmCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     cleanups: list = field(default_factory=list)
     """Callables run after the daemons stopped (e.g. deleting network namespaces)."""
+    _pending_since: dict[int, float] = field(default_factory=dict)
 
     @property
     def host(self) -> str:
@@ -168,12 +169,24 @@ class SlurmCluster:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            if (release_begin_time and info.get("JobState") == "PENDING"
-                    and info.get("Reason") == "BeginTime"):
-                # A requeued job waits ~2 minutes before it may start again; start it now.
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            if release_begin_time:
+                self.release_requeued(job_id, info)
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} did not reach {states} in {timeout}s: {info}\n{self.logs()}")
+
+    def release_requeued(self, job_id: int, info: dict[str, str], settle_s: float = 3.0) -> None:
+        """Start a requeued job now instead of after SLURM's ~2 minute BeginTime hold.
+
+        Not at once: slurmd refuses a credential issued within a moment of revoking the job's
+        previous one ("Killing non-startable batch job: Job credential revoked").
+        """
+        if info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime":
+            self._pending_since.pop(job_id, None)
+            return
+        since = self._pending_since.setdefault(job_id, time.monotonic())
+        if time.monotonic() - since >= settle_s:
+            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            self._pending_since.pop(job_id, None)
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Wait until no job is pending, running or completing (tests run one job at a time)."""

@@ -122,8 +122,7 @@ def signal_at(cluster, run_dir: Path, job: int, min_step: int) -> None:
     deadline = time.monotonic() + 240
     while max(metrics_steps(run_dir), default=0) < min_step:
         info = cluster.job(job)
-        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # a requeued attempt
+        cluster.release_requeued(job, info)  # a requeued attempt waiting for BeginTime
         assert info["JobState"] not in ENDED, (info, job_logs(run_dir, job))
         assert time.monotonic() < deadline, job_logs(run_dir, job)
         time.sleep(0.2)
