@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from train import dist as d
+from train.fsutil import atomic_write_text, fsync_dir
 
 log = logging.getLogger("scaletrain.checkpoint")
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -44,23 +45,6 @@ class TrainState:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,13 +103,13 @@ def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml:
     (tmp / "config.yaml").write_text(config_yaml)
     state.files = {str(p.relative_to(tmp)): p.stat().st_size
                    for p in sorted(tmp.rglob("*")) if p.is_file()}
-    _atomic_write(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1, default=str))
+    atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1, default=str))
     if final.exists():  # the same step saved again (e.g. stop signal right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
-    _atomic_write(root / "latest", final.name + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)
+    atomic_write_text(root / "latest", final.name + "\n")
+    fsync_dir(root)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

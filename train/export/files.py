@@ -20,6 +20,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from train.fsutil import fsync_dir
+
 META_NAME = "export.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -54,14 +56,6 @@ def temp_dir_for(final: Path) -> Path:
     return final.parent / f".tmp-{final.name}-{os.getpid()}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
     try:
@@ -86,7 +80,7 @@ def publish(tmp: Path, final: Path) -> None:
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
     if final.exists() and _exchange(tmp, final):
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         shutil.rmtree(tmp)
         return
     old = final.parent / f".old-{final.name}-{os.getpid()}"
@@ -94,7 +88,7 @@ def publish(tmp: Path, final: Path) -> None:
         os.rename(final, old)
         fault_injection("publish")
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 

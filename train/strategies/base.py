@@ -63,6 +63,21 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, clip: float) -> float:
+    """Clip the global grad norm, step optimizer and schedule, zero grads; returns the norm.
+
+    Shared by DDP and FSDP2 (whose norms are DTensors, reduced over the mesh by torch)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder block in backward (non-reentrant, works under every engine)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -13,7 +13,8 @@ from train.config import Config
 from train.dist import DistInfo
 from train.model import lm_loss
 from train.schedule import build_scheduler
-from train.strategies.base import adamw, autocast, compute_dtype, enable_activation_checkpointing
+from train.strategies.base import (adamw, autocast, clip_and_step, compute_dtype,
+                                   enable_activation_checkpointing)
 from train.strategies.dcp_state import load_dcp, save_dcp
 
 
@@ -40,12 +41,7 @@ class DDPStrategy:
         return loss.detach()
 
     def step(self) -> float:
-        params = [p for p in self.raw.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.raw, self.optimizer, self.scheduler, self.clip)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

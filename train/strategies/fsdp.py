@@ -9,13 +9,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from train.config import Config
 from train.dist import DistInfo
 from train.model import decoder_layers, lm_loss
 from train.schedule import build_scheduler
-from train.strategies.base import adamw, compute_dtype, enable_activation_checkpointing
+from train.strategies.base import (adamw, clip_and_step, compute_dtype,
+                                   enable_activation_checkpointing)
 from train.strategies.dcp_state import load_dcp, save_dcp
 
 
@@ -57,14 +57,7 @@ class FSDPStrategy:
         return loss.detach()
 
     def step(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return clip_and_step(self.model, self.optimizer, self.scheduler, self.clip)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
