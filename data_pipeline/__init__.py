@@ -4,11 +4,13 @@ The trainer only calls `build_loader`; every loader follows the `Loader` protoco
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 from data_pipeline.config import DATA_CONFIGS, SyntheticDataConfig, WebDatasetConfig
+
+
+if TYPE_CHECKING:  # torch is not imported here, so `python -m launch` stays quick
+    import torch
 
 
 class Loader(Protocol):
@@ -22,7 +24,7 @@ class Loader(Protocol):
     vocab_size: int
     tokenizer_dir: str | None
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+    def __iter__(self) -> Iterator[dict[str, "torch.Tensor"]]: ...
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch handed out; loadable with torch.load(weights_only=True)."""

@@ -10,8 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from typing import TYPE_CHECKING
+
 from train.tracking.config import TrackingConfig
-from train.tracking.watch import Watch
+
+if TYPE_CHECKING:  # watch imports torch; train.config imports this package for its schema
+    from train.tracking.watch import Watch
 
 log = logging.getLogger("scaletrain.tracking")
 
@@ -40,7 +44,7 @@ class NullTracker:
     returns memory figures; without it (other ranks) it does nothing at all.
     """
 
-    def __init__(self, watch: Watch | None = None) -> None:
+    def __init__(self, watch: "Watch | None" = None) -> None:
         self.watch = watch
 
     def log(self, metrics: dict[str, Any], step: int) -> dict[str, Any]:
@@ -72,6 +76,8 @@ def build_tracker(cfg: TrackingConfig, *, run_dir: Path | str, rank: int, world_
     """
     if rank != 0:
         return NullTracker()
+    from train.tracking.watch import Watch
+
     if cfg.kind == "none":
         return NullTracker(Watch(cfg))
     if cfg.kind != "wandb":
