@@ -26,7 +26,8 @@ def group_options() -> list[tuple[str, str]]:
 
 
 # Settings a group option needs from the user (paths on their machine) before it can validate.
-REQUIRED = {("model", "hf_local"): "model.path={tiny_hf}", ("data", "webdataset"): "data.urls={shards}"}
+REQUIRED = {("model", "hf_local"): "model.path={tiny_hf}", ("data", "webdataset"): "data.urls={shards}",
+            ("experiment", "demo"): "data.urls={shards}"}
 
 
 @pytest.fixture(scope="module")
