@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data_pipeline.testing import make_shards
 from launch.__main__ import make_plan
 from launch.__main__ import run as launch_run
 from launch.commands import training_overrides
@@ -20,6 +21,9 @@ from train.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+# A run dir that is not node-local (not /tmp, /dev/shm, tmpfs) wherever the checkout lives; the
+# tests only render commands for it and never write there.
+SHARED = Path.home() / ".scaletrain-test-shared"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -40,7 +44,8 @@ def problems_of(overrides: list[str]) -> list[str]:
 
 
 def test_launch_composes_the_same_training_config_as_train(tmp_path):
-    ovr = ["experiment=demo", "strategy=zero2", "trainer.max_steps=7", f"run.dir={tmp_path}"]
+    ovr = ["experiment=demo", "strategy=zero2", "trainer.max_steps=7", f"run.dir={tmp_path}",
+           f"data.urls={make_shards(tmp_path / 'shards').root}"]
     launch_raw = composed("launch", ["target=slurm", "launch.nnodes=2", *ovr])
     assert {"launch", "target", "dry_run"} <= set(launch_raw)
     assert load_config(launch_raw, world_size=2) == load_config(composed("train", ovr), world_size=2)
@@ -64,19 +69,19 @@ def test_local_single_node_is_torchrun_standalone(tmp_path):
 
 
 def test_local_multi_node_uses_c10d_rendezvous(tmp_path):
-    _, plan = plan_for([f"run.dir={REPO / 'runs' / 'x'}", "launch.nnodes=2", "launch.node_rank=1",
+    _, plan = plan_for([f"run.dir={SHARED / 'runs' / 'x'}", "launch.nnodes=2", "launch.node_rank=1",
                         "launch.nproc_per_node=4", "launch.gpus_per_node=4",
                         "launch.rdzv_endpoint=node001:29400"])
     assert plan.argv[1:] == ["--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "4",
                              "--rdzv_backend", "c10d", "--rdzv_endpoint", "node001:29400",
-                             "-m", "train", f"run.dir={REPO / 'runs' / 'x'}"]
+                             "-m", "train", f"run.dir={SHARED / 'runs' / 'x'}"]
 
 
 def test_deepspeed_single_node_and_hostfile(tmp_path):
     _, plan = plan_for([f"run.dir={tmp_path}", "target=deepspeed", "launch.nproc_per_node=2"])
     assert plan.argv == [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--module", "train",
                          f"run.dir={tmp_path}"]
-    run_dir = REPO / "runs" / "ds"
+    run_dir = SHARED / "runs" / "ds"
     _, plan = plan_for([f"run.dir={run_dir}", "target=deepspeed", "launch.nnodes=2",
                         "launch.gpus_per_node=8", "launch.hosts=[gpu1,gpu2]",
                         "launch.rdzv_endpoint=gpu1:29500", "strategy=zero3"])
@@ -100,7 +105,7 @@ def test_every_problem_is_reported_at_once():
     assert "trainer.device=cuda but launch.gpus_per_node=0" in "\n".join(
         problems_of(["trainer.device=cuda", "launch.gpus_per_node=0"]))
     assert any("launch.rdzv_endpoint='node1'" in p for p in problems_of(
-        ["launch.nnodes=2", "launch.rdzv_endpoint=node1", f"run.dir={REPO / 'runs' / 'x'}"]))
+        ["launch.nnodes=2", "launch.rdzv_endpoint=node1", f"run.dir={SHARED / 'runs' / 'x'}"]))
     assert any("target='k8s'" in p for p in problems_of(["target=k8s"]))
     assert any("launch.nodes: unknown key" in p for p in problems_of(["+launch.nodes=2"]))
 
@@ -112,7 +117,7 @@ def test_shared_run_dir_check_can_be_waived_and_is_skipped_on_one_node():
 
 
 @pytest.mark.parametrize("path,local", [("/tmp/run", True), ("/dev/shm/a/b", True), ("/var/tmp", True),
-                                        (str(REPO / "runs" / "x"), False)])
+                                        (str(SHARED / "runs" / "x"), False)])
 def test_node_local_paths(path, local):
     assert (node_local_reason(path) is not None) == local
 
@@ -136,7 +141,7 @@ def test_slurm_settings_are_checked():
 
 
 def test_slurm_job_script_rendered_from_config():
-    run_dir = REPO / "runs" / "not written" / "run 1"
+    run_dir = SHARED / "runs" / "not written" / "run 1"
     req, plan = plan_for([
         "target=slurm", f"run.dir={run_dir}", "run.name=llm", "launch.nnodes=2", "launch.gpus_per_node=8",
         "launch.slurm.cpus_per_task=64", "launch.slurm.mem=500G", "launch.slurm.time=2-00:00:00",
