@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import losses
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 100
 RUN = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1", f"trainer.max_steps={MAX_STEPS}",
@@ -37,16 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """metrics.jsonl as {step: loss} (a resumed run's later record of a step wins)."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def launch_cmd(args: list[str]) -> list[str]:
