@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from train.export.artifacts import (TORCH_DTYPES, find_tokenizer_dir, hf_config, load_tokenizer,
                                     model_card, param_count, save_generation_config)
@@ -117,8 +118,15 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
         return dtype if source.dtype(names[name]).is_floating_point else source.dtype(names[name])
 
     specs = [TensorSpec(n, tuple(source.shape(src)), out_dtype(n)) for n, src in names.items()]
-    digests = write_sharded(tmp, specs, parse_size(cfg.max_shard_size),
-                            lambda n: source.load(names[n]).to(out_dtype(n)))
+    # disable=None: a bar on a terminal, silent in logs and batch jobs
+    with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
+              disable=None) as bar:
+        def fetch(name: str) -> torch.Tensor:
+            tensor = source.load(names[name]).to(out_dtype(name))
+            bar.update(tensor.numel() * tensor.element_size())
+            return tensor
+
+        digests = write_sharded(tmp, specs, parse_size(cfg.max_shard_size), fetch)
     fault_injection("write")
     config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
     if tokenizer is not None:
