@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export OMP_NUM_THREADS ?= 1
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	@# torch first, pinned: a bare `torch` requirement would pull GBs of CUDA wheels.
 	@# GPU users: `make setup TORCH_SPEC=` keeps the torch already in the venv.
-	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
+	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
 	$(PIP) install -q -e ".[test,slurm]"
 	touch $@
 
