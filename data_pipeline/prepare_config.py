@@ -6,24 +6,22 @@ file is read or written.
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from data_pipeline.schema import ConfigError, build
 
 FORMATS = ("text", "jsonl", "parquet", "arrow")
 STOPPING = ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement")
 
 
-class PrepareConfigError(ValueError):
+class PrepareConfigError(ConfigError):
     """Every problem found in a prepare config, one per line."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid prepare config:\n  - " + "\n  - ".join(problems))
+        super().__init__(problems, what="prepare config")
 
 
 @dataclass
@@ -102,43 +100,7 @@ class PrepareConfig:
     def source_list(self) -> list[SourceConfig]:
         if not self.sources:
             return [self.source]
-        return [_build(SourceConfig, s, f"sources[{i}]", []) for i, s in enumerate(self.sources)]
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        problems.append(f"{prefix}={data!r}: expected a mapping of {cls.__name__} settings")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            problems.append(f"{key}: unknown key; known keys: {', '.join(sorted(names))}")
-        elif dataclasses.is_dataclass(hints[k]):
-            kwargs[k] = _build(hints[k], v, key, problems)
-        else:
-            kwargs[k] = _check_type(v, hints[k], key, problems)
-    return cls(**kwargs)
-
-
-def _check_type(v: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-    args = typing.get_args(tp) if union else (tp,)
-    if v is None:
-        if type(None) not in args:
-            problems.append(f"{key} is null: set a value")
-        return v
-    base = next(a for a in args if a is not type(None))
-    base = typing.get_origin(base) or base
-    if base is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    if not isinstance(v, base) or (base is int and isinstance(v, bool)):
-        problems.append(f"{key}={v!r}: expected {base.__name__}")
-    return v
+        return [build(SourceConfig, s, f"sources[{i}]", []) for i, s in enumerate(self.sources)]
 
 
 def _source_problems(s: SourceConfig, key: str) -> list[str]:
@@ -164,7 +126,7 @@ def validate(cfg: PrepareConfig) -> list[str]:
     if not cfg.sources:
         p.extend(_source_problems(cfg.source, "source"))
     for i, raw in enumerate(cfg.sources):
-        p.extend(_source_problems(_build(SourceConfig, raw, f"sources[{i}]", p), f"sources[{i}]"))
+        p.extend(_source_problems(build(SourceConfig, raw, f"sources[{i}]", p), f"sources[{i}]"))
     t = cfg.tokenizer
     if t.path and t.train:
         p.append(f"tokenizer.path={t.path!r} and tokenizer.train=true: choose one (set "
@@ -202,7 +164,7 @@ def load_prepare_config(raw: dict[str, Any]) -> PrepareConfig:
     """Build and validate; raises PrepareConfigError listing every problem."""
     problems: list[str] = []
     raw = {k: v for k, v in raw.items() if k != "hydra"}
-    cfg = _build(PrepareConfig, raw, "", problems)
+    cfg = build(PrepareConfig, raw, "", problems)
     if not problems:
         problems.extend(validate(cfg))
     if problems:

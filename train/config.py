@@ -6,25 +6,15 @@ problem (unknown keys, wrong types, bad values, impossible combinations) into on
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.config import DATA_CONFIGS, SyntheticDataConfig, WebDatasetConfig, missing_local
+from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
+from data_pipeline.schema import ConfigError, build
 from train.export.config import ExportConfig
 from train.tracking.config import TrackingConfig
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass
@@ -146,75 +136,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-
-
-# ---------------------------------------------------------------------------------------
-# dict -> dataclass with collected errors. OmegaConf's structured configs stop at the first
-# error and cannot pick a dataclass by a `kind` field, so this small converter does both.
-
-def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            if type(None) in typing.get_args(tp):
-                return None
-            problems.append(f"{key} is null: set a value")
-            return None
-        return _convert(value, args[0], key, problems) if len(args) == 1 else value
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key, problems)
-    if tp is Any or tp is typing.Any:
-        return value
-    if origin in (list, dict):
-        expected = origin
-        if not isinstance(value, expected):
-            problems.append(f"{key}={value!r}: expected a {expected.__name__}")
-            return expected()
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{key}={value!r}: expected true or false")
-        return value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        problems.append(f"{key}={value!r}: expected a number")
-        return value
-    if tp in (int, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        problems.append(f"{key}={value!r}: expected {tp.__name__}")
-        return value
-    return value
-
-
-def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from a mapping, appending every problem to `problems`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{prefix}={data!r}: expected a mapping of {cls.__name__} settings")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            problems.append(f"{key}: unknown key; known keys here: {', '.join(sorted(names))}")
-            continue
-        if k == "data" and cls is Config:
-            kwargs[k] = _build_data(v, problems)
-            continue
-        kwargs[k] = _convert(v, hints[k], key, problems)
-    return cls(**kwargs)
-
-
-def _build_data(v: Any, problems: list[str]) -> Any:
-    kind = (v or {}).get("kind", "synthetic") if isinstance(v, dict) else None
-    if kind not in DATA_CONFIGS:
-        problems.append(f"data.kind={kind!r}: use data=synthetic or data=webdataset")
-        return SyntheticDataConfig()
-    return build(DATA_CONFIGS[kind], v, "data", problems)
 
 
 def env_world_size() -> int:
