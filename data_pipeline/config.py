@@ -6,7 +6,7 @@ the trainer can collect every config error into one message before any process s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,6 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     d.barrier()
-    torch.manual_seed(cfg.trainer.seed)
     accum = grad_accum_steps(cfg.trainer, info.world_size)
     t = cfg.trainer
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
@@ -73,13 +73,14 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         state.step, state.tokens = saved.step, saved.tokens
         log.info("resumed from %s at step %d", resume_from, state.step)
 
-    config_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(raw_cfg)))
+    public_cfg = redact(raw_cfg)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(public_cfg))
     if info.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=info.is_main)
     metrics.truncate_after(state.step)
     tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
-                            config=redact(raw_cfg), resume=resume_from is not None)
+                            config=public_cfg, resume=resume_from is not None)
     stop = StopRequest(run_dir)
     try:
         flops_tok = flops_per_token(model.config, t.seq_len)
@@ -156,7 +157,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end) or export_now:
             ckpt_path = checkpoint()
         if export_now:  # from the checkpoint just written, so it equals an offline export of it
-            timing = export(exporter, strategy, ckpt_path, state.step, info, cfg, tracker)
+            timing = export(exporter, strategy, model.config, ckpt_path, state.step, info, cfg, tracker)
             metrics.write(timing)
         if stopped:
             log.warning("stop requested (%s): checkpointed step %d, exiting", stop.reason(), state.step)
@@ -171,12 +172,11 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     return state
 
 
-def export(exporter: ExportHook, strategy, ckpt_path: Path, step: int, info: d.DistInfo, cfg: Config,
-           tracker) -> dict[str, Any]:
+def export(exporter: ExportHook, strategy, model_cfg, ckpt_path: Path, step: int, info: d.DistInfo,
+           cfg: Config, tracker) -> dict[str, Any]:
     """Every rank runs the live (possibly sharded) model on the verification batch; rank 0 then
     exports the checkpoint and checks the exported model's logits against these."""
     t0 = time.perf_counter()
-    model_cfg = strategy_model_config(strategy)
     ids = exporter.verify_batch(model_cfg.vocab_size, getattr(model_cfg, "max_position_embeddings", None))
     with torch.no_grad():
         strategy.model.eval()
@@ -193,11 +193,6 @@ def export(exporter: ExportHook, strategy, ckpt_path: Path, step: int, info: d.D
     timing = {"step": step, "export_time_s": time.perf_counter() - t0}
     tracker.log(timing, step)
     return timing
-
-
-def strategy_model_config(strategy):
-    module = getattr(strategy.model, "module", strategy.model)  # DDP and DeepSpeed wrap the model
-    return module.config
 
 
 @torch.no_grad()
@@ -268,6 +263,4 @@ def _digest(raw_cfg: dict[str, Any]) -> str:
 def _mem_peak_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
