@@ -46,9 +46,11 @@ def test_every_group_option_composes_and_validates(group, option, tiny_hf, tmp_p
     if (group, option) in REQUIRED:
         overrides.append(REQUIRED[(group, option)].format(tiny_hf=tiny_hf, shards=make_shards(tmp_path).root))
     cfg = load_config(compose_train(overrides), world_size=2)
-    if group not in ("experiment",):
-        section = getattr(cfg, group, None)
-        assert section is not None
+    if group == "experiment":
+        assert cfg.run.name == option
+    else:  # the option chosen is the one that was built
+        section = getattr(cfg, group)
+        assert option in (getattr(section, "name", None), getattr(section, "kind", None)), section
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
