@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import losses
+from tests.helpers import REPO, losses
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 100
 RUN = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1", f"trainer.max_steps={MAX_STEPS}",
        "trainer.micro_batch_size=2"]
@@ -34,11 +32,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env.pop("WANDB_API_KEY", None)
     return {**env, **extra}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_cmd(args: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_pipeline.testing import make_shards
-from tests.conftest import REPO, run_train
+from tests.helpers import REPO, run_train
 from train.config import ConfigError, load_config
 
 CONF = REPO / "conf"

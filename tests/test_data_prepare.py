@@ -16,8 +16,8 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import PrepareError, prepare
 from data_pipeline.prepare_config import PrepareConfigError, load_prepare_config
 from data_pipeline.shard_format import file_sha256
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run(out, **kw):

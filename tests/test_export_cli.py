@@ -16,8 +16,8 @@ from tests.test_export_support import make_checkpoint
 from train.export.config import ExportConfig
 from train.export.files import clean_stale, verify_dir
 from train.export.hf_export import export_checkpoint
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_export(args: list[str], **env: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, run_train
+from tests.helpers import TINY, run_train
 from tests.test_export_support import export_tensors
 from train.export.config import ExportConfig
 from train.export.hf_export import export_checkpoint

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import TINY, losses, run_train
+from tests.helpers import TINY, losses, run_train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

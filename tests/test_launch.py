@@ -18,8 +18,8 @@ from launch.commands import training_overrides
 from launch.config import load_launch, node_local_reason, parse_time
 from launch.slurm import TEMPLATE, slurm_plan
 from train.config import ConfigError, load_config
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 # A run dir that is not node-local (not /tmp, /dev/shm, tmpfs) wherever the checkout lives; the
 # tests only render commands for it and never write there.

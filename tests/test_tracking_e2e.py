@@ -2,20 +2,17 @@
 and whose metrics match metrics.jsonl; the report renders from the same run directory."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from train.report import write_report
 from train.tracking.offline import offline_runs
+from tests.helpers import REPO, TINY, losses
 
-REPO = Path(__file__).resolve().parents[1]
 API_KEY, HF_TOKEN, CLI_TOKEN = "wbkey" + "5" * 35, "hf_e2e_token_31337", "cli-e2e-secret-2718"
-TINY = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1"]
 
 
 def _train(args: list[str]) -> None:
@@ -29,10 +26,6 @@ def _train(args: list[str]) -> None:
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -43,9 +36,9 @@ def test_trainer_wandb_resume_and_secrets(tmp_path):
             "checkpoint.every_steps=2", "checkpoint.at_end=false"]
     # First attempt logs steps 1-3 but its last checkpoint is step 2: as if killed after step 3.
     _train([*args, "trainer.max_steps=3"])
-    first_losses = _losses(run_dir)
+    first_losses = losses(run_dir)
     _train([*args, "trainer.max_steps=5"])  # resumes at 2, replays 3, runs 4-5
-    final_losses = _losses(run_dir)
+    final_losses = losses(run_dir)
 
     one, two = offline_runs(run_dir)
     assert one.run_id == two.run_id == (run_dir / "wandb" / "run_id").read_text().strip()

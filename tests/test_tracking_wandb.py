@@ -13,8 +13,8 @@ import pytest
 from train.tracking import NullTracker, TrackingConfig, build_tracker
 from train.tracking.offline import offline_runs
 from train.tracking.redact import REDACTED
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"run": {"name": "unit"}, "trainer": {"max_steps": 8, "seq_len": 32},
           "model": {"num_key_value_heads": 2}}
 

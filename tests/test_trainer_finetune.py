@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from data_pipeline.config import SyntheticDataConfig
 from data_pipeline.synthetic import SyntheticLoader
-from tests.conftest import TINY, losses, run_train
+from tests.helpers import TINY, losses, run_train
 
 
 @pytest.fixture(scope="module")

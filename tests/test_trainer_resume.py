@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import (TINY, kill_all, logged_steps, losses, run_train, start_train, child_env,
+from tests.helpers import (TINY, kill_all, logged_steps, losses, run_train, start_train, child_env,
                             wait_for)
 
 # Constant LR: a run's curve does not depend on max_steps, so runs of different lengths compare.
