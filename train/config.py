@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
 from data_pipeline.schema import ConfigError, build
@@ -47,6 +47,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    attention: Literal["sdpa", "flex", "flash"] = "sdpa"
+    """Attention kernel. `sdpa`: torch SDPA with the block-diagonal mask of packed documents (portable);
+    `flex`: FlexAttention with a document block mask built once per batch; `flash`: flash-attn varlen
+    (CUDA, needs the flash-attn package)."""
 
 
 @dataclass
@@ -111,6 +115,9 @@ class TrainerConfig:
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    loss: Literal["plain", "chunked", "fused"] = "chunked"
+    """`chunked`: cross-entropy a chunk of tokens at a time, fused with the output projection (never the
+    full-vocabulary fp32 logits); `plain`: full logits upcast to fp32; `fused`: Liger's kernel (CUDA)."""
 
 
 @dataclass

@@ -205,7 +205,7 @@ def evaluate(strategy, cfg: Config, info: d.DistInfo) -> dict[str, float]:
     losses = []
     for _, batch in zip(range(t.eval_batches), loader):
         batch = {k: v.to(info.device) for k, v in batch.items()}
-        losses.append(lm_loss(strategy.model, batch).item())
+        losses.append(lm_loss(strategy.model, batch, cfg.trainer.loss).item())
     strategy.model.train()
     loss = d.mean_across_ranks([sum(losses) / max(1, len(losses))], info.device)[0]
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

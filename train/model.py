@@ -5,11 +5,11 @@ Parallelism is applied afterwards by a strategy (STYLE 2); this file knows nothi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from train.config import ModelConfig
+from train.loss import lm_loss  # noqa: F401  (strategies import it from here)
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
@@ -52,13 +52,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no .model.layers: cannot find its decoder blocks")
     return list(layers)
-
-
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (labels are pre-shifted)."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1),
-                           ignore_index=-100)
 
 
 def num_params(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from train.strategies.dcp_state import load_dcp, save_dcp
 class DDPStrategy:
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
         self.device, self.accum, self.clip = info.device, accum, cfg.trainer.grad_clip
+        self.loss_kind = cfg.trainer.loss
         self.dtype = compute_dtype(cfg, info.device)
         if cfg.trainer.activation_checkpointing:
             enable_activation_checkpointing(model)
@@ -36,7 +37,7 @@ class DDPStrategy:
         ctx = no_sync() if (no_sync is not None and not sync_grads) else contextlib.nullcontext()
         with ctx:
             with autocast(self.device, self.dtype):
-                loss = lm_loss(self.model, batch)
+                loss = lm_loss(self.model, batch, self.loss_kind)
             (loss / self.accum).backward()
         return loss.detach()
 

@@ -65,7 +65,7 @@ class DeepSpeedStrategy:
                  load_universal: bool = False) -> None:
         if cfg.trainer.activation_checkpointing:
             enable_activation_checkpointing(model)
-        self.accum = accum
+        self.accum, self.loss_kind = accum, cfg.trainer.loss
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim),
             config=ds_config(cfg, info, accum, load_universal),
@@ -74,7 +74,7 @@ class DeepSpeedStrategy:
         self._micro = 0
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
-        loss = lm_loss(self.engine, batch)
+        loss = lm_loss(self.engine, batch, self.loss_kind)
         self.engine.backward(loss)
         if not sync_grads:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter

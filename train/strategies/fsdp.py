@@ -26,6 +26,7 @@ class FSDPStrategy:
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
         assert dist.is_initialized(), "FSDP needs a process group (init_distributed creates one)"
         self.accum, self.clip = accum, cfg.trainer.grad_clip
+        self.loss_kind = cfg.trainer.loss
         s = cfg.strategy
         dtype = compute_dtype(cfg, info.device)
         mesh = init_device_mesh(info.device.type, (info.world_size,))
@@ -52,7 +53,7 @@ class FSDPStrategy:
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         self.model.set_requires_gradient_sync(sync_grads)
-        loss = lm_loss(self.model, batch)
+        loss = lm_loss(self.model, batch, self.loss_kind)
         (loss / self.accum).backward()
         return loss.detach()
 
