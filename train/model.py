@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from train.attention import set_attention
 from train.config import ModelConfig
 from train.loss import lm_loss  # noqa: F401  (strategies import it from here)
 
@@ -40,8 +41,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, seed: int) -> nn.Modul
                              "set model.vocab_size")
         model = LlamaForCausalLM(hf_config(cfg, vocab))
     model.config.use_cache = False
-    # sdpa is exact on CPU and fast on GPU; set explicitly so every strategy uses the same kernel.
-    model.config._attn_implementation = "sdpa"
+    # Set explicitly (default sdpa: exact on CPU, fast on GPU) so every strategy uses the same kernel.
+    set_attention(model, cfg.attention)
     return model
 
 
