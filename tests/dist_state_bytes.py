@@ -36,10 +36,11 @@ def compose_config(overrides: list[str]):
 
 
 class Tally:
-    """Sum tensor bytes, counting each (address, size) once: views and aliases are not memory."""
+    """Sum tensor bytes, counting memory once: views into a flat buffer (ZeRO keeps its partitions
+    as views of one) and aliases add only the bytes not already counted."""
 
     def __init__(self) -> None:
-        self.seen: set[tuple[int, int]] = set()
+        self.spans: list[tuple[int, int]] = []
 
     def add(self, tensors) -> int:
         total = 0
@@ -47,12 +48,23 @@ class Tally:
             if not isinstance(t, torch.Tensor):
                 continue
             t = t.to_local() if hasattr(t, "to_local") else t
-            key = (t.data_ptr(), t.numel())
-            if t.numel() == 0 or key in self.seen:
+            if t.numel() == 0:
                 continue
-            self.seen.add(key)
-            total += t.numel() * t.element_size()
+            start = t.data_ptr()
+            total += self._claim(start, start + t.numel() * t.element_size())
         return total
+
+    def _claim(self, start: int, end: int) -> int:
+        """Bytes of [start, end) not claimed before; claims them."""
+        free, cursor = 0, start
+        for a, b in sorted(self.spans):
+            if b <= cursor or a >= end:
+                continue
+            free += max(0, a - cursor)
+            cursor = max(cursor, b)
+        free += max(0, end - cursor)
+        self.spans.append((start, end))
+        return free
 
 
 def _flat(obj):
