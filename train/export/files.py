@@ -16,10 +16,10 @@ import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
+from train import faults
 from train.fsutil import fsync_dir
 
 META_NAME = "export.json"
@@ -86,17 +86,11 @@ def publish(tmp: Path, final: Path) -> None:
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
-        fault_injection("publish")
+        faults.hit("export.publish")
     os.rename(tmp, final)
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def fault_injection(phase: str) -> None:
-    """Tests SIGKILL the exporter at a chosen point with SCALETRAIN_DEBUG_KILL_IN_EXPORT=<phase>."""
-    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_EXPORT") == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def clean_stale(parent: Path, name: str | None = None) -> list[str]:
