@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from data_pipeline.fsutil import atomic_write_text, fsync_dir
 from train import dist as d
 from train import faults
 from train.checkpoint_layout import (
@@ -36,7 +37,6 @@ from train.checkpoint_layout import (
     step_dir_name,
     tmp_dir_name,
 )
-from train.fsutil import atomic_write_text, fsync_dir
 
 log = logging.getLogger("scaletrain.checkpoint")
 __all__ = ["TrainState", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
