@@ -91,7 +91,8 @@ def forward_only(model: nn.Module, precision: ContextManager | None = None) -> I
 
 class TorchOptim:
     """AdamW + LR schedule + clipping + DCP state for engines that use torch's own optimizer
-    (DDP and FSDP2, whose grad norms are DTensors reduced over the mesh by torch).
+    (DDP and FSDP2, whose grad norms are DTensors reduced over the mesh by torch). Its step,
+    lr, save and load are those strategies' own.
 
     DCP writes one file per rank plus metadata and reshards on load, so a checkpoint written by
     N ranks resumes on M. Model and optimizer live in separate DCP directories so that an
@@ -122,7 +123,7 @@ class TorchOptim:
         dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(path / "optim"))
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, saved_world_size: int) -> None:
         """DCP reshards by itself: the saved world size does not matter here."""
         model_sd = get_model_state_dict(self.model)
         dcp.load(model_sd, checkpoint_id=str(path / "model"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -25,6 +24,7 @@ class DDPStrategy:
             apply_activation_checkpointing(model)
         self.model = apply_ddp(model, info)
         self.optim = TorchOptim(model, cfg)
+        self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         no_sync = getattr(self.model, "no_sync", None)
@@ -34,20 +34,8 @@ class DDPStrategy:
             (loss / self.accum).backward()
         return loss.detach()
 
-    def step(self) -> float:
-        return self.optim.step()
-
-    def lr(self) -> float:
-        return self.optim.lr()
-
     def forward_context(self) -> ContextManager[None]:
         return forward_only(self.model, autocast(self.device, self.compute_dtype))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "kind": "ddp"}
-
-    def save(self, path: Path) -> None:
-        self.optim.save(path)
-
-    def load(self, path: Path, saved_world_size: int) -> None:
-        self.optim.load(path)

@@ -1,7 +1,6 @@
 """PyTorch FSDP2: `fully_shard` on every decoder block, then on the root (torchtitan's recipe)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -24,6 +23,7 @@ class FSDPStrategy:
             apply_activation_checkpointing(model)
         self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype)
         self.optim = TorchOptim(self.model, cfg)
+        self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         self.model.set_requires_gradient_sync(sync_grads)
@@ -31,20 +31,8 @@ class FSDPStrategy:
         (loss / self.accum).backward()
         return loss.detach()
 
-    def step(self) -> float:
-        return self.optim.step()
-
-    def lr(self) -> float:
-        return self.optim.lr()
-
     def forward_context(self) -> ContextManager[None]:
         return forward_only(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "kind": "fsdp", "offload_params": self.cfg.offload_params}
-
-    def save(self, path: Path) -> None:
-        self.optim.save(path)
-
-    def load(self, path: Path, saved_world_size: int) -> None:
-        self.optim.load(path)
