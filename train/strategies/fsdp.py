@@ -10,7 +10,11 @@ from train.config import Config
 from train.dist import DistInfo
 from train.model import lm_loss
 from train.strategies.base import TorchOptim, compute_dtype, forward_only
-from train.strategies.parallelize import apply_activation_checkpointing, apply_fsdp
+from train.strategies.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+)
 
 
 class FSDPStrategy:
@@ -21,9 +25,12 @@ class FSDPStrategy:
         self.compute_dtype = compute_dtype(cfg, info.device)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if cfg.trainer.compile:
+            apply_compile(model)
         self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype)
         self.optim = TorchOptim(self.model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
+        self.save_async = self.optim.save_async
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         self.model.set_requires_gradient_sync(sync_grads)
