@@ -130,8 +130,9 @@ def output_head(model: nn.Module) -> nn.Linear:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """DDP and DeepSpeed keep the model in `.module`; FSDP2 and peft forward attribute lookups."""
-    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), nn.Module):
+    """DDP and DeepSpeed keep the model in `.module` (the DeepSpeed engine also forwards attribute
+    lookups, but its own forward takes only *args); FSDP2 and peft wrap in place."""
+    while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
 
