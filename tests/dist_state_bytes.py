@@ -88,8 +88,20 @@ def _parts(strategy):
     engine = getattr(strategy, "engine", None)
     model = engine.module if engine is not None else strategy.model
     zero = engine.optimizer if engine is not None else None
-    inner = getattr(zero, "optimizer", None) or strategy.optimizer
-    return list(model.parameters()), zero, inner
+    return list(model.parameters()), zero, torch_optimizer(strategy)
+
+
+def torch_optimizer(strategy) -> torch.optim.Optimizer:
+    """The torch optimizer that holds Adam's state, wherever this strategy keeps it
+    (DeepSpeed: inside its ZeRO optimizer; DDP/FSDP2: directly or in a helper object)."""
+    engine = getattr(strategy, "engine", None)
+    for path in ("engine.optimizer.optimizer", "optim.optimizer", "optimizer", "engine.optimizer"):
+        obj = strategy
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.optim.Optimizer):
+            return obj
+    raise AssertionError(f"no torch optimizer found on {type(strategy).__name__} (engine {type(engine).__name__})")
 
 
 def grad_bytes(strategy) -> int:

@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
@@ -59,6 +60,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
     head = output_head(model)
     if kind not in ("chunked", "fused"):
         raise ValueError(f"trainer.loss={kind!r}: use plain, chunked or fused")
+    if hasattr(head.weight, "ds_id"):
+        return TokenLoss(_module_chunks_sum(head, hidden, labels.reshape(-1)), tokens)
     with _full_weight(model, head) as weight:
         if kind == "fused":
             total = _liger_sum(hidden, weight, labels.reshape(-1))
@@ -73,6 +76,25 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     chunk = chunk or max(1, CHUNK_LOGITS // weight.size(0))
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, need)
+
+
+def _module_chunks_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunks: int = 8) -> torch.Tensor:
+    """ZeRO-3: the head's weight exists whole only inside the head's own forward and backward
+    (DeepSpeed gathers it in its module hooks), so call the module on each chunk and recompute
+    the chunk in backward (torch.utils.checkpoint). Fewer, larger chunks than the fused path:
+    each chunk gathers the head twice."""
+    size = max(CHUNK_LOGITS // head.weight.ds_shape[0] if hasattr(head.weight, "ds_shape") else 1,
+               -(-hidden.size(0) // chunks))
+
+    def chunk_sum(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.size(0), size):
+        h, y = hidden[start:start + size], labels[start:start + size]
+        total = total + (torch.utils.checkpoint.checkpoint(chunk_sum, h, y, use_reentrant=False)
+                         if torch.is_grad_enabled() else chunk_sum(h, y))
+    return total
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -152,15 +174,8 @@ def _full_weight(model: nn.Module, head: nn.Linear):
 
     FSDP2 reshards the root (embedding, final norm, head) after forward: unshard it again
     through its public API; the gradient then lands on the unsharded parameter, which FSDP
-    reduce-scatters after backward as usual. DeepSpeed ZeRO-3 frees the head after its own
-    forward: gather it for the loss forward only (the loss computes its gradient there)."""
+    reduce-scatters after backward as usual. (ZeRO-3 goes through `_module_chunks_sum`.)"""
     weight = head.weight
-    if hasattr(weight, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-            yield weight
-        return
     owner = next((m for m in (head, unwrap(model)) if isinstance(m, FSDPModule)), None)
     if owner is None:
         yield weight
