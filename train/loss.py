@@ -5,7 +5,9 @@
 wrapper (so DDP, FSDP2 and DeepSpeed hooks fire) with `logits_to_keep=1`, takes the final
 hidden states, and projects + scores them a chunk of tokens at a time, computing the
 gradients of each chunk right away (as Liger's fused linear cross-entropy does) so that only
-one chunk of logits ever exists. `fused` is Liger's kernel itself, on CUDA.
+one chunk of logits ever exists. Under DeepSpeed ZeRO-3 the head's weight is whole only inside
+the head's own forward/backward, so there the head module is called per chunk with activation
+recompute instead. `fused` is Liger's kernel itself, on CUDA.
 
 Every kind returns the *sum* of token losses and the number of labelled tokens
 (`token_loss_sum`), so the loop can normalise over the global batch; `lm_loss` is the mean.
@@ -196,4 +198,5 @@ def _liger_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
     except ImportError as e:
         raise RuntimeError("trainer.loss=fused needs liger-kernel: pip install liger-kernel "
                            "(or use trainer.loss=chunked)") from e
-    return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="sum")
+    return liger_fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), labels, ignore_index=IGNORE,
+                                            reduction="sum")
