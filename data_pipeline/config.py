@@ -6,8 +6,10 @@ the trainer can collect every config error into one message before any process s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from data_pipeline.storage import StorageConfig, backend_problem, is_remote, parse_size
 
 
 @dataclass
@@ -52,7 +54,18 @@ class WebDatasetConfig:
     allow_pipe: bool = False
     """Allow `pipe:` URLs, which run shell commands."""
     cache_dir: str = ""
-    """Where pipe:/remote shards are copied for random access; empty = $TMPDIR/scaletrain-shards."""
+    """Per-node cache of remote (and pipe:) shards, shared by the node's ranks and workers;
+    empty = $TMPDIR/scaletrain-shards. On a cluster: node-local disk, not a shared file system."""
+    cache_limit: str = "50GB"
+    """Size bound of the cache (e.g. 50GB, 800KB); consumed shards are evicted to stay under it."""
+    prefetch_shards: int = 4
+    """Remote shards each reader fetches ahead of need, in background threads."""
+    retries: int = 5
+    """Retries of a transient storage error (HTTP 5xx/429/408, reset, timeout)."""
+    retry_backoff_s: float = 0.5
+    """First retry delay; doubled after each retry."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Remote storage settings (S3 endpoint, timeout); credentials come from the standard chains."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = build batches in the training process)."""
     prefetch_factor: int = 4
@@ -89,9 +102,31 @@ class WebDatasetConfig:
             problems.append(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 0")
         if self.vocab_size is not None and self.vocab_size < 2:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 2 or null")
-        if self.manifest and not Path(self.manifest).is_file():
+        problems.extend(self._remote_problems())
+        if self.manifest and not is_remote(self.manifest) and not Path(self.manifest).is_file():
             problems.append(f"data.manifest={self.manifest!r} does not exist: point it at the "
                             "manifest.json written by prepare, or leave it empty")
+        return problems
+
+
+    def _remote_problems(self) -> list[str]:
+        problems = []
+        try:
+            parse_size(self.cache_limit)
+        except ValueError as e:
+            problems.append(f"data.cache_limit: {e}")
+        if self.prefetch_shards < 1:
+            problems.append(f"data.prefetch_shards={self.prefetch_shards}: must be >= 1")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            problems.append(f"data.retries={self.retries}, data.retry_backoff_s={self.retry_backoff_s}: "
+                            "must be >= 0")
+        if self.storage.timeout_s <= 0:
+            problems.append(f"data.storage.timeout_s={self.storage.timeout_s}: must be > 0")
+        for key, value in (("data.urls", self.urls), ("data.val_urls", self.val_urls),
+                           ("data.manifest", self.manifest)):
+            problem = backend_problem(value) if value else None
+            if problem:
+                problems.append(f"{key}={value!r}: {problem}")
         return problems
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.batches import ShardReader, Span, finish_batch, read_span
 from data_pipeline.config import WebDatasetConfig
 from data_pipeline.order import GlobalOrder
+from data_pipeline.prefetch import Prefetcher
 from data_pipeline.shard_table import DataWarning, build_table
 
 STATE_VERSION = 1
@@ -31,24 +32,37 @@ class _RankStream(IterableDataset):
     """Rounds first_round, first_round + 1, ... of one rank, split over DataLoader workers."""
 
     def __init__(self, order: GlobalOrder, reader: ShardReader, *, base: int, first_round: int,
-                 rank: int, world_size: int, rows: int, seq_len: int, on_error: str) -> None:
+                 rank: int, world_size: int, rows: int, seq_len: int, cfg: WebDatasetConfig) -> None:
         self.order, self.reader = order, reader
         self.base, self.first_round = base, first_round
         self.rank, self.world_size, self.rows, self.seq_len = rank, world_size, rows, seq_len
-        self.on_error = on_error
+        self.cfg, self.on_error = cfg, cfg.on_error
 
     def __iter__(self) -> Iterator[Span]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         span = self.rows * self.seq_len
         k = self.first_round + worker
+        fetch = self._prefetcher(span, workers) if self.order.table.remote else None
         try:
             while True:
-                pos = self.base + (k * self.world_size + self.rank) * span
-                yield read_span(self.order, self.reader, pos, span + 1, self.on_error)
+                if fetch is not None:
+                    fetch.advance(k)
+                yield read_span(self.order, self.reader, self._pos(k, span), span + 1, self.on_error)
                 k += workers
         finally:
             self.reader.close()
+            if fetch is not None:
+                fetch.close()
+
+    def _pos(self, k: int, span: int) -> int:
+        return self.base + (k * self.world_size + self.rank) * span
+
+    def _prefetcher(self, span: int, workers: int) -> Prefetcher:
+        fetch = Prefetcher(self.order, self.cfg, round_pos=lambda k: self._pos(k, span),
+                           span=span + 1, stride=workers)
+        self.reader.locate, fetch.on_release = fetch.path, self.reader.forget
+        return fetch
 
 
 def _as_is(span: Span) -> Span:
@@ -95,7 +109,7 @@ class WebDatasetLoader:
         stream = _RankStream(self.order, ShardReader(self.table), base=self._base,
                              first_round=self._consumed, rank=self.rank,
                              world_size=self.world_size, rows=self.micro_batch_size,
-                             seq_len=self.seq_len, on_error=self.cfg.on_error)
+                             seq_len=self.seq_len, cfg=self.cfg)
         if self.cfg.num_workers == 0:
             yield from stream
             return

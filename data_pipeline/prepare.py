@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
@@ -27,9 +28,11 @@ from tqdm import tqdm
 
 from data_pipeline import encode as enc
 from data_pipeline.manifest import (MANIFEST_NAME, build_manifest, load_manifest,
-                                    manifest_is_current, write_json_atomic)
+                                    manifest_is_current, write_index_bundle, write_json_atomic)
 from data_pipeline.prepare_config import PrepareConfig, PrepareConfigError, load_prepare_config
 from data_pipeline.shard_format import TOKEN_EXTS, ShardWriter, ext_for_vocab
+from data_pipeline.publish import remote_manifest_if_current, upload
+from data_pipeline.storage import is_remote
 from data_pipeline.sources import Source, check_source, iter_mixed, resolve_source, source_fingerprint
 from data_pipeline.tokenizer import copy_tokenizer, train_bpe
 
@@ -162,6 +165,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     for s, k in zip(sources, keys):
         check_source(s, k)
     fp = fingerprint(cfg, sources)
+    if is_remote(cfg.out):
+        return _prepare_remote(cfg, sources, fp)
     out = Path(cfg.out)
     if not cfg.force and manifest_is_current(out, fp):
         print(f"prepare: {out} is up to date (fingerprint {fp[:12]}); nothing to do")
@@ -180,6 +185,20 @@ def prepare(cfg: PrepareConfig) -> dict:
     return manifest
 
 
+def _prepare_remote(cfg: PrepareConfig, sources: list[Source], fp: str) -> dict:
+    """Build locally, then upload with manifest.json last (publish.py)."""
+    if not cfg.force:
+        current = remote_manifest_if_current(cfg.out, fp, cfg.storage)
+        if current is not None:
+            print(f"prepare: {cfg.out} is up to date (fingerprint {fp[:12]}); nothing to do")
+            return current
+    with tempfile.TemporaryDirectory(prefix="scaletrain-prepare-") as tmp:
+        manifest = _build(cfg, sources, fp, Path(tmp))
+        upload(Path(tmp), cfg.out, cfg.storage)
+    _print_report(cfg.out.rstrip("/"), manifest)
+    return manifest
+
+
 def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path) -> dict:
     tok_dir = tmp / "tokenizer"
     if cfg.tokenizer.path:
@@ -192,7 +211,8 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path) -> dic
                     "vocab_size_requested": cfg.tokenizer.vocab_size}
     vocab = len(tok)
     ext = ext_for_vocab(vocab)
-    tok_info.update(vocab_size=vocab, eos_token=tok.eos_token, eos_token_id=tok.eos_token_id)
+    tok_info.update(vocab_size=vocab, eos_token=tok.eos_token, eos_token_id=tok.eos_token_id,
+                    files=sorted(p.name for p in tok_dir.iterdir() if p.is_file()))
     settings = enc.Settings(str(tok_dir / "tokenizer.json"), tok.eos_token_id, TOKEN_EXTS[ext].str,
                             [(s.kind, s.text_field) for s in sources], cfg.on_bad_utf8,
                             cfg.split.val_fraction, cfg.split.seed)
@@ -208,12 +228,13 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path) -> dic
                     "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record}
     manifest = build_manifest(splits=records, ext=ext, vocab_size=vocab,
                               eos_token_id=tok.eos_token_id, tokenizer=tok_info, fingerprint=fp,
-                              settings=settings_out, report=report)
+                              settings=settings_out, report=report,
+                              index_bundle=write_index_bundle(tmp, records))
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 
-def _print_report(out: Path, m: dict) -> None:
+def _print_report(out: Path | str, m: dict) -> None:
     r, sp = m["report"], m["splits"]
     secs = max(r["seconds"], 1e-9)
     skipped = " ".join(f"{k}={v}" for k, v in r["skipped"].items())

@@ -204,6 +204,10 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.extend(section.validate())
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
+        if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
+            from data_pipeline.remote_table import unreachable
+
+            p.extend(unreachable(cfg.data))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 

@@ -1,0 +1,116 @@
+"""Plan-aware background fetch of remote shards, `data.prefetch_shards` deep.
+
+The global order (order.py) says exactly which documents every round of every rank reads, so
+a reader knows its next shards without looking at data. Before round k a reader calls
+`advance(k)`: the window becomes the shards of round k plus the next distinct shards of its
+later rounds, up to `prefetch_shards` in all. Window shards are pinned in the node cache
+(cache.py) and downloaded by background threads in order of need; shards that leave the
+window are released (their descriptors closed first) and become evictable.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+from data_pipeline.cache import CacheError, ShardCache
+from data_pipeline.config import WebDatasetConfig
+from data_pipeline.order import GlobalOrder
+from data_pipeline.shard_format import ShardFormatError
+from data_pipeline.storage import fetch_into, parse_size
+
+MAX_LOOKAHEAD_ROUNDS = 512
+
+
+def local_consumers(cfg: WebDatasetConfig) -> int:
+    """Readers sharing one node's cache: local ranks x DataLoader workers."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * max(1, cfg.num_workers)
+
+
+def cache_limit_problem(cfg: WebDatasetConfig, max_shard_bytes: int) -> str | None:
+    """The start-up check: the cache must hold every reader's prefetch window at once."""
+    limit = parse_size(cfg.cache_limit)
+    need = local_consumers(cfg) * max(1, cfg.prefetch_shards) * max_shard_bytes
+    if limit >= need:
+        return None
+    return (f"data.cache_limit={cfg.cache_limit!r} ({limit:,} bytes) is smaller than the prefetch "
+            f"window needs: {local_consumers(cfg)} readers on this node (local ranks x workers) x "
+            f"data.prefetch_shards={cfg.prefetch_shards} x the largest shard ({max_shard_bytes:,} "
+            f"bytes) = {need:,} bytes; raise data.cache_limit or lower data.prefetch_shards")
+
+
+class Prefetcher:
+    """The window of one reader (a rank, or one DataLoader worker of it); see module docstring."""
+
+    def __init__(self, order: GlobalOrder, cfg: WebDatasetConfig, *, round_pos: Callable[[int], int],
+                 span: int, stride: int) -> None:
+        self.order, self.cfg, self.table = order, cfg, order.table
+        self.round_pos, self.span, self.stride = round_pos, span, stride
+        self.depth = max(1, cfg.prefetch_shards)
+        self.cache = ShardCache(cfg.cache_dir, parse_size(cfg.cache_limit))
+        self.pool = ThreadPoolExecutor(min(self.depth, 8), thread_name_prefix="shard-fetch")
+        self.futures: dict[int, Future] = {}
+        self.rounds: deque[tuple[int, list[int]]] = deque()
+        self.counts: Counter[int] = Counter()
+        self.next_round: int | None = None
+        self.on_release: Callable[[int], None] = lambda shard: None
+
+    def _shards_of(self, k: int) -> list[int]:
+        return list(dict.fromkeys(p.shard for p in self.order.pieces(self.round_pos(k), self.span)))
+
+    def _plan(self, k: int) -> list[int]:
+        """Shards of round k, then of the following rounds, until `depth` distinct ones."""
+        while self.rounds and self.rounds[0][0] < k:
+            self.counts.subtract(self.rounds.popleft()[1])
+        if not self.rounds or self.rounds[0][0] != k:
+            self.rounds.clear()
+            self.counts.clear()
+            self.next_round = k
+        while len(+self.counts) < self.depth and len(self.rounds) < MAX_LOOKAHEAD_ROUNDS:
+            shards = self._shards_of(self.next_round)
+            self.rounds.append((self.next_round, shards))
+            self.counts.update(shards)
+            self.next_round += self.stride
+        window = list(self.rounds[0][1])
+        for _, shards in self.rounds:
+            for s in shards:
+                if len(window) >= self.depth:
+                    return window
+                if s not in window:
+                    window.append(s)
+        return window
+
+    def advance(self, k: int) -> None:
+        """Round k is next: move the window, pin and fetch what it needs, release the rest."""
+        window = self._plan(k)
+        for s in [s for s in self.futures if s not in window]:
+            self.on_release(s)
+            self.cache.unpin(self.table.paths[s])
+            self.futures.pop(s)
+        for s in window:
+            if s not in self.futures:
+                self.cache.pin(self.table.paths[s])
+                self.futures[s] = self.pool.submit(self._fetch, s)
+
+    def _fetch(self, s: int) -> str:
+        url = self.table.paths[s]
+        return str(self.cache.ensure(
+            url, int(self.table.sizes[s]), self.table.sha256[s],
+            lambda u, f: fetch_into(u, f, self.cfg.storage, self.cfg.retries, self.cfg.retry_backoff_s)))
+
+    def path(self, s: int) -> str:
+        """Local path of shard s (waits for its download); bad copies raise ShardFormatError."""
+        fut = self.futures.get(s)
+        if fut is None:  # outside the planned window (should not happen): fetch it now
+            self.cache.pin(self.table.paths[s])
+            fut = self.futures[s] = self.pool.submit(self._fetch, s)
+        try:
+            return fut.result()
+        except CacheError as e:
+            raise ShardFormatError(str(e)) from e
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.cache.close()
+        self.futures.clear()
