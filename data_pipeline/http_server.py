@@ -139,6 +139,10 @@ class ShardServer:
         with self._lock:
             self.log.append(Request(method, path, status, rng))
 
+    def clear(self) -> None:
+        with self._lock:
+            self.log.clear()
+
     def fetched(self, suffix: str = ".tar") -> list[str]:
         """Paths of successful GETs of `suffix` files, in order (a path twice = fetched twice)."""
         with self._lock:
