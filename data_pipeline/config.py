@@ -56,7 +56,7 @@ class WebDatasetConfig:
     cache_dir: str = ""
     """Per-node cache of remote (and pipe:) shards, shared by the node's ranks and workers;
     empty = $TMPDIR/scaletrain-shards. On a cluster: node-local disk, not a shared file system."""
-    cache_limit: str = "50GB"
+    cache_limit: str | int = "50GB"
     """Size bound of the cache (e.g. 50GB, 800KB); consumed shards are evicted to stay under it."""
     prefetch_shards: int = 4
     """Remote shards each reader fetches ahead of need, in background threads."""

@@ -168,7 +168,26 @@ class HttpStore(Store):
             return None
 
     def stream(self, url: str, start: int) -> IO[bytes]:
-        return self._open(url, start=start)
+        return _CheckedBody(self._open(url, start=start))
+
+
+class _CheckedBody:
+    """http.client returns b"" when a connection closes before Content-Length (it keeps that
+    for compatibility); a shard body cut short must be an error so that it is resumed."""
+
+    def __init__(self, resp) -> None:
+        self.resp = resp
+        self.left = int(resp.headers.get("Content-Length", -1))
+
+    def read(self, n: int) -> bytes:
+        block = self.resp.read(n)
+        if not block and self.left > 0:
+            raise http.client.IncompleteRead(b"", self.left)
+        self.left -= len(block)
+        return block
+
+    def close(self) -> None:
+        self.resp.close()
 
 
 class S3Store(Store):
