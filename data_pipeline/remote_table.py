@@ -21,8 +21,7 @@ from data_pipeline.config import WebDatasetConfig
 from data_pipeline.manifest import MANIFEST_NAME, SPLITS, load_index, load_manifest
 from data_pipeline.prefetch import cache_limit_problem
 from data_pipeline.shard_format import TOKEN_EXTS
-from data_pipeline.storage import (FetchError, StorageConfig, is_remote, join, probe, retrying,
-                                   store_for)
+from data_pipeline.storage import StorageConfig, is_remote, join, probe, retrying, store_for
 
 
 def _get(url: str, cfg: WebDatasetConfig) -> bytes:
@@ -59,10 +58,7 @@ def unreachable(cfg: WebDatasetConfig) -> list[str]:
         return []
     target = cfg.manifest or (join(cfg.urls, MANIFEST_NAME) if _is_root(cfg.urls)
                               else wds.shardlists.expand_urls(cfg.urls)[0])
-    try:
-        problem = retrying(lambda: probe(target, cfg.storage), target, cfg.retries, cfg.retry_backoff_s)
-    except FetchError as e:
-        problem = str(e)
+    problem = probe(target, cfg.storage, cfg.retries, cfg.retry_backoff_s)
     if problem is None:
         return []
     return [f"data.urls={cfg.urls!r}: {problem}; check the URL, data.storage.endpoint_url "

@@ -209,7 +209,8 @@ class S3Store(Store):
         return bucket, key
 
     def _call(self, url: str, fn: Callable[[], T]) -> T:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         try:
             return fn()
@@ -221,8 +222,10 @@ class S3Store(Store):
             if status and (status >= 500 or status in (408, 429)):
                 raise _Transient(status, code) from None
             raise FetchError(url, status, code or str(e)) from None
-        except (BotoCoreError, OSError) as e:
+        except (BotoConnectionError, HTTPClientError, OSError) as e:
             raise _Transient(None, f"{type(e).__name__}: {e}") from None
+        except BotoCoreError as e:  # no credentials, bad region...: retrying cannot help
+            raise FetchError(url, None, f"{type(e).__name__}: {e}") from None
 
     def read(self, url: str) -> bytes:
         b, k = self._split(url)
@@ -343,19 +346,19 @@ def store_for(url: str, cfg: StorageConfig) -> Store:
     return _STORES[key]
 
 
-def probe(url: str, cfg: StorageConfig) -> str | None:
-    """One HEAD of `url` with the timeout (start-up check): None when it answers, else why not."""
+def probe(url: str, cfg: StorageConfig, retries: int = 0, backoff_s: float = 0.0) -> str | None:
+    """HEAD `url` with the timeout, retried (start-up check): None when it exists, else why not."""
     problem = backend_problem(url)
     if problem:
         return problem
     try:
-        found = store_for(url, cfg).size(url)
-    except _Transient as e:
-        return f"{url} is unreachable ({'HTTP %s, ' % e.status if e.status else ''}{e.detail})"
-    except (FetchError, ValueError) as e:
+        store = store_for(url, cfg)
+        found = retrying(lambda: store.size(url), url, retries, backoff_s)
+    except FetchError as e:
+        return f"unreachable: {e}"
+    except ValueError as e:
         return str(e)
     return None if found is not None else f"{url} does not exist (HTTP 404)"
-
 
 
 def fetch_into(url: str, f: IO[bytes], cfg: StorageConfig, retries: int, backoff_s: float) -> str:
