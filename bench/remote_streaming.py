@@ -17,13 +17,14 @@ Ends with one JSON line, ratios first.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import multiprocessing as mp
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,30 @@ from data_pipeline.testing import make_shards  # noqa: E402
 B, T = 8, 512
 
 
+class served:
+    """ShardServer in its own process (as a real server would be: no GIL shared with the loader)."""
+
+    def __init__(self, root: Path, **kw) -> None:
+        ctx = mp.get_context("spawn")
+        self.q = ctx.Queue()
+        self.proc = ctx.Process(target=_serve, args=(str(root), kw, self.q), daemon=True)
+
+    def __enter__(self) -> "served":
+        self.proc.start()
+        self.url = self.q.get(timeout=60)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.join()
+
+
+def _serve(root: str, kw: dict, q) -> None:
+    with ShardServer(root, **kw) as srv:
+        q.put(srv.url)
+        threading.Event().wait()
+
+
 def corpus(work: Path, shards: int, docs: int, doc_len: int) -> Path:
     root = work / f"c{shards}x{docs}x{doc_len}"
     if not (root / "shards" / "manifest.json").is_file():
@@ -47,17 +72,20 @@ def corpus(work: Path, shards: int, docs: int, doc_len: int) -> Path:
     return root / "shards"
 
 
-def loader(urls: str, cache: Path, workers: int = 0) -> WebDatasetLoader:
-    cfg = WebDatasetConfig(urls=urls, cache_dir=str(cache), num_workers=workers, prefetch_shards=4,
-                           shuffle_buffer=1000)
+def loader(urls: str, cache: Path, shuffle_buffer: int, workers: int = 0, prefetch: int = 4) -> WebDatasetLoader:
+    cfg = WebDatasetConfig(urls=urls, cache_dir=str(cache), num_workers=workers, prefetch_shards=prefetch,
+                           shuffle_buffer=shuffle_buffer)
     return WebDatasetLoader(cfg, rank=0, world_size=1, micro_batch_size=B, seq_len=T)
 
 
-def first_batch_s(url: str, cache: Path) -> float:
+def first_batch_s(url: str, cache: Path, docs_per_shard: int) -> tuple[float, float]:
+    """(start-up: manifest + indexes, first batch: start-up + its shards) in seconds."""
     shutil.rmtree(cache, ignore_errors=True)
     t0 = time.perf_counter()
-    next(iter(loader(url, cache)))
-    return time.perf_counter() - t0
+    ld = loader(url, cache, docs_per_shard)
+    t1 = time.perf_counter()
+    next(iter(ld))
+    return t1 - t0, time.perf_counter() - t0
 
 
 def tokens_per_s(it, batches: int) -> float:
@@ -101,23 +129,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency-ms", type=float, default=50)
     ap.add_argument("--mbps", type=float, default=200, help="per-connection cap, MB/s")
-    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--batches", type=int, default=4000, help="B=8 x T=512 tokens each")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "remote_streaming"))
     a = ap.parse_args()
     work = Path(a.work)
     slow = {"latency_s": a.latency_ms / 1000, "bandwidth": a.mbps * 1e6}
     out: dict = {}
-    for n in (20, 200, 2000):
-        with ShardServer(corpus(work, n, 2, 64), **slow) as srv:
-            out[f"first_batch_s_{n}"] = round(first_batch_s(srv.url + "/", work / "cache"), 3)
-    big = corpus(work, 24, 200, 1000)   # 24 shards of ~400 KB, 4.8M tokens
+    for n in (20, 200, 2000):   # shards of 20 documents of ~64 tokens
+        with served(corpus(work, n, 20, 64), **slow) as srv:
+            start, first = first_batch_s(srv.url + "/", work / "cache", 20)
+            out[f"first_batch_s_{n}"], out[f"start_up_s_{n}"] = round(first, 3), round(start, 3)
+    big = corpus(work, 16, 2000, 1000)   # 16 shards of ~4 MB (2M tokens each; prepare's default is 64 MB)
     n_tokens = a.batches * B * T
-    local = tokens_per_s(iter(loader(str(big), work / "cache")), a.batches)
-    with ShardServer(big, **slow) as srv:
+    local = tokens_per_s(iter(loader(str(big), work / "cache", 1000)), a.batches)
+    with served(big, **slow) as srv:
         shutil.rmtree(work / "cache", ignore_errors=True)
-        remote = tokens_per_s(iter(loader(srv.url + "/", work / "cache")), a.batches)
-        curl = webdataset_curl(srv.url, 24, n_tokens)
+        remote = tokens_per_s(iter(loader(srv.url + "/", work / "cache", 1000)), a.batches)
+        curl = webdataset_curl(srv.url, 16, n_tokens)
         out.update(train_wait_frac(srv.url, work, a.steps))
     ratios = {"first_batch_2000_over_20": round(out["first_batch_s_2000"] / out["first_batch_s_20"], 3),
               "remote_over_local_tokens": round(remote / local, 3),

@@ -93,6 +93,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: "ShardServer"
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up early (webdataset's curl when a reader stops) is normal."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
 
 class ShardServer:
     """Serve `root` on 127.0.0.1 in a background thread (a context manager)."""

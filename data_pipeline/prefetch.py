@@ -10,7 +10,7 @@ window are released (their descriptors closed first) and become evictable.
 from __future__ import annotations
 
 import os
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -19,8 +19,6 @@ from data_pipeline.config import WebDatasetConfig
 from data_pipeline.order import GlobalOrder
 from data_pipeline.shard_format import ShardFormatError
 from data_pipeline.storage import fetch_into, parse_size
-
-MAX_LOOKAHEAD_ROUNDS = 512
 
 
 def local_consumers(cfg: WebDatasetConfig) -> int:
@@ -52,33 +50,42 @@ class Prefetcher:
         self.pool = ThreadPoolExecutor(min(self.depth, 8), thread_name_prefix="shard-fetch")
         self.futures: dict[int, Future] = {}
         self.rounds: deque[tuple[int, list[int]]] = deque()
-        self.counts: Counter[int] = Counter()
-        self.next_round: int | None = None
+        self.counts: dict[int, int] = {}
+        self.next_round = 0
         self.on_release: Callable[[int], None] = lambda shard: None
 
     def _shards_of(self, k: int) -> list[int]:
         return list(dict.fromkeys(p.shard for p in self.order.pieces(self.round_pos(k), self.span)))
 
     def _plan(self, k: int) -> list[int]:
-        """Shards of round k, then of the following rounds, until `depth` distinct ones."""
+        """Shards of round k, then of the following rounds, until `depth` distinct ones.
+
+        Incremental: each round's pieces are computed once; `counts` holds the shards of the
+        planned rounds in order of first appearance (a dict keeps insertion order)."""
         while self.rounds and self.rounds[0][0] < k:
-            self.counts.subtract(self.rounds.popleft()[1])
+            for s in self.rounds.popleft()[1]:
+                self.counts[s] -= 1
+                if not self.counts[s]:
+                    del self.counts[s]
         if not self.rounds or self.rounds[0][0] != k:
             self.rounds.clear()
             self.counts.clear()
             self.next_round = k
-        while len(+self.counts) < self.depth and len(self.rounds) < MAX_LOOKAHEAD_ROUNDS:
+        # a reader's rounds cover one epoch in epoch_tokens / period rounds; no need to look further
+        period = max(1, self.round_pos(k + self.stride) - self.round_pos(k))
+        horizon = self.order.epoch_tokens // period + 2
+        while len(self.counts) < self.depth and len(self.rounds) < horizon:
             shards = self._shards_of(self.next_round)
             self.rounds.append((self.next_round, shards))
-            self.counts.update(shards)
+            for s in shards:
+                self.counts[s] = self.counts.get(s, 0) + 1
             self.next_round += self.stride
         window = list(self.rounds[0][1])
-        for _, shards in self.rounds:
-            for s in shards:
-                if len(window) >= self.depth:
-                    return window
-                if s not in window:
-                    window.append(s)
+        for s in self.counts:
+            if len(window) >= self.depth:
+                break
+            if s not in window:
+                window.append(s)
         return window
 
     def advance(self, k: int) -> None:
