@@ -109,7 +109,7 @@ def remote_table(cfg: WebDatasetConfig, split: str):
     root = murl.rsplit("/", 1)[0]
     manifest = load_manifest(murl, _get(murl, cfg).decode())
     by_url = {join(root, s["path"]): s for sp in SPLITS for s in manifest["splits"][sp]["shards"]}
-    if _is_root(urls) or urls.endswith(".json"):
+    if _is_root(urls) or urls.endswith(".json") or (split == "val" and not cfg.val_urls):
         shard_urls = [join(root, s["path"]) for s in manifest["splits"][split]["shards"]]
     else:
         shard_urls = wds.shardlists.expand_urls(urls)

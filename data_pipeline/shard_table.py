@@ -62,7 +62,7 @@ class ShardTable:
 
     @property
     def fingerprint(self) -> str:
-        rows = [[Path(p).name, int(d), int(t)] for p, d, t in
+        rows = [[p.rsplit("/", 1)[-1], int(d), int(t)] for p, d, t in
                 zip(self.paths, self.n_docs, self.n_tokens)]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 

@@ -151,9 +151,14 @@ class HttpStore(Store):
             raise FetchError(url, e.code, str(e.reason)) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise _Transient(None, str(getattr(e, "reason", e))) from None
-        if start and resp.status != 206:
-            resp.close()
-            raise _Transient(resp.status, "server ignored the Range header")
+        if start and resp.status == 200:  # a server without Range support: skip what we have
+            left = start
+            while left > 0:
+                block = resp.read(min(left, CHUNK))
+                if not block:
+                    raise _Transient(200, f"body ended before byte {start}")
+                left -= len(block)
+            resp.headers.replace_header("Content-Length", str(int(resp.headers["Content-Length"]) - start))
         return resp
 
     def read(self, url: str) -> bytes:

@@ -144,3 +144,17 @@ def test_s3_through_moto_streams_the_local_batches(remote_corpus, moto_s3, tmp_p
     assert all((a == b).all() for a, b in zip(batches(ld), batches(loader(str(shards.root), tmp_path))))
     with pytest.raises(ValueError, match="no manifest.json at s3://inproc/nothing/train/manifest.json"):
         loader("s3://inproc/nothing/train/shard-{000000..000003}.tar", tmp_path)
+
+
+def test_the_validation_split_of_a_remote_shard_list_comes_from_its_manifest(remote_corpus, tmp_path):
+    shards, server = remote_corpus
+
+    def val(urls):
+        cfg = WebDatasetConfig(urls=urls, num_workers=0, cache_dir=str(tmp_path / "cache"))
+        return WebDatasetLoader(cfg, rank=0, world_size=1, micro_batch_size=1, seq_len=8, split="val")
+
+    ref = batches(val(str(shards.root)), 2)
+    for urls in (server.url + "/", server.url + "/train/shard-{000000..000043}.tar"):
+        ld = val(urls)
+        assert [n.rsplit("/", 2)[-2] for n in ld.table.names] == ["val"]
+        assert all((a == b).all() for a, b in zip(batches(ld, 2), ref))
