@@ -2,7 +2,8 @@
 
 Layout of an output directory (paths in the manifest are relative to it):
 
-    manifest.json
+    manifest.json              (written last: for a remote `out`, the commit marker)
+    indexes.npy                (every shard's index in one array: one GET at start-up)
     tokenizer/                 (when prepare tokenized; loadable with AutoTokenizer)
     train/shard-000000.tar     train/shard-000000.tar.idx.npy ...
     val/shard-000000.tar       val/shard-000000.tar.idx.npy ...
