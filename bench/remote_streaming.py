@@ -7,7 +7,8 @@ request and caps each connection at `--mbps` megabytes/s. In one run:
 
   (a) time to first batch for corpora of 20, 200 and 2,000 shards (fresh cache each time):
       the manifest, the index bundle and the first shards only, so it should stay flat;
-  (b) steady tokens/s of our loader over HTTP against the same shards read locally;
+  (b) steady tokens/s of our loader over HTTP against the same shards read locally, per wall
+      second and per CPU second of the loader's process (its fetch threads included);
   (c) plain `webdataset` over the same server, `WebDataset("pipe:curl -s URL")`, each document
       decoded to a tensor, as users stream shards today (tokens/s; ours must be no slower);
   (d) data_wait_frac of a tiny-model CPU training run (`python -m train`) on the remote corpus.
@@ -89,12 +90,14 @@ def first_batch_s(url: str, cache: Path, docs_per_shard: int) -> tuple[float, fl
     return t1 - t0, time.perf_counter() - t0
 
 
-def tokens_per_s(it, batches: int) -> float:
+def tokens_per_s(it, batches: int) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second of this process: loader + fetch threads)."""
     next(it)  # warm: the first batch is (a)'s business
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    return batches * B * T / (time.perf_counter() - t0)
+    n = batches * B * T
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
 def webdataset_curl(url: str, n_shards: int, tokens: int) -> float:
@@ -144,14 +147,15 @@ def main() -> None:
             out[f"first_batch_s_{n}"], out[f"start_up_s_{n}"] = round(first, 3), round(start, 3)
     big = corpus(work, BIG_SHARDS, 2000, 1000)   # shards of ~4 MB, 2M tokens (prepare's default is 64 MB)
     n_tokens = a.batches * B * T
-    local = tokens_per_s(iter(loader(str(big), work / "cache", 1000)), a.batches)
+    local, local_cpu = tokens_per_s(iter(loader(str(big), work / "cache", 1000)), a.batches)
     with served(big, **slow) as srv:
         shutil.rmtree(work / "cache", ignore_errors=True)
-        remote = tokens_per_s(iter(loader(srv.url + "/", work / "cache", 1000)), a.batches)
+        remote, remote_cpu = tokens_per_s(iter(loader(srv.url + "/", work / "cache", 1000)), a.batches)
         curl = webdataset_curl(srv.url, BIG_SHARDS, n_tokens)
         out.update(train_wait_frac(srv.url, work, a.steps))
     ratios = {"first_batch_2000_over_20": round(out["first_batch_s_2000"] / out["first_batch_s_20"], 3),
               "remote_over_local_tokens": round(remote / local, 3),
+              "remote_over_local_per_cpu_s": round(remote_cpu / local_cpu, 3),
               "remote_over_webdataset_curl": round(remote / curl, 3)}
     print(json.dumps({**ratios, **out, "remote_tokens_per_s": round(remote), "local_tokens_per_s": round(local),
                       "webdataset_curl_tokens_per_s": round(curl), "latency_ms": a.latency_ms,
