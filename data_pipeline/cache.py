@@ -10,7 +10,8 @@ through the file system (no process group is needed, the cache works before one 
   eviction takes it exclusively without blocking, so a pinned shard is never evicted.
 - `cache.lock` (flock, exclusive) serialises the space accounting: a download reserves its
   full size (the `.part` file is truncated to it up front) and evicts the least recently
-  used unpinned shards until the cache fits under the limit.
+  used unpinned shards until the cache fits under the limit; renames and deletions happen
+  under it too, so a listing taken under it is exact.
 
 flock locks die with their process, so a killed rank leaves no stale lock; a `.part` whose
 `.lock` nobody holds is a dead download and is deleted when space is needed.
@@ -128,7 +129,8 @@ class ShardCache:
                 return f"has {got} bytes but the manifest says {size}"
             if sha256 and digest != sha256:
                 return "has a sha256 different from the manifest's"
-            os.replace(part, dest)
+            with _Flock(self.root / "cache.lock", fcntl.LOCK_EX):  # accounting sees one name
+                os.replace(part, dest)
             return ""
         finally:
             part.unlink(missing_ok=True)
@@ -184,5 +186,13 @@ class ShardCache:
         return True
 
     def used_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir()
-                   if p.suffix in (LOCAL_SHARD, ".part") and p.exists())
+        """Bytes of shards and downloads in progress (under the lock: a consistent listing)."""
+        with _Flock(self.root / "cache.lock", fcntl.LOCK_EX):
+            total = 0
+            for p in self.root.iterdir():
+                if p.suffix in (LOCAL_SHARD, ".part"):
+                    try:
+                        total += p.stat().st_size
+                    except FileNotFoundError:
+                        pass
+            return total

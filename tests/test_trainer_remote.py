@@ -50,7 +50,9 @@ def test_a_full_epoch_from_http_keeps_the_cache_under_a_quarter_of_the_corpus(re
         if cache.is_dir():
             peak.append(ShardCache(str(cache), limit).used_bytes())
         time.sleep(0.005)
-    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-3000:]
+    assert "going over the limit" not in out
     assert losses(tmp_path / "run") == local_losses
     assert max(peak) <= limit, (max(peak), limit)
     fetched = server.fetched()
