@@ -55,6 +55,10 @@ def convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return build(tp, value, key, problems)
     if tp is Any:
         return value
+    if typing.get_origin(tp) is typing.Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{key}={value!r}: use one of {', '.join(map(str, typing.get_args(tp)))}")
+        return value
     origin = typing.get_origin(tp) or tp
     if origin in (list, dict):
         if not isinstance(value, origin):
