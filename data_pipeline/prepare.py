@@ -176,12 +176,12 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Run prepare; returns the manifest (the existing one when already up to date)."""
     keys = ["source"] if not cfg.sources else [f"sources[{i}]" for i in range(len(cfg.sources))]
     sources = [resolve_source(s, k) for s, k in zip(cfg.source_list(), keys)]
-    for s, k in zip(sources, keys):
-        check_source(s, k)
     template = None
     if cfg.mode == "chat":
         chat_prepare.mark_sources(sources, keys)
         template = chat_prepare.resolve_template(cfg)
+    for s, k in zip(sources, keys):
+        check_source(s, k)
     fp = fingerprint(cfg, sources, template)
     out = Path(cfg.out)
     if not cfg.force and manifest_is_current(out, fp):

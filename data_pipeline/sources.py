@@ -101,7 +101,12 @@ def _infer(files: list[str], key: str) -> str:
 
 
 def check_source(src: Source, key: str = "source") -> None:
-    """Schema checks that need no full read (missing columns, splits): fail before any work."""
+    """Schema checks that need no full read (missing columns, splits): fail before any work.
+    Chat sources (whole records) are checked per record instead (chat_records.py)."""
+    if src.records:
+        if src.format == "arrow":
+            _load_saved(src, key)
+        return
     if src.format == "parquet":
         import pyarrow.parquet as pq
 

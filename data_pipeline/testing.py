@@ -167,3 +167,20 @@ def build_llama3_tokenizer(out_dir: Path, *, vocab_size: int = 512, template: st
         fast.chat_template = template
     fast.save_pretrained(str(out_dir), save_jinja_files=False)
     return fast
+
+
+def prepare_chat(out: Path, source: Path, tokenizer_dir: Path | None, **overrides) -> dict:
+    """Run `prepare mode=chat` in-process (one tokenizer process, no progress bar) and return
+    its manifest; `overrides` are dotted keys, e.g. **{"chat.max_len": 64}."""
+    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare_config import load_prepare_config
+
+    raw: dict = {"mode": "chat", "source": {"path": str(source)}, "out": str(out), "num_proc": 1,
+                 "progress": False, "tokenizer": {"path": str(tokenizer_dir) if tokenizer_dir else None}}
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return prepare(load_prepare_config(raw))
