@@ -107,19 +107,33 @@ def last_run(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def render(messages: list[dict[str, str]], train_on: str) -> tuple[list[int], np.ndarray]:
-    """Token ids and target mask of one conversation (see the module docstring)."""
-    tok = _state["tokenizer"]
-    try:
-        out = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=train_on != "all")
-    except Exception as e:  # jinja2 errors, raise_exception() in templates: the record is bad
-        raise BadRecord("template_error", f"the chat template refused it: {e}") from None
-    ids = list(out["input_ids"])
+def _marks(ids: list[int], assistant: list[int] | None, train_on: str) -> np.ndarray:
     if train_on == "all":
-        return ids, np.ones(len(ids), np.uint8)
-    mask = np.asarray(out["assistant_masks"], np.uint8)
-    return ids, last_run(mask) if train_on == "last_assistant" else mask
+        return np.ones(len(ids), np.uint8)
+    mask = np.asarray(assistant, np.uint8)
+    return last_run(mask) if train_on == "last_assistant" else mask
+
+
+def render(conversations: list[list[dict[str, str]]], train_on: str) -> list:
+    """(token ids, target mask) of each conversation (see the module docstring), or the
+    BadRecord of one the template refuses. One batched call; one call per conversation only
+    when the batch fails, to find which one."""
+    tok = _state["tokenizer"]
+    kw = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=train_on != "all")
+    try:
+        out = tok.apply_chat_template(conversations, **kw)
+        return [(list(ids), _marks(ids, out["assistant_masks"][i] if train_on != "all" else None,
+                                   train_on)) for i, ids in enumerate(out["input_ids"])]
+    except Exception:  # jinja2 errors, raise_exception() in templates: some record is bad
+        if len(conversations) == 1:
+            raise
+    results = []
+    for conv in conversations:
+        try:
+            results.append(render([conv], train_on)[0])
+        except Exception as e:
+            results.append(BadRecord("template_error", f"the chat template refused it: {e}"))
+    return results
 
 
 def _bounded(ids: list[int], mask: np.ndarray, s: ChatSettings) -> tuple[list[int], np.ndarray, bool]:
@@ -140,12 +154,20 @@ def encode(records: list[tuple[int, str | None, str]]) -> Encoded:
     """Render one task's records (source index, payload, where); docs carry (tokens, mask)."""
     s: ChatSettings = _state["settings"]
     out = Encoded()
+    parsed = []
     for src, payload, where in records:
         try:
             rec, replaced = parse_payload(payload, s.kinds[src], s.on_bad_utf8)
             out.replaced_utf8 += replaced
-            messages = to_messages(rec, s.fields)
-            ids, mask, cut = _bounded(*render(messages, s.train_on), s)
+            parsed.append((where, to_messages(rec, s.fields)))
+        except BadRecord as e:
+            out.skipped.append((e.reason, where, str(e)))
+    rendered = render([m for _, m in parsed], s.train_on) if parsed else []
+    for (where, messages), result in zip(parsed, rendered):
+        try:
+            if isinstance(result, BadRecord):
+                raise result
+            ids, mask, cut = _bounded(*result, s)
         except BadRecord as e:
             out.skipped.append((e.reason, where, str(e)))
             continue

@@ -184,3 +184,21 @@ def prepare_chat(out: Path, source: Path, tokenizer_dir: Path | None, **override
             node = node.setdefault(p, {})
         node[leaf] = value
     return prepare(load_prepare_config(raw))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m data_pipeline.testing chat DIR`: DIR/tokenizer (tiny Llama-3-style, with a
+    chat template) and DIR/chats.jsonl (200 conversations), for trying `prepare mode=chat`."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "chat":
+        sys.exit("usage: python -m data_pipeline.testing chat DIR")
+    out = Path(args[1])
+    build_llama3_tokenizer(out / "tokenizer")
+    write_jsonl(out / "chats.jsonl", sample_conversations(200))
+    print(f"wrote {out}/tokenizer and {out}/chats.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -237,10 +237,15 @@ def test_bad_record_is_refused_with_file_and_line(tmp_path, llama3_tokenizer, re
 
 def test_bad_records_are_counted_and_the_good_ones_kept(tmp_path, llama3_tokenizer):
     good = sample_conversations(3, max_words=4)
-    src = write_jsonl(tmp_path / "in.jsonl", [good[0], *BAD.values(), *good[1:], ""])
-    m = prepare_chat(tmp_path / "out", src, llama3_tokenizer, **{"split.val_fraction": 0.0})
+    refused = {"messages": [{"role": "assistant", "content": "I start"}]}  # the template raises
+    strict = ("{%- if messages[0]['role'] == 'assistant' %}{{ raise_exception('user first') }}"
+              "{%- endif %}" + LLAMA3_CHAT_TEMPLATE)
+    src = write_jsonl(tmp_path / "in.jsonl", [good[0], *BAD.values(), refused, *good[1:], ""])
+    m = prepare_chat(tmp_path / "out", src, llama3_tokenizer,
+                     **{"split.val_fraction": 0.0, "chat.template": strict})
     skipped = m["report"]["skipped"]
-    assert {k: v for k, v in skipped.items() if v} == {**{r: 1 for r in BAD}, "empty": 1}
+    assert {k: v for k, v in skipped.items() if v} == {**{r: 1 for r in BAD}, "empty": 1,
+                                                        "template_error": 1}
     assert m["splits"]["train"]["samples"] == 3
 
 
