@@ -160,6 +160,9 @@ def _chat_problems(cfg: PrepareConfig) -> list[str]:
     c, p = cfg.chat, []
     if c.max_len < 2:
         p.append(f"chat.max_len={c.max_len}: must be >= 2")
+    if c.template is not None and "{" not in c.template and not Path(c.template).is_file():
+        p.append(f"chat.template={c.template!r} is neither a file nor a Jinja template: point it at "
+                 "a template file, or give the template text")
     if not c.instruction_fields:
         p.append("chat.instruction_fields is empty: name at least the instruction field")
     return p

@@ -15,8 +15,8 @@ import webdataset as wds
 from data_pipeline.config import WebDatasetConfig
 from data_pipeline.loader import WebDatasetLoader
 from data_pipeline.prepare import PrepareError
-from data_pipeline.testing import (LLAMA3_CHAT_TEMPLATE, build_llama3_tokenizer, prepare_chat,
-                                   sample_conversations, write_jsonl)
+from data_pipeline.testing import (LLAMA3_CHAT_TEMPLATE, build_llama3_tokenizer, make_shards,
+                                   prepare_chat, sample_conversations, write_jsonl)
 from tests.helpers import TINY, losses, run_train
 
 MAX_LEN = 128
@@ -177,7 +177,7 @@ def test_packed_conversation_logits_equal_the_conversation_alone(corpus, tiny_mo
         tiny_model.config._attn_implementation = "sdpa"
 
 
-def test_pack_false_one_conversation_per_row_right_padded_with_eos(corpus, tok):
+def test_pack_false_one_conversation_per_row_right_padded_with_eos(corpus, tok, tmp_path):
     eos = tok.eos_token_id
     assert tok.pad_token_id is None
     lengths = {len(ids) for ids, _ in read_samples(corpus)}
@@ -191,6 +191,9 @@ def test_pack_false_one_conversation_per_row_right_padded_with_eos(corpus, tok):
             assert pos[n:] == list(range(len(pos) - n))
     packed = take(loader(corpus, rows=3), 1)[0]
     assert len(conversations_of(packed)) > 3 + 1        # the twin: packing puts several per row
+    text = make_shards(tmp_path, vocab_size=256)
+    with pytest.raises(ValueError, match="data.pack=false pads one conversation per row, but these shards are text"):
+        loader(text.root, pack=False)
 
 
 def test_resume_is_exact_with_masks_also_with_workers_and_on_another_world_size(corpus):
@@ -331,6 +334,8 @@ def test_template_missing_or_without_generation_markers_is_refused_before_any_wo
     with pytest.raises(ValueError, match="no {% generation %} markers"):
         prepare_chat(tmp_path / "out", src, bare, **{"chat.template": no_markers})
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="chat.template='t.jinja' is neither a file nor a Jinja"):
+        prepare_chat(tmp_path / "out", src, bare, **{"chat.template": "t.jinja"})
     (tmp_path / "t.jinja").write_text(LLAMA3_CHAT_TEMPLATE)   # a template file is accepted
     prepare_chat(tmp_path / "out", src, bare, **{"chat.template": str(tmp_path / "t.jinja")})
     saved = json.loads((tmp_path / "out" / "tokenizer" / "tokenizer_config.json").read_text())
