@@ -369,3 +369,31 @@ def test_train_runs_on_a_chat_prepare_output(corpus, tmp_path):
     assert np.mean([got[s] for s in (10, 11, 12)]) < np.mean([got[s] for s in (1, 2, 3)])
     last = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
     assert last["data_rows"] == 12 * 2
+
+
+def test_chat_shards_without_manifest_or_index_are_scanned(corpus, tmp_path):
+    import shutil
+
+    shard = next((corpus / "train").glob("*.tar"))
+    shutil.copy(shard, tmp_path / "only.tar")       # no manifest.json, no .idx.npy
+    vocab = json.loads((corpus / "manifest.json").read_text())["vocab_size"]
+    scanned = take(loader(str(tmp_path / "only.tar"), vocab_size=vocab), 3)
+    for a, b in zip(scanned, take(loader(corpus), 3)):
+        assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["position_ids"], b["position_ids"])
+
+
+def test_a_mask_of_the_wrong_size_is_a_bad_shard(tmp_path):
+    from data_pipeline.shard_table import ShardError
+
+    ok = {"__key__": "000", "u16": np.arange(1, 9, dtype="<u2").tobytes(), "mask": bytes([0, 1] * 4)}
+    bad = {"__key__": "001", "u16": np.arange(1, 9, dtype="<u2").tobytes(), "mask": bytes(7)}
+    for name, samples in (("good.tar", [ok]), ("bad.tar", [ok, bad])):
+        with wds.TarWriter(str(tmp_path / name)) as w:
+            for s in samples:
+                w.write(s)
+    with pytest.raises(ShardError, match=r"001\.mask has 7 bytes for 8 tokens"):
+        loader(str(tmp_path / "bad.tar"), vocab_size=16, seq_len=8)
+    with pytest.warns(UserWarning, match="skipping shard"):
+        ld = loader(f"{tmp_path}/good.tar::{tmp_path}/bad.tar", vocab_size=16, seq_len=8, on_error="skip")
+    assert ld.table.names == [str(tmp_path / "good.tar")]
+    assert take(ld, 1)[0]["labels"][0].tolist() == [2, -100, 4, -100, 6, -100, 8, -100]
