@@ -6,6 +6,7 @@ the trainer can collect every config error into one message before any process s
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -68,6 +69,9 @@ class WebDatasetConfig:
     """Check every shard's sha256 against the manifest before reading it."""
     vocab_size: int | None = None
     """Filled from the manifest's tokenizer when null."""
+    pack: bool = True
+    """Chat shards: pack whole conversations into each row (true) or one conversation per
+    row, right-padded with the tokenizer's pad id (false). Text shards are always packed."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -90,6 +94,40 @@ class WebDatasetConfig:
             problems.append(f"data.manifest={self.manifest!r} does not exist: point it at the "
                             "manifest.json written by prepare, or leave it empty")
         return problems
+
+
+def _local_manifest(cfg: WebDatasetConfig) -> Path | None:
+    """The manifest.json describing local data.urls, if one can be found without reading shards."""
+    if cfg.manifest:
+        return Path(cfg.manifest) if Path(cfg.manifest).is_file() else None
+    first = cfg.urls.split("::")[0]
+    first = first[len("file://"):] if first.startswith("file://") else first
+    if not first or ":" in first.split("/", 1)[0]:
+        return None
+    import braceexpand
+
+    p = Path(next(iter(braceexpand.braceexpand(first))))
+    candidates = [p / "manifest.json"] if p.is_dir() else \
+        [p] if p.suffix == ".json" else [p.parent / "manifest.json", p.parent.parent / "manifest.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def chat_len_problems(cfg: WebDatasetConfig, seq_len: int) -> list[str]:
+    """Chat shards whose conversations may be longer than a row: refused before start-up (a
+    conversation is never cut across two rows). The loader checks the real lengths again."""
+    path = _local_manifest(cfg)
+    if path is None:
+        return []
+    try:
+        m = json.loads(path.read_text())
+        max_len = int(m["chat"]["max_len"]) if m.get("mode") == "chat" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # the loader reports an unreadable manifest with its own message
+    if max_len is not None and max_len > seq_len:
+        return [f"data.urls={cfg.urls!r} holds chat shards of up to chat.max_len={max_len} tokens "
+                f"({path}) but trainer.seq_len={seq_len}: set trainer.seq_len>={max_len}, or prepare "
+                f"again with chat.max_len={seq_len}"]
+    return []
 
 
 def missing_local(urls: str, key: str) -> list[str]:

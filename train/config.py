@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
+from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
+                                   missing_local)
 from data_pipeline.schema import ConfigError, build, load
 from train.export.config import ExportConfig
 from train.strategies.config import DDPConfig, StrategyConfig
@@ -174,6 +175,7 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.extend(section.validate())
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
+        p.extend(chat_len_problems(cfg.data, t.seq_len))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 
