@@ -65,6 +65,39 @@ def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
     return out
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end_of_text|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEXTS = ["the quick brown fox jumps over the lazy dog 12345", "I've been told he's @debian.org there",
+         "export hooks 2024 write serving checkpoints\n\n  ok"] * 40
+
+
+def make_bpe_tokenizer(out: Path, pattern: str | None = None, bos: str | None = None,
+                       chat_template: str | None = None, vocab_size: int = 300) -> Path:
+    """A byte-level BPE built locally like a real family: `pattern=None` is GPT-2 style (ByteLevel's
+    own regex), otherwise a Split(pattern) + ByteLevel(use_regex=false) as Llama 3 / Qwen2 ship;
+    `bos` is prepended by a TemplateProcessing post-processor, as Llama 3's tokenizer does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pattern is None)
+    tok.pre_tokenizer = (byte_level if pattern is None else
+                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                  byte_level]))
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|end_of_text|>"] + ([bos] if bos else [])
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>", bos_token=bos)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(out))
+    return out
+
+
 def export_tensors(export_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an export, read back with the safetensors library through the index."""
     from safetensors.torch import load_file
