@@ -27,8 +27,9 @@ class Ckpt:
 
 
 def make_checkpoint(root: Path, step: int = 2, config: Any = None, tokenizer_dir: str | None = None,
-                    seed: int = 0) -> Ckpt:
-    """RUN/checkpoints/step_N in the trainer's DCP layout, from a seeded tiny model."""
+                    seed: int = 0, poison: dict[str, float] | None = None) -> Ckpt:
+    """RUN/checkpoints/step_N in the trainer's DCP layout, from a seeded tiny model; `poison`
+    sets the first element of the named tensors (e.g. to NaN) before saving."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -42,6 +43,8 @@ def make_checkpoint(root: Path, step: int = 2, config: Any = None, tokenizer_dir
     ckpt_dir = root / "checkpoints" / f"step_{step:08d}"
     ckpt_dir.mkdir(parents=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, value in (poison or {}).items():
+        state[name].view(-1)[0] = value
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(state, checkpoint_id=str(ckpt_dir / "model"), no_dist=True)
@@ -49,7 +52,9 @@ def make_checkpoint(root: Path, step: int = 2, config: Any = None, tokenizer_dir
     trainer_state = {"step": step, "tokens": 128 * step, "world_size": 1,
                      "strategy": {"name": "ddp", "kind": "ddp", "zero_stage": 0},
                      "model_config": config.to_dict(), "tokenizer_dir": tokenizer_dir,
-                     "config_digest": "0123456789abcdef", "files": {}}
+                     "config_digest": "0123456789abcdef",
+                     "files": {p.relative_to(ckpt_dir).as_posix(): p.stat().st_size
+                               for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}}
     (ckpt_dir / "trainer_state.json").write_text(json.dumps(trainer_state, default=str))
     (root / "checkpoints" / "latest").write_text(ckpt_dir.name + "\n")
     return Ckpt(ckpt_dir, state, model)

@@ -9,13 +9,14 @@ for the next.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import torch
+
+from train.fsutil import UnreadableFileError, read_untrusted_json, read_untrusted_text
 
 # Segments that wrappers insert into parameter names; the export uses plain Hugging Face names.
 _WRAPPER_SEGMENTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -81,9 +82,11 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     for base in (p, p / "checkpoints"):
         latest = base / "latest"
         if not (p / "trainer_state.json").exists() and latest.is_file():
-            target = base / latest.read_text().strip()
+            target = base / _read_latest(latest)
             if target.is_dir():
                 return target
+            raise CheckpointError(f"{latest} names {target.name!r}, which does not exist: pass "
+                                  f"RUN_DIR/checkpoints/step_N explicitly")
     if p.name.startswith(".tmp-"):
         raise CheckpointError(f"{p} is an incomplete checkpoint (still being written, or its writer "
                               "was killed): pass a complete RUN_DIR/checkpoints/step_N")
@@ -94,16 +97,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read trainer_state.json and pick the weight reader for the strategy that wrote `path`."""
     p = resolve_checkpoint_dir(path)
     state_file = p / "trainer_state.json"
-    if not state_file.is_file():
+    if not state_file.exists():
         raise CheckpointError(f"{p} has no trainer_state.json: it is not a complete checkpoint; "
                               "pass RUN_DIR/checkpoints/step_N (written by `python -m train`)")
     try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{state_file} is not valid JSON ({exc}): the checkpoint is corrupt") from exc
+        state = read_untrusted_json(state_file, "trainer_state.json")
+    except UnreadableFileError as exc:
+        raise CheckpointError(f"{exc}; export another checkpoint") from exc
     missing = [k for k in ("step", "model_config") if k not in state]
-    if missing:
-        raise CheckpointError(f"{state_file} lacks {missing}: it was not written by this trainer")
+    if missing or not isinstance(state["step"], int) or not isinstance(state["model_config"], dict):
+        raise CheckpointError(f"{state_file} lacks {missing or 'an integer step and a model_config mapping'}: "
+                              "it was not written by this trainer, or is corrupt")
+    check_file_sizes(p, state.get("files"), state_file)
     if (p / "deepspeed").is_dir():
         from train.export.zero_reader import ZeroWeights
 
@@ -116,6 +121,34 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{p} has neither model/ (DDP/FSDP) nor deepspeed/ (ZeRO): "
                               "no weights to export")
     return Checkpoint(path=p.resolve(), state=state, weights=weights)
+
+
+def _read_latest(latest: Path) -> str:
+    try:
+        name = read_untrusted_text(latest, "checkpoints/latest").strip()
+    except UnreadableFileError as exc:
+        raise CheckpointError(f"{exc}; pass RUN_DIR/checkpoints/step_N explicitly") from exc
+    if not name or "/" in name or name in (".", ".."):
+        raise CheckpointError(f"{latest} holds {name[:80]!r}, not a checkpoint name: pass "
+                              "RUN_DIR/checkpoints/step_N explicitly")
+    return name
+
+
+def check_file_sizes(path: Path, files: Any, state_file: Path) -> None:
+    """Every file trainer_state.json lists exists with the size it records (a truncated shard is
+    named here, not left to surface as a reader's traceback)."""
+    if files is None:
+        return
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{state_file}: 'files' is not a mapping of file -> bytes: the file is corrupt")
+    for rel, size in sorted(files.items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {rel} listed in trainer_state.json is missing: "
+                                  "the checkpoint is incomplete; export another checkpoint")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, trainer_state.json records {size}: "
+                                  "the file is truncated or corrupt; export another checkpoint")
 
 
 _libc = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from train.fsutil import fsync_dir
+from train.fsutil import UnreadableFileError, fsync_dir, read_untrusted_json
 
 META_NAME = "export.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -144,17 +143,31 @@ def prune(exports_dir: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def read_meta(export_dir: Path) -> dict[str, Any]:
+    """export.json of a finished export, checked to be ours; UnreadableFileError names what is wrong."""
+    meta_path = Path(export_dir) / META_NAME
+    if not meta_path.exists():
+        raise UnreadableFileError(f"{meta_path} is missing: {export_dir} is not a finished export")
+    meta = read_untrusted_json(meta_path, META_NAME)
+    files = meta.get("files")
+    if "format_version" not in meta or not isinstance(files, dict) or not all(
+            _safe_rel(rel) and isinstance(info, dict) and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str) for rel, info in files.items()):
+        raise UnreadableFileError(f"{meta_path} is not an export.json written by scaletrain (no format_version, "
+                                  "or 'files' is not a mapping of relative path -> {sha256, size})")
+    return meta
+
+
+def _safe_rel(rel: str) -> bool:
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
 def verify_dir(export_dir: str | Path) -> dict[str, Any]:
-    """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file."""
+    """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file
+    (UnreadableFileError when export.json itself is missing, unreadable or not ours)."""
     root = Path(export_dir)
-    meta_path = root / META_NAME
-    if not meta_path.is_file():
-        raise ExportVerifyError(f"{meta_path} is missing: {root} is not a finished export")
-    try:
-        meta = json.loads(meta_path.read_text())
-        listed = meta["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ExportVerifyError(f"{meta_path} is unreadable or has no 'files' ({exc})") from exc
+    listed = read_meta(root)["files"]
     problems = []
     for rel, info in sorted(listed.items()):
         path = root / rel

@@ -24,8 +24,9 @@ from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_che
 from train.export.config import ExportConfig, parse_size
 from train.export.files import META_NAME, clean_stale, fault_injection, hash_tree, publish, temp_dir_for
 from train.export.safetensors_writer import TensorSpec, write_sharded
-from train.export.verify import (ExportVerificationError, check_export, reference_logits_from_checkpoint,
-                                 tolerance, verify_batch)
+from train.export.target import check_target
+from train.export.verify import (ExportVerificationError, check_export, check_finite,
+                                 reference_logits_from_checkpoint, tolerance, verify_batch)
 
 FORMAT_VERSION = 1
 
@@ -80,6 +81,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
     started = time.perf_counter()
     ckpt = open_checkpoint(checkpoint_dir)
     out = Path(out_dir).absolute()
+    check_target(out, ckpt.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
     config = hf_config(ckpt.model_config, cfg.dtype)
@@ -123,6 +125,7 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
               disable=None) as bar:
         def fetch(name: str) -> torch.Tensor:
             tensor = source.load(names[name]).to(out_dtype(name))
+            check_finite(name, tensor, ckpt.path, cfg.dtype)
             bar.update(tensor.numel() * tensor.element_size())
             return tensor
 
