@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from train.export.adapter_checkpoint import Adapter, export_parts, merged_view, read_adapter
 from train.export.artifacts import (TORCH_DTYPES, find_tokenizer_dir, hf_config, load_tokenizer,
                                     model_card, param_count, save_generation_config)
 from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
@@ -90,6 +91,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
         from train.export.gguf_export import check_supported
 
         check_supported(config)
+    adapter = read_adapter(ckpt)
+    write_model, write_adapter = export_parts(cfg.adapter, adapter, ckpt.path)
+    if adapter is not None:
+        ckpt = merged_view(ckpt, adapter, hf_config(ckpt.model_config, "fp32"))
     names, dropped = export_names(config, ckpt)
     tok_dir = find_tokenizer_dir(ckpt.tokenizer_dir, ckpt.path)
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None
@@ -98,8 +103,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        meta = _build(ckpt, config, names, dropped, tokenizer, tok_dir, tmp, cfg,
-                      reference_logits, reference_precision)
+        meta = _build(ckpt, config, names, dropped, tokenizer, tok_dir, tmp, cfg, reference_logits,
+                      reference_precision, write_model, adapter if write_adapter else None)
         meta["export_time_s"] = round(time.perf_counter() - started, 3)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         publish(tmp, out)
@@ -112,7 +117,54 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
 
 def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[str], tokenizer: Any,
            tok_dir: Path | None, tmp: Path, cfg: ExportConfig, reference_logits: torch.Tensor | None,
-           reference_precision: str) -> dict[str, Any]:
+           reference_precision: str, write_model: bool = True, adapter: Adapter | None = None) -> dict[str, Any]:
+    digests, shapes = _write_model(ckpt, config, names, tokenizer, tmp, cfg) if write_model else ({}, [])
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source_checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "tokens": ckpt.state.get("tokens"),
+        "strategy": ckpt.strategy,
+        "world_size": ckpt.state.get("world_size"),
+        "dtype": cfg.dtype,
+        "model_type": config.model_type,
+        "architectures": config.architectures,
+        "config_digest": ckpt.state.get("config_digest"),
+        "config_yaml_sha256": _digest_config(ckpt),
+        "tokenizer": ({"source": str(tok_dir), "class": type(tokenizer).__name__,
+                       "eos_token": tokenizer.eos_token} if tokenizer is not None else None),
+        "dropped_keys": dropped,
+        "versions": _versions(),
+        "merged_model": write_model,
+    }
+    if tokenizer is None:
+        meta["tokenizer_note"] = ("no tokenizer: the run trained on synthetic token ids "
+                                  "(trainer_state.json tokenizer_dir is null)")
+    meta["verification"] = (_verify(ckpt, config, names, tmp, cfg, tokenizer, reference_logits,
+                                    reference_precision) if cfg.verify and write_model else None)
+    if cfg.gguf and write_model:
+        from train.export.gguf_export import verify_gguf, write_gguf
+
+        info = write_gguf(tmp, config, cfg.gguf, name=f"{config.model_type}-step{ckpt.step}")
+        info["verification"] = verify_gguf(tmp, config, info["file"])
+        meta["gguf"] = info
+    if adapter is not None:
+        from train.export.peft_export import write_peft_adapter
+
+        meta["adapter"] = {"dir": "adapter", "kind": adapter.kind, "base_model": str(adapter.base_dir),
+                           **write_peft_adapter(tmp / "adapter", adapter.base_dir, adapter.state, adapter.config)}
+    n_params = param_count(shapes)
+    (tmp / "README.md").write_text(model_card(meta, n_params))
+    meta["parameters"] = n_params
+    meta["files"] = hash_tree(tmp, known=digests)
+    return meta
+
+
+def _write_model(ckpt: Checkpoint, config: Any, names: dict[str, str], tokenizer: Any, tmp: Path,
+                 cfg: ExportConfig) -> tuple[dict[str, str], list[tuple[int, ...]]]:
+    """Weights (streamed, NaN/inf refused), config.json and generation_config.json into `tmp`."""
     dtype = TORCH_DTYPES[cfg.dtype]
     source = ckpt.weights
 
@@ -137,41 +189,7 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
         config.bos_token_id = tokenizer.bos_token_id if config.bos_token_id is None else config.bos_token_id
     config.save_pretrained(str(tmp))
     save_generation_config(config, tmp, tokenizer)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    meta: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "source_checkpoint": str(ckpt.path),
-        "step": ckpt.step,
-        "tokens": ckpt.state.get("tokens"),
-        "strategy": ckpt.strategy,
-        "world_size": ckpt.state.get("world_size"),
-        "dtype": cfg.dtype,
-        "model_type": config.model_type,
-        "architectures": config.architectures,
-        "config_digest": ckpt.state.get("config_digest"),
-        "config_yaml_sha256": _digest_config(ckpt),
-        "tokenizer": ({"source": str(tok_dir), "class": type(tokenizer).__name__,
-                       "eos_token": tokenizer.eos_token} if tokenizer is not None else None),
-        "dropped_keys": dropped,
-        "versions": _versions(),
-    }
-    if tokenizer is None:
-        meta["tokenizer_note"] = ("no tokenizer: the run trained on synthetic token ids "
-                                  "(trainer_state.json tokenizer_dir is null)")
-    meta["verification"] = (_verify(ckpt, config, names, tmp, cfg, tokenizer, reference_logits,
-                                    reference_precision) if cfg.verify else None)
-    if cfg.gguf:
-        from train.export.gguf_export import verify_gguf, write_gguf
-
-        info = write_gguf(tmp, config, cfg.gguf, name=f"{config.model_type}-step{ckpt.step}")
-        info["verification"] = verify_gguf(tmp, config, info["file"])
-        meta["gguf"] = info
-    n_params = param_count([s.shape for s in specs])
-    (tmp / "README.md").write_text(model_card(meta, n_params))
-    meta["parameters"] = n_params
-    meta["files"] = hash_tree(tmp, known=digests)
-    return meta
+    return digests, [s.shape for s in specs]
 
 
 def _verify(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path, cfg: ExportConfig,
