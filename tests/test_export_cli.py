@@ -62,7 +62,7 @@ def test_cli_usage_errors_exit_2(ckpt, capsys):
 
 
 def _export_then_die(checkpoint: Path, final: Path) -> None:
-    os.environ["SCALETRAIN_DEBUG_KILL_IN_EXPORT"] = "write"
+    os.environ["SCALETRAIN_FAULT"] = "export.write"
     export_checkpoint(checkpoint, final, ExportConfig(kind="hf", dtype="fp16"))
 
 

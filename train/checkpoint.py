@@ -1,4 +1,4 @@
-"""Checkpoints that never lose work.
+"""Checkpoints that never lose work (the layout itself lives in train/checkpoint_layout.py).
 
 A checkpoint is written into `checkpoints/.tmp-step_N`, listed (file sizes) in
 `trainer_state.json`, renamed to `step_N` when every rank has finished, and only then named
@@ -7,13 +7,12 @@ checkpoints, skipping any that is partial or fails to load, with a warning namin
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
-import re
 import shutil
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,13 +21,26 @@ import numpy as np
 import torch
 
 from train import dist as d
+from train import faults
+from train.checkpoint_layout import (
+    CONFIG_FILE,
+    LATEST,
+    STATE_FILE,
+    TMP_PREFIX,
+    LayoutError,
+    check_checkpoint,
+    complete_checkpoints,
+    file_sizes,
+    read_state,
+    resume_candidates,
+    step_dir_name,
+    tmp_dir_name,
+)
 from train.fsutil import atomic_write_text, fsync_dir
 
 log = logging.getLogger("scaletrain.checkpoint")
-STEP_RE = re.compile(r"^step_(\d{8})$")
-# DeepSpeed's world-size-independent copy of a checkpoint, made next to deepspeed/ when resuming
-# on another number of ranks.
-UNIVERSAL = "deepspeed_universal"
+__all__ = ["TrainState", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
+           "rng_state", "set_rng_state"]
 
 
 @dataclass
@@ -41,10 +53,6 @@ class TrainState:
     tokenizer_dir: str | None = None
     config_digest: str = ""
     files: dict[str, int] = field(default_factory=dict)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -72,8 +80,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
                     save_native: Callable[[Path], None], loader_state: dict[str, Any],
                     config_yaml: str, keep_last: int) -> Path:
     """Collective: every rank calls it; returns the final checkpoint directory."""
-    name = step_dir_name(state.step)
-    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    final, tmp = ckpt_root / step_dir_name(state.step), ckpt_root / tmp_dir_name(state.step)
     if info.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +91,7 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
     torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
     torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
     d.barrier()
-    _fault_injection(state.step)
+    faults.hit("checkpoint.publish", state.step)
     if info.is_main:
         _publish(ckpt_root, tmp, final, state, config_yaml)
         _retain(ckpt_root, keep_last)
@@ -92,91 +99,42 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
     return final
 
 
-def _fault_injection(step: int) -> None:
-    """Tests kill the job mid-write with SCALETRAIN_DEBUG_KILL_IN_SAVE=<step>: a real SIGKILL of
-    every rank after the shards are written and before the checkpoint is published."""
-    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_SAVE") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml: str) -> None:
-    (tmp / "config.yaml").write_text(config_yaml)
-    state.files = {str(p.relative_to(tmp)): p.stat().st_size
-                   for p in sorted(tmp.rglob("*")) if p.is_file()}
-    atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1, default=str))
+    atomic_write_text(tmp / CONFIG_FILE, config_yaml)
+    state.files = file_sizes(tmp)
+    atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1, default=str))
     if final.exists():  # the same step saved again (e.g. stop signal right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)
-    atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write_text(root / LATEST, final.name + "\n")
     fsync_dir(root)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Step directories, newest first (temporary ones never match)."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)),
-                  key=lambda p: p.name, reverse=True)
 
 
 def _retain(root: Path, keep_last: int) -> None:
     valid = [p for p in complete_checkpoints(root) if check_checkpoint(p) is None]
     for old in valid[max(1, keep_last):]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):
+    for stale in root.glob(TMP_PREFIX + "step_*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def check_checkpoint(path: Path) -> str | None:
-    """None when `path` is complete; otherwise what is wrong with it."""
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file():
-        return "no trainer_state.json (incomplete write)"
-    try:
-        files = json.loads(state_file.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable trainer_state.json ({e})"
-    for rel, size in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"missing file {rel}"
-        if f.stat().st_size != size:
-            return f"file {rel} has {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
-    return None
-
-
-def resume_candidates(root: Path) -> list[Path]:
-    """Checkpoints to try, best first: `latest`, then older complete ones. Warns on every skip."""
-    ordered = complete_checkpoints(root)
-    latest_file = root / "latest"
-    if latest_file.is_file():
-        named = root / latest_file.read_text().strip()
-        if named in ordered:
-            ordered.remove(named)
-            ordered.insert(0, named)
-        else:
-            log.warning("checkpoints/latest names %s, which does not exist; looking for older checkpoints", named)
-    out = []
-    for p in ordered:
-        problem = check_checkpoint(p)
-        if problem:
-            log.warning("skipping checkpoint %s: %s", p, problem)
-        else:
-            out.append(p)
-    return out
-
-
-def read_state(path: Path) -> TrainState:
-    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+def load_train_state(path: Path) -> TrainState:
+    """trainer_state.json as a TrainState; keys this version does not know are ignored."""
+    raw = read_state(path)
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in raw.items() if k in known})
 
 
 def load_rank_files(path: Path, info: d.DistInfo, saved_world: int) -> tuple[dict, list[dict]]:
     """This rank's RNG state and the loader states to restore (own, or all ranks' if resharding)."""
+    def load(sub: str, rank: int) -> Any:
+        f = path / sub / f"rank_{rank:05d}.pt"
+        try:
+            return torch.load(f, weights_only=True)
+        except Exception as e:  # any bytes: a zip/pickle error of whatever kind
+            raise LayoutError(f"{f} cannot be read ({type(e).__name__}: {e})") from None
+
     if saved_world == info.world_size:
-        rng = torch.load(path / "rng" / f"rank_{info.rank:05d}.pt", weights_only=True)
-        data = [torch.load(path / "data" / f"rank_{info.rank:05d}.pt", weights_only=True)]
-    else:
-        rng = torch.load(path / "rng" / f"rank_{min(info.rank, saved_world - 1):05d}.pt", weights_only=True)
-        data = [torch.load(path / "data" / f"rank_{r:05d}.pt", weights_only=True) for r in range(saved_world)]
-    return rng, data
+        return load("rng", info.rank), [load("data", info.rank)]
+    return load("rng", min(info.rank, saved_world - 1)), [load("data", r) for r in range(saved_world)]

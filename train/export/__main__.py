@@ -30,16 +30,10 @@ def compose(overrides: list[str]) -> dict[str, Any]:
 
 def export_config(raw: dict[str, Any]) -> Any:
     """ExportConfig from the `export` section, every problem collected into one error."""
-    from train.config import ConfigError, build
+    from data_pipeline.schema import load
     from train.export.config import ExportConfig
 
-    problems: list[str] = []
-    cfg = build(ExportConfig, raw, "export", problems)
-    if not problems:
-        problems = cfg.validate()
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return load(ExportConfig, raw, prefix="export")
 
 
 def default_out(checkpoint: Path) -> Path:
@@ -107,14 +101,14 @@ def _export(raw: dict[str, Any]) -> int:
 
 def _verify(path: str) -> int:
     from train.export.files import ExportVerifyError, verify_dir
-    from train.fsutil import UnreadableFileError
+    from train.checkpoint_layout import LayoutError
 
     try:
         report = verify_dir(path)
     except ExportVerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except UnreadableFileError as exc:
+    except LayoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"path": str(Path(path).absolute()), "ok": True, **report}))

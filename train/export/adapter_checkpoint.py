@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from train.export.checkpoint_reader import Checkpoint, CheckpointError
+from train.export.checkpoint_reader import Checkpoint
+from train.export.weights import CheckpointError
 
 MODES = ("merged", "adapter", "both")
 _ADAPTER_KEYS = (".lora_A.", ".lora_B.", ".modules_to_save.", "lora_embedding_", "lora_magnitude_vector")

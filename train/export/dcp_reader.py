@@ -16,7 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from train.export.checkpoint_reader import CheckpointError, canonical_name
+from train.export.weights import CheckpointError, canonical_name
 
 
 class DCPWeights:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
-from train.fsutil import UnreadableFileError, fsync_dir, read_untrusted_json
+from train import faults
+from train.checkpoint_layout import LayoutError, read_text
+from train.fsutil import fsync_dir
 
 META_NAME = "export.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -85,17 +87,11 @@ def publish(tmp: Path, final: Path) -> None:
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
-        fault_injection("publish")
+        faults.hit("export.publish")
     os.rename(tmp, final)
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def fault_injection(phase: str) -> None:
-    """Tests SIGKILL the exporter at a chosen point with SCALETRAIN_DEBUG_KILL_IN_EXPORT=<phase>."""
-    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_EXPORT") == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def clean_stale(parent: Path, name: str | None = None) -> list[str]:
@@ -144,17 +140,20 @@ def prune(exports_dir: Path, keep_last: int) -> list[Path]:
 
 
 def read_meta(export_dir: Path) -> dict[str, Any]:
-    """export.json of a finished export, checked to be ours; UnreadableFileError names what is wrong."""
+    """export.json of a finished export, checked to be ours; LayoutError names what is wrong with it."""
     meta_path = Path(export_dir) / META_NAME
     if not meta_path.exists():
-        raise UnreadableFileError(f"{meta_path} is missing: {export_dir} is not a finished export")
-    meta = read_untrusted_json(meta_path, META_NAME)
-    files = meta.get("files")
-    if "format_version" not in meta or not isinstance(files, dict) or not all(
+        raise LayoutError(f"{meta_path} is missing: {export_dir} is not a finished export")
+    try:
+        meta = json.loads(read_text(meta_path, limit=256 << 20))
+    except ValueError as exc:
+        raise LayoutError(f"{meta_path} is not valid JSON ({exc}): the export's record is corrupt") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or "format_version" not in meta or not isinstance(files, dict) or not all(
             _safe_rel(rel) and isinstance(info, dict) and isinstance(info.get("size"), int)
             and isinstance(info.get("sha256"), str) for rel, info in files.items()):
-        raise UnreadableFileError(f"{meta_path} is not an export.json written by scaletrain (no format_version, "
-                                  "or 'files' is not a mapping of relative path -> {sha256, size})")
+        raise LayoutError(f"{meta_path} is not an export.json written by scaletrain (no format_version, "
+                          "or 'files' is not a mapping of relative path -> {sha256, size})")
     return meta
 
 
@@ -165,7 +164,7 @@ def _safe_rel(rel: str) -> bool:
 
 def verify_dir(export_dir: str | Path) -> dict[str, Any]:
     """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file
-    (UnreadableFileError when export.json itself is missing, unreadable or not ours)."""
+    (LayoutError when export.json itself is missing, unreadable or not ours)."""
     root = Path(export_dir)
     listed = read_meta(root)["files"]
     problems = []

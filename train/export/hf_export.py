@@ -18,16 +18,30 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from train import faults
 from train.export.adapter_checkpoint import Adapter, export_parts, merged_view, read_adapter
-from train.export.artifacts import (TORCH_DTYPES, find_tokenizer_dir, hf_config, load_tokenizer,
-                                    model_card, param_count, save_generation_config)
+from train.export.artifacts import (
+    TORCH_DTYPES,
+    find_tokenizer_dir,
+    hf_config,
+    load_tokenizer,
+    model_card,
+    param_count,
+    save_generation_config,
+)
 from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
 from train.export.config import ExportConfig, parse_size
-from train.export.files import META_NAME, clean_stale, fault_injection, hash_tree, publish, temp_dir_for
+from train.export.files import META_NAME, clean_stale, hash_tree, publish, temp_dir_for
 from train.export.safetensors_writer import TensorSpec, write_sharded
+from train.export.verify import (
+    ExportVerificationError,
+    check_export,
+    check_finite,
+    reference_logits_from_checkpoint,
+    tolerance,
+    verify_batch,
+)
 from train.export.target import check_target
-from train.export.verify import (ExportVerificationError, check_export, check_finite,
-                                 reference_logits_from_checkpoint, tolerance, verify_batch)
 
 FORMAT_VERSION = 1
 
@@ -182,7 +196,7 @@ def _write_model(ckpt: Checkpoint, config: Any, names: dict[str, str], tokenizer
             return tensor
 
         digests = write_sharded(tmp, specs, parse_size(cfg.max_shard_size), fetch)
-    fault_injection("write")
+    faults.hit("export.write")
     config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
     if tokenizer is not None:
         config.eos_token_id = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id

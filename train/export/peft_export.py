@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from train.export.checkpoint_reader import CheckpointError, WeightSource, canonical_name
+from train.export.weights import CheckpointError, WeightSource, canonical_name
 
 ADAPTER_NAME = "default"
 PREFIX = "base_model.model."

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from train.export.files import META_NAME, read_meta
-from train.fsutil import UnreadableFileError
+from train.checkpoint_layout import LayoutError
 
 _CHECKPOINT_ENTRY = re.compile(r"^(\.tmp-)?step_\d+$")
 
@@ -43,7 +43,7 @@ def check_target(out: Path, checkpoint: Path) -> None:
             "exporting would replace its contents. Choose a new or empty directory, or remove it yourself")
     try:
         read_meta(out)
-    except UnreadableFileError as exc:
+    except LayoutError as exc:
         raise ExportTargetError(f"out={out} is not an earlier export that may be replaced: {exc}") from exc
 
 

@@ -22,8 +22,12 @@ from typing import Any
 
 import torch
 
-from train.export.checkpoint_reader import CheckpointError, canonical_name, release_pages
-from train.fsutil import read_untrusted_text
+from train.export.weights import (
+    CheckpointError,
+    canonical_name,
+    release_pages,
+)
+from train.checkpoint_layout import read_text
 
 
 def _safe_globals() -> list[Any]:
@@ -66,7 +70,7 @@ class ZeroWeights:
     def __init__(self, root: Path):
         root = Path(root)
         latest = root / "latest"
-        tag = read_untrusted_text(latest, "deepspeed/latest").strip() if latest.is_file() else None
+        tag = read_text(latest, limit=4096).strip() if latest.is_file() else None
         tags = [d for d in root.iterdir() if d.is_dir()] if tag is None else [root / tag]
         if len(tags) != 1 or not tags[0].is_dir():
             raise CheckpointError(f"{root}: cannot tell which DeepSpeed tag to read (no 'latest' file "
