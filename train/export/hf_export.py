@@ -32,7 +32,9 @@ from train.export.artifacts import (
 from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
 from train.export.config import ExportConfig, parse_size
 from train.export.files import META_NAME, clean_stale, hash_tree, publish, temp_dir_for
+from train.export.peft_export import LoraMergedWeights, peft_reference_logits
 from train.export.safetensors_writer import TensorSpec, write_sharded
+from train.export.target import check_target
 from train.export.verify import (
     ExportVerificationError,
     check_export,
@@ -41,7 +43,6 @@ from train.export.verify import (
     tolerance,
     verify_batch,
 )
-from train.export.target import check_target
 
 FORMAT_VERSION = 1
 
@@ -209,7 +210,11 @@ def _write_model(ckpt: Checkpoint, config: Any, names: dict[str, str], tokenizer
 def _verify(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path, cfg: ExportConfig,
             tokenizer: Any, reference_logits: torch.Tensor | None, reference_precision: str) -> dict[str, Any]:
     batch = verify_batch(config.vocab_size, getattr(config, "max_position_embeddings", None))
-    if reference_logits is None:
+    if reference_logits is None and isinstance(ckpt.weights, LoraMergedWeights):
+        source = ckpt.weights
+        reference = peft_reference_logits(source.base.dir, source.state, source.config, batch)
+        origin = "peft model of the base and the unmerged adapter (fp32)"
+    elif reference_logits is None:
         ref_config = hf_config(ckpt.model_config, "fp32")
         reference = reference_logits_from_checkpoint(ref_config, ckpt.weights, names, batch)
         origin = "checkpoint fp32 weights"

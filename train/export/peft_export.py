@@ -132,6 +132,7 @@ class LoraMergedWeights:
     def __init__(self, base: WeightSource, base_config: Any, state: dict[str, torch.Tensor],
                  config: dict[str, Any]):
         self.base = base
+        self.state, self.config = state, config
         model = meta_peft_model(base_config, config)
         named = named_state(model, state)
         self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]] = {}
@@ -171,6 +172,21 @@ class LoraMergedWeights:
         a, b, scaling, fan_in_fan_out = self.deltas[name]
         delta = (b @ a) * scaling
         return weight.float() + (delta.T if fan_in_fan_out else delta)
+
+
+@torch.no_grad()
+def peft_reference_logits(base_dir: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                          batch: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of peft's own PeftModel (base + unmerged adapter): the offline oracle a merged
+    export is verified against, computed by code that shares nothing with the streamed merge."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    model = get_peft_model(base, lora_config(config)).eval()
+    missing = model.load_state_dict(named_state(model, state), strict=False)
+    assert not missing.unexpected_keys, missing.unexpected_keys
+    return model(input_ids=batch).logits.float()
 
 
 class SafetensorsWeights:
