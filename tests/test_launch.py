@@ -17,8 +17,8 @@ from launch.__main__ import run as launch_run
 from launch.commands import training_overrides
 from launch.config import load_launch, node_local_reason, parse_time
 from launch.slurm import TEMPLATE, slurm_plan
-from train.config import ConfigError, load_config
 from tests.helpers import REPO
+from train.config import ConfigError, load_config
 
 CONF = REPO / "conf"
 # A run dir that is not node-local (not /tmp, /dev/shm, tmpfs) wherever the checkout lives; the

@@ -8,8 +8,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import (TINY, kill_all, logged_steps, losses, run_train, start_train, child_env,
-                            wait_for)
+from tests.helpers import (
+    TINY,
+    child_env,
+    kill_all,
+    logged_steps,
+    losses,
+    run_train,
+    start_train,
+    wait_for,
+)
 
 # Constant LR: a run's curve does not depend on max_steps, so runs of different lengths compare.
 BASE = (*TINY, "schedule=constant", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")

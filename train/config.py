@@ -91,6 +91,8 @@ class TrainerConfig:
     """Evaluate every N steps (0 = never)."""
     eval_batches: int = 4
     activation_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile each decoder block (after activation checkpointing, before sharding)."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -106,6 +108,9 @@ class CheckpointConfig:
     resume: bool = True
     """Resume automatically from checkpoints/latest when present."""
     at_end: bool = True
+    async_save: bool = field(default=False, metadata={"key": "async"})
+    """`checkpoint.async`: stage the state, write it in the background (DDP and FSDP2; DeepSpeed
+    saves blocking). A checkpoint becomes `latest` only once its write has completed."""
 
 
 @dataclass

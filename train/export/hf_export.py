@@ -8,7 +8,6 @@ export.json, then rename the temporary directory to its final name.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from data_pipeline.fsutil import file_sha256
 from train import faults
 from train.export.adapter_checkpoint import Adapter, export_parts, merged_view, read_adapter
 from train.export.artifacts import (
@@ -81,7 +81,7 @@ def export_names(config: Any, ckpt: Checkpoint) -> tuple[dict[str, str], list[st
 
 def _digest_config(ckpt: Checkpoint) -> str | None:
     path = ckpt.path / "config.yaml"
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return "sha256:" + file_sha256(path) if path.is_file() else None
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: ExportConfig,

@@ -8,10 +8,12 @@ strategy it has.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -54,6 +56,9 @@ class Strategy(Protocol):
     def load(self, path: Path, saved_world_size: int) -> None:
         """Collective: restore what `save` wrote, resharding when `saved_world_size` differs."""
 
+    # Optional: `save_async(path) -> list[Future]` stages the state and writes it in the
+    # background (checkpoint.async=true); engines without it save blocking.
+
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on matrices only (not on norms or biases), as in nanoGPT and torchtitan."""
@@ -91,7 +96,8 @@ def forward_only(model: nn.Module, precision: ContextManager | None = None) -> I
 
 class TorchOptim:
     """AdamW + LR schedule + clipping + DCP state for engines that use torch's own optimizer
-    (DDP and FSDP2, whose grad norms are DTensors reduced over the mesh by torch).
+    (DDP and FSDP2, whose grad norms are DTensors reduced over the mesh by torch). Its step,
+    lr, save and load are those strategies' own.
 
     DCP writes one file per rank plus metadata and reshards on load, so a checkpoint written by
     N ranks resumes on M. Model and optimizer live in separate DCP directories so that an
@@ -103,6 +109,7 @@ class TorchOptim:
         self.model, self.clip = model, cfg.trainer.grad_clip
         self.optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
+        self._ckpt_group: dist.ProcessGroup | None = None
 
     def step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -122,7 +129,21 @@ class TorchOptim:
         dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(path / "optim"))
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
-    def load(self, path: Path) -> None:
+    def save_async(self, path: Path) -> list[Future]:
+        """Stage model and optimizer state in host memory (training waits only for this), then
+        write it in background threads (torch.distributed.checkpoint.async_save). The writes
+        coordinate over a gloo group of their own, so that they never interleave with the
+        training collectives of the default group."""
+        if self._ckpt_group is None and dist.is_initialized():
+            self._ckpt_group = dist.new_group(backend="gloo")
+        futures = [dcp.async_save(get_model_state_dict(self.model), checkpoint_id=str(path / "model"),
+                                  process_group=self._ckpt_group),
+                   dcp.async_save(get_optimizer_state_dict(self.model, self.optimizer),
+                                  checkpoint_id=str(path / "optim"), process_group=self._ckpt_group)]
+        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+        return futures
+
+    def load(self, path: Path, saved_world_size: int) -> None:
         """DCP reshards by itself: the saved world size does not matter here."""
         model_sd = get_model_state_dict(self.model)
         dcp.load(model_sd, checkpoint_id=str(path / "model"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -12,7 +11,11 @@ from train.config import Config
 from train.dist import DistInfo
 from train.model import lm_loss
 from train.strategies.base import TorchOptim, autocast, compute_dtype, forward_only
-from train.strategies.parallelize import apply_activation_checkpointing, apply_ddp
+from train.strategies.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_ddp,
+)
 
 
 class DDPStrategy:
@@ -23,8 +26,12 @@ class DDPStrategy:
         self.compute_dtype = compute_dtype(cfg, info.device)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if cfg.trainer.compile:
+            apply_compile(model)
         self.model = apply_ddp(model, info)
         self.optim = TorchOptim(model, cfg)
+        self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
+        self.save_async = self.optim.save_async
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         no_sync = getattr(self.model, "no_sync", None)
@@ -34,20 +41,8 @@ class DDPStrategy:
             (loss / self.accum).backward()
         return loss.detach()
 
-    def step(self) -> float:
-        return self.optim.step()
-
-    def lr(self) -> float:
-        return self.optim.lr()
-
     def forward_context(self) -> ContextManager[None]:
         return forward_only(self.model, autocast(self.device, self.compute_dtype))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "kind": "ddp"}
-
-    def save(self, path: Path) -> None:
-        self.optim.save(path)
-
-    def load(self, path: Path, saved_world_size: int) -> None:
-        self.optim.load(path)

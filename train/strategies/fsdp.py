@@ -1,7 +1,6 @@
 """PyTorch FSDP2: `fully_shard` on every decoder block, then on the root (torchtitan's recipe)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -11,7 +10,11 @@ from train.config import Config
 from train.dist import DistInfo
 from train.model import lm_loss
 from train.strategies.base import TorchOptim, compute_dtype, forward_only
-from train.strategies.parallelize import apply_activation_checkpointing, apply_fsdp
+from train.strategies.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+)
 
 
 class FSDPStrategy:
@@ -22,8 +25,12 @@ class FSDPStrategy:
         self.compute_dtype = compute_dtype(cfg, info.device)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if cfg.trainer.compile:
+            apply_compile(model)
         self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype)
         self.optim = TorchOptim(self.model, cfg)
+        self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
+        self.save_async = self.optim.save_async
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         self.model.set_requires_gradient_sync(sync_grads)
@@ -31,20 +38,8 @@ class FSDPStrategy:
         (loss / self.accum).backward()
         return loss.detach()
 
-    def step(self) -> float:
-        return self.optim.step()
-
-    def lr(self) -> float:
-        return self.optim.lr()
-
     def forward_context(self) -> ContextManager[None]:
         return forward_only(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "kind": "fsdp", "offload_params": self.cfg.offload_params}
-
-    def save(self, path: Path) -> None:
-        self.optim.save(path)
-
-    def load(self, path: Path, saved_world_size: int) -> None:
-        self.optim.load(path)
