@@ -19,7 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.chat_records import BadRecord, RecordFields, parse_payload, to_messages
+from data_pipeline.chat_records import (
+    BadRecord,
+    RecordFields,
+    parse_payload,
+    to_messages,
+)
 from data_pipeline.encode import Encoded, is_val
 
 CHAT_SKIP_REASONS = ("empty", "bad_utf8", "bad_json", "missing_field", "bad_messages", "unknown_role",

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from data_pipeline.schema import minimums
+
 
 @dataclass
 class SyntheticDataConfig:
@@ -82,12 +84,8 @@ class WebDatasetConfig:
             if "pipe:" in value and not self.allow_pipe:
                 problems.append(f"{key}={value!r} is a pipe: command; set data.allow_pipe=true "
                                 "to allow it (it runs a shell command)")
-        if self.num_workers < 0:
-            problems.append(f"data.num_workers={self.num_workers}: must be >= 0")
-        if self.prefetch_factor < 1:
-            problems.append(f"data.prefetch_factor={self.prefetch_factor}: must be >= 1")
-        if self.shuffle_buffer < 0:
-            problems.append(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 0")
+        problems += minimums("data", num_workers=(self.num_workers, 0), prefetch_factor=(self.prefetch_factor, 1),
+                             shuffle_buffer=(self.shuffle_buffer, 0))
         if self.vocab_size is not None and self.vocab_size < 2:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 2 or null")
         if self.manifest and not Path(self.manifest).is_file():
