@@ -1,7 +1,8 @@
 """Plan-aware background fetch of remote shards, `data.prefetch_shards` deep.
 
-The global order (order.py) says exactly which documents every round of every rank reads, so
-a reader knows its next shards without looking at data. Before round k a reader calls
+The global order (order.py; rows.py for chat) says exactly which documents every round of
+every rank reads (`spans.shards(pos)`), so a reader knows its next shards without looking at
+data. Before round k a reader calls
 `advance(k)`: the window becomes the shards of round k plus the next distinct shards of its
 later rounds, up to `prefetch_shards` in all. Window shards are pinned in the node cache
 (cache.py) and downloaded by background threads in order of need; shards that leave the
@@ -12,11 +13,13 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from data_pipeline.cache import CacheError, ShardCache
 from data_pipeline.config import WebDatasetConfig
-from data_pipeline.order import GlobalOrder
+if TYPE_CHECKING:
+    from data_pipeline.batches import TokenSpans
+    from data_pipeline.rows import RowSpans
 from data_pipeline.shard_format import ShardFormatError
 from data_pipeline.storage import fetch_into, parse_size
 
@@ -41,10 +44,12 @@ def cache_limit_problem(cfg: WebDatasetConfig, max_shard_bytes: int) -> str | No
 class Prefetcher:
     """The window of one reader (a rank, or one DataLoader worker of it); see module docstring."""
 
-    def __init__(self, order: GlobalOrder, cfg: WebDatasetConfig, *, round_pos: Callable[[int], int],
-                 span: int, stride: int) -> None:
-        self.order, self.cfg, self.table = order, cfg, order.table
-        self.round_pos, self.span, self.stride = round_pos, span, stride
+    def __init__(self, spans: TokenSpans | RowSpans, cfg: WebDatasetConfig, *,
+                 round_pos: Callable[[int], int], stride: int) -> None:
+        """spans: what the reader reads (its ShardReader is pointed at the cache here);
+        round_pos(k): stream position of the reader's round k; stride: rounds between its rounds."""
+        self.spans, self.cfg, self.table = spans, cfg, spans.reader.table
+        self.round_pos, self.stride = round_pos, stride
         self.depth = max(1, cfg.prefetch_shards)
         self.cache = ShardCache(cfg.cache_dir, parse_size(cfg.cache_limit))
         self.pool = ThreadPoolExecutor(min(self.depth, 8), thread_name_prefix="shard-fetch")
@@ -52,10 +57,7 @@ class Prefetcher:
         self.rounds: deque[tuple[int, list[int]]] = deque()
         self.counts: dict[int, int] = {}
         self.next_round = 0
-        self.on_release: Callable[[int], None] = lambda shard: None
-
-    def _shards_of(self, k: int) -> list[int]:
-        return list(dict.fromkeys(p.shard for p in self.order.pieces(self.round_pos(k), self.span)))
+        spans.reader.locate, self.on_release = self.path, spans.reader.forget
 
     def _plan(self, k: int) -> list[int]:
         """Shards of round k, then of the following rounds, until `depth` distinct ones.
@@ -73,9 +75,9 @@ class Prefetcher:
             self.next_round = k
         # a reader's rounds cover one epoch in epoch_tokens / period rounds; no need to look further
         period = max(1, self.round_pos(k + self.stride) - self.round_pos(k))
-        horizon = self.order.epoch_tokens // period + 2
+        horizon = self.spans.epoch_units // period + 2
         while len(self.counts) < self.depth and len(self.rounds) < horizon:
-            shards = self._shards_of(self.next_round)
+            shards = self.spans.shards(self.round_pos(self.next_round))
             self.rounds.append((self.next_round, shards))
             for s in shards:
                 self.counts[s] = self.counts.get(s, 0) + 1

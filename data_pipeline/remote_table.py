@@ -122,8 +122,9 @@ def remote_table(cfg: WebDatasetConfig, split: str):
     entries = [by_url[u] for u in shard_urls]
     itemsize = TOKEN_EXTS[manifest["sample_ext"]].itemsize
     idxs = []
+    columns = 3 if manifest.get("mode") == "chat" else 2   # chat: + mask offsets (shard_format.py)
     for u, e, idx in zip(shard_urls, entries, _indexes(entries, root, manifest, cfg)):
-        if load_index(idx, e["samples"], e["tokens"], e["bytes"]) is None:
+        if load_index(idx, e["samples"], e["tokens"], e["bytes"], columns) is None:
             raise ValueError(f"the index of {u} does not match {murl}: rerun prepare (force=true)")
         idxs.append(np.asarray(idx, dtype=np.int64))
     problem = cache_limit_problem(cfg, max(e["bytes"] for e in entries))
@@ -132,6 +133,8 @@ def remote_table(cfg: WebDatasetConfig, split: str):
     vocab, eos, _ = _vocab(cfg, manifest, None)
     table = _assemble(shard_urls, shard_urls, idxs, [itemsize] * len(idxs), vocab, eos,
                       _tokenizer(manifest, root, cfg), [], 0)
+    if table.mask_offsets is not None:
+        table.chat = dict(manifest.get("chat") or {})
     table.remote = True
     table.sizes = np.array([e["bytes"] for e in entries], dtype=np.int64)
     table.sha256 = [e["sha256"] for e in entries]
