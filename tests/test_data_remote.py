@@ -158,3 +158,26 @@ def test_the_validation_split_of_a_remote_shard_list_comes_from_its_manifest(rem
         ld = val(urls)
         assert [n.rsplit("/", 2)[-2] for n in ld.table.names] == ["val"]
         assert all((a == b).all() for a, b in zip(batches(ld, 2), ref))
+
+
+def test_chat_shards_stream_over_http_like_local_ones(llama3_tokenizer, tmp_path):
+    from data_pipeline.testing import prepare_chat, sample_conversations, write_jsonl
+
+    src = write_jsonl(tmp_path / "chats.jsonl", sample_conversations(60, seed=5, max_words=6))
+    out = tmp_path / "chat"
+    manifest = prepare_chat(out, src, llama3_tokenizer, **{"chat.max_len": 64, "shard.max_bytes": 4096})
+    assert manifest["index_bundle"]["rows"] > 0 and len(manifest["splits"]["train"]["shards"]) >= 4
+
+    def rows(urls):
+        cfg = WebDatasetConfig(urls=urls, num_workers=0, shuffle_buffer=8, cache_dir=str(tmp_path / "cache"),
+                               prefetch_shards=2)
+        return WebDatasetLoader(cfg, rank=0, world_size=1, micro_batch_size=2, seq_len=64)
+
+    ref = [b["labels"].numpy().copy() for b in itertools.islice(rows(str(out)), 6)]
+    with ShardServer(out) as server:
+        ld = rows(server.url + "/")
+        assert ld.unit == "rows" and ld.tokenizer_dir is not None
+        got = [b["labels"].numpy().copy() for b in itertools.islice(ld, 6)]
+        fetched = server.fetched()
+        assert fetched and len(fetched) == len(set(fetched))   # lazily, once each
+    assert all((a == b).all() for a, b in zip(got, ref)) and len(got) == 6
