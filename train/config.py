@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
+from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local, missing_val_split
 from data_pipeline.schema import ConfigError, build
 from train.export.config import ExportConfig
 from train.tracking.config import TrackingConfig
@@ -22,6 +22,9 @@ class RunConfig:
     dir: str = "runs/default"
     """Run directory shared by all ranks (and all nodes): checkpoints, metrics, exports."""
     name: str = "scaletrain"
+    lock_stale_s: float = 300.0
+    """A run lock (RUN_DIR/run.lock) whose heartbeat is older than this is taken over with a warning
+    (a dead pid on the same host, or a requeue of the same SLURM job, at once)."""
 
 
 @dataclass
@@ -125,6 +128,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: float = 1800.0
+    """Seconds a collective waits for every rank (the process group's timeout); a rank that stops
+    responding then ends the job with a message naming the step and, where known, the rank."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,6 +146,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def env_world_size() -> int:
@@ -200,6 +211,11 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.append(f"optim.name={cfg.optim.name!r}: only adamw is available")
     if cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
+    for key, value in (("run.lock_stale_s", cfg.run.lock_stale_s), ("dist.timeout_s", cfg.dist.timeout_s)):
+        if not value > 0:
+            p.append(f"{key}={value}: must be > 0 (seconds)")
+    if t.eval_every > 0:
+        p.extend(missing_val_split(cfg.data))
     for section in (cfg.data, cfg.tracking, cfg.export):
         p.extend(section.validate())
     if isinstance(cfg.data, WebDatasetConfig):

@@ -29,6 +29,7 @@ from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
 from train.metrics import MetricsFile
 from train.model import build_model, lm_loss, num_params
+from train.lock import acquire_run_lock
 from train.signals import StopRequest
 from train.strategies import build_strategy
 from train.tracking import build_tracker
@@ -41,11 +42,10 @@ log = logging.getLogger("scaletrain")
 
 
 def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
-    info = d.init_distributed(cfg.trainer.device, need_group=cfg.strategy.kind != "ddp")
+    info = d.init_distributed(cfg.trainer.device, need_group=cfg.strategy.kind != "ddp",
+                              timeout_s=cfg.dist.timeout_s)
     run_dir = Path(cfg.run.dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    d.barrier()
+    lock = acquire_run_lock(run_dir, cfg.run.lock_stale_s, info.is_main)  # before anything is written
     accum = grad_accum_steps(cfg.trainer, info.world_size)
     t = cfg.trainer
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
@@ -81,7 +81,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     metrics.truncate_after(state.step)
     tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                             config=public_cfg, resume=resume_from is not None)
-    stop = StopRequest(run_dir)
+    stop = StopRequest(run_dir, is_main=info.is_main, lock=lock)
     try:
         flops_tok = flops_per_token(model.config, t.seq_len)
     except ValueError as e:
@@ -150,7 +150,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
             metrics.write({"step": state.step, **ev})
             tracker.log(ev, state.step)
 
-        stopped = d.any_rank(stop.local(), info.device)
+        stopped = stop.agree(state.step, info.device)
         last = state.step >= t.max_steps or (t.max_tokens is not None and state.tokens >= t.max_tokens)
         every = cfg.checkpoint.every_steps
         export_now = exporter.due(state.step, final=last)
@@ -169,6 +169,8 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     tracker.finish()
     d.barrier()
     d.shutdown()
+    if lock is not None:
+        lock.release()
     return state
 
 
