@@ -118,9 +118,10 @@ def _bounded_map(fn: Callable, tasks: Iterator, settings: enc.Settings, procs: i
 def _encode_all(sources: list[Source], cfg: PrepareConfig, settings: enc.Settings,
                 writers: dict[str, ShardWriter]) -> dict:
     procs = cfg.num_proc or min(8, os.cpu_count() or 1)
-    read, skipped = collections.Counter(), collections.Counter()
+    read, skipped, written = collections.Counter(), collections.Counter(), collections.Counter()
     tokens = collections.Counter()
-    replaced = 0
+    examples: dict[str, list[str]] = collections.defaultdict(list)
+    replaced, pieced, pieces_exact = 0, 0, True
     t0 = time.time()
     bar = tqdm(unit="doc", desc="tokenize", disable=not cfg.progress, dynamic_ncols=True)
     tasks = _tasks(iter_mixed(sources, cfg.mix), cfg.batch_docs, read)
@@ -129,7 +130,12 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings: enc.Setting
             if reason in enc.RECORD_ERRORS and cfg.on_bad_record == "raise":
                 raise _record_error(reason, where, field)
             skipped[reason] += 1
+            if len(examples[reason]) < 5:
+                examples[reason].append(where)
         replaced += task_out.replaced_utf8
+        written.update(task_out.written)
+        pieced += task_out.pieced
+        pieces_exact &= task_out.pieces_exact
         for is_val, data in task_out.docs:
             split = "val" if is_val else "train"
             writers[split].write(data)
@@ -141,6 +147,9 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings: enc.Setting
     return {"documents_read": sum(read.values()),
             "read_per_source": {sources[i].label: read[i] for i in sorted(read)},
             "skipped": {r: skipped[r] for r in enc.SKIP_REASONS},
+            "skipped_examples": dict(examples),
+            "written_per_source": {sources[i].label: written[i] for i in range(len(sources))},
+            "pieced_documents": pieced, "pieces_exact": pieces_exact,
             "utf8_replaced": replaced, "tokens": dict(tokens),
             "seconds": round(time.time() - t0, 3)}
 
@@ -198,6 +207,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path) -> dic
                             cfg.split.val_fraction, cfg.split.seed)
     writers = {split: ShardWriter(tmp, split, ext, cfg.shard.max_bytes) for split in ("train", "val")}
     report = _encode_all(sources, cfg, settings, writers)
+    _check_yield(report, sources)
     records = {split: w.close() for split, w in writers.items()}
     report["documents_written"] = {s: sum(r.samples for r in recs) for s, recs in records.items()}
     report["shards"] = {s: len(recs) for s, recs in records.items()}
@@ -213,18 +223,37 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path) -> dic
     return manifest
 
 
+def _check_yield(report: dict, sources: list[Source]) -> None:
+    """An input that gives no document is an error naming it (not an empty manifest that fails later)."""
+    empty = [label for label, n in report["written_per_source"].items() if n == 0]
+    if not empty:
+        return
+    skipped = ", ".join(f"{k}={v}" for k, v in report["skipped"].items() if v) or "none"
+    seen = "; ".join(f"{k}: {', '.join(v)}" for k, v in report["skipped_examples"].items())
+    raise PrepareError(f"{' and '.join(empty)} gave no documents ({report['documents_read']} records read, "
+                       f"skipped {skipped}{'; e.g. ' + seen if seen else ''}): point source.path at text, "
+                       "JSONL, Parquet or a datasets directory that holds documents")
+
+
 def _print_report(out: Path, m: dict) -> None:
     r, sp = m["report"], m["splits"]
     secs = max(r["seconds"], 1e-9)
     skipped = " ".join(f"{k}={v}" for k, v in r["skipped"].items())
-    print(f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
-          f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)\n"
-          f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}\n"
-          f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
-          f"{len(sp['train']['shards'])} shards\n"
-          f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
-          f"{len(sp['val']['shards'])} shards\n"
-          f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})")
+    lines = [f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
+             f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)",
+             f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}"]
+    lines += [f"  skipped as {k}: {', '.join(w)}{' ...' if r['skipped'][k] > len(w) else ''}"
+              for k, w in r.get("skipped_examples", {}).items()]
+    if r.get("pieced_documents"):
+        lines.append(f"  {r['pieced_documents']} documents over {enc.PIECE_CHARS:,} characters tokenized in pieces"
+                     + ("" if r["pieces_exact"] else " (this tokenizer splits words differently at a cut: "
+                        "tokens may differ there)"))
+    lines += [f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
+              f"{len(sp['train']['shards'])} shards",
+              f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
+              f"{len(sp['val']['shards'])} shards",
+              f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})"]
+    print("\n".join(lines))
 
 
 def main() -> None:

@@ -43,13 +43,14 @@ def main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from data_pipeline.manifest import ManifestError
     from train import dist
     from train.lock import RunLockError
     from train.loop import train
 
     try:
         train(cfg, raw)
-    except RunLockError as e:
+    except (RunLockError, ManifestError) as e:  # a clear message, no traceback
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -100,7 +100,8 @@ def note_step(step: int) -> None:
 def is_timeout(exc: BaseException) -> bool:
     """A collective that gave up after the process group's timeout (gloo or nccl wording)."""
     text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, dist.DistError)) and ("timed out" in text or "timeout" in text)
+    collective = isinstance(exc, dist.DistError) or "gloo" in text or "nccl" in text
+    return isinstance(exc, RuntimeError) and collective and ("timed out" in text or "timeout" in text)
 
 
 def missing_ranks(wait_s: float = 5.0) -> list[int] | None:
