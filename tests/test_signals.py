@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers import PY, REPO, TINY, child_env, kill_all, logged_steps, start_train, wait_for
 from train import signals
+from train.lock import LOCK_NAME, RunLock
 from train.signals import StopRequest
 
 BASE = [*TINY, "strategy=ddp", "trainer.max_steps=100000", "checkpoint.every_steps=0"]
@@ -35,7 +36,16 @@ def _ranks(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     return found()
 
 
-def test_only_rank_0_looks_for_the_stop_file_and_not_every_step(tmp_path, monkeypatch):
+@pytest.fixture
+def own_handlers():
+    """StopRequest installs signal handlers: give pytest its own back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_only_rank_0_looks_for_the_stop_file_and_not_every_step(tmp_path, monkeypatch, own_handlers):
     monkeypatch.setattr(signals, "STOP_CHECK_S", 0.5)
     main, other = StopRequest(tmp_path, is_main=True), StopRequest(tmp_path, is_main=False)
     assert not main.local()  # looked: no file; the next look is due in 0.5 s
@@ -43,6 +53,16 @@ def test_only_rank_0_looks_for_the_stop_file_and_not_every_step(tmp_path, monkey
     assert not main.local() and not other.local()
     wait_for(main.local, timeout=5, what="rank 0 to see STOP")
     assert not other.local() and main.reason() == f"{tmp_path / 'STOP'} present"
+
+
+def test_a_lost_run_lock_stops_the_run(tmp_path, own_handlers):
+    with RunLock(tmp_path, stale_s=0.2) as lock:
+        stop = StopRequest(tmp_path, is_main=True, lock=lock)
+        assert not stop.local()
+        (tmp_path / LOCK_NAME).unlink()  # as another run's takeover would move it away
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "node9", "pid": 7}))
+        wait_for(stop.local, timeout=10, what="the lost lock to stop the run")
+        assert stop.reason() == "the run lock was taken over by host node9, pid 7"
 
 
 def test_a_stop_file_from_before_the_run_is_removed_then_ctrl_c_stops_cleanly(tmp_path):
@@ -126,3 +146,4 @@ def test_a_stopped_rank_ends_the_job_within_dist_timeout_naming_step_and_rank(tm
     assert stopped_after <= step <= stopped_after + 1
     assert "rank(s) 1 did not arrive" in out and "Traceback" not in out.split("timed out after")[0][-3000:]
     assert 4 <= waited < 60
+    assert not (tmp_path / LOCK_NAME).exists()  # released on the way out

@@ -45,7 +45,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     from data_pipeline.manifest import ManifestError
     from train import dist
-    from train.lock import RunLockError
+    from train.lock import RunLockError, release_all
     from train.loop import train
 
     try:
@@ -58,6 +58,7 @@ def main(dcfg: DictConfig) -> None:
         if not dist.is_timeout(e):
             raise
         logging.getLogger("scaletrain").error("%s", dist.timeout_message(e, cfg.dist.timeout_s))
+        release_all()
         sys.stderr.flush()
         os._exit(1)  # the process group is wedged: a normal exit could wait on it forever
 

@@ -26,6 +26,7 @@ from typing import Any
 log = logging.getLogger("scaletrain")
 
 LOCK_NAME = "run.lock"
+_HELD: list["RunLock"] = []
 
 
 class RunLockError(RuntimeError):
@@ -33,10 +34,10 @@ class RunLockError(RuntimeError):
 
 
 def _identity() -> dict[str, Any]:
-    now = time.time()
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start_time": now,
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start_time": time.time(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID") or None,
-            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+            "slurm_restart_count": int(restart) if restart.isdigit() else restart,
             "token": uuid.uuid4().hex}
 
 
@@ -102,10 +103,14 @@ class RunLock:
         except OSError as e:
             raise RunLockError(f"cannot create the run lock {self.path}: {e.strerror}; "
                                "choose a writable run.dir") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.me, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk, say: leave no half-written lock behind
+            self.path.unlink(missing_ok=True)
+            raise RunLockError(f"cannot write the run lock {self.path}: {e.strerror}") from None
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
         return True
@@ -175,6 +180,7 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         atexit.register(self.release)
+        _HELD.append(self)
 
     def _ours(self) -> bool:
         """The lock file is still the one we created (an inode number alone can be reused)."""
@@ -211,6 +217,14 @@ class RunLock:
             except OSError:
                 pass
         self._inode = None
+        if self in _HELD:
+            _HELD.remove(self)
+
+
+def release_all() -> None:
+    """Release every lock this process holds (for exits that skip atexit, such as os._exit)."""
+    for lock in list(_HELD):
+        lock.release()
 
 
 def read_lock(path: Path) -> tuple[dict[str, Any] | None, str | None]:
