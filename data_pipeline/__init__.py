@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-from data_pipeline.config import DATA_CONFIGS, SyntheticDataConfig, WebDatasetConfig
-
+from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig
 
 if TYPE_CHECKING:  # torch is not imported here, so `python -m launch` stays quick
     import torch
@@ -54,7 +53,7 @@ def build_loader(cfg: SyntheticDataConfig | WebDatasetConfig, *, rank: int, worl
         return WebDatasetLoader(cfg, rank=rank, world_size=world_size,
                                 micro_batch_size=micro_batch_size, seq_len=seq_len, split=split,
                                 pin_memory=pin_memory)
-    raise ValueError(f"data.kind={cfg.kind!r}: use one of {sorted(DATA_CONFIGS)}")
+    raise ValueError(f"data.kind={cfg.kind!r}: use data=synthetic or data=webdataset")
 
 
-__all__ = ["DATA_CONFIGS", "Loader", "SyntheticDataConfig", "WebDatasetConfig", "build_loader"]
+__all__ = ["Loader", "SyntheticDataConfig", "WebDatasetConfig", "build_loader"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass
@@ -18,13 +19,11 @@ class SyntheticDataConfig:
     world size, so runs on different numbers of ranks see the same global batches.
     """
 
-    kind: str = "synthetic"
+    kind: Literal["synthetic"] = "synthetic"
     vocab_size: int = 256
     """Number of distinct token ids produced."""
     seed: int = 1234
     """Seed of the sample generator (independent of `trainer.seed`)."""
-    num_workers: int = 0
-    """Accepted for symmetry with webdataset; synthetic data is generated in-process."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -41,7 +40,7 @@ class WebDatasetConfig:
     `seed`, never on the world size or `num_workers`; see data_pipeline/order.py.
     """
 
-    kind: str = "webdataset"
+    kind: Literal["webdataset"] = "webdataset"
     urls: str = ""
     """Shards: a prepare output directory (or its manifest.json), or shard URLs: brace pattern,
     local path, file://, `a::b` lists, or pipe: (only with allow_pipe)."""
@@ -63,7 +62,7 @@ class WebDatasetConfig:
     """Documents per seeded shuffle block (0 = keep documents in shard order)."""
     seed: int = 1234
     """Seed of shard-order and sample shuffling."""
-    on_error: str = "raise"
+    on_error: Literal["raise", "skip"] = "raise"
     """What a corrupt shard does: `raise` (stop, naming the shard) or `skip` (warn and count)."""
     verify: bool = False
     """Check every shard's sha256 against the manifest before reading it."""
@@ -79,8 +78,6 @@ class WebDatasetConfig:
             if "pipe:" in value and not self.allow_pipe:
                 problems.append(f"{key}={value!r} is a pipe: command; set data.allow_pipe=true "
                                 "to allow it (it runs a shell command)")
-        if self.on_error not in ("raise", "skip"):
-            problems.append(f"data.on_error={self.on_error!r}: use 'raise' or 'skip'")
         if self.num_workers < 0:
             problems.append(f"data.num_workers={self.num_workers}: must be >= 0")
         if self.prefetch_factor < 1:
@@ -112,8 +109,6 @@ def missing_local(urls: str, key: str) -> list[str]:
     return [f"{key}={urls!r}: {shown} does not exist; run `python -m data_pipeline.prepare "
             f"out=DIR` and set {key}=DIR (or the shard paths)"]
 
-
-DATA_CONFIGS = {"synthetic": SyntheticDataConfig, "webdataset": WebDatasetConfig}
 
 
 def missing_val_split(cfg: SyntheticDataConfig | WebDatasetConfig) -> list[str]:

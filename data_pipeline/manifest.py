@@ -15,12 +15,12 @@ Keys: `format`, `fingerprint` (sources + settings; equal = rerunning prepare is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_pipeline.fsutil import atomic_write_text
 from data_pipeline.shard_format import TOKEN_EXTS, ShardRecord
 
 MANIFEST_NAME = "manifest.json"
@@ -29,9 +29,7 @@ SPLITS = ("train", "val")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def build_manifest(*, splits: dict[str, list[ShardRecord]], ext: str, vocab_size: int,

@@ -26,11 +26,26 @@ from typing import Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from data_pipeline import encode as enc
-from data_pipeline.manifest import (MANIFEST_NAME, build_manifest, load_manifest,
-                                    manifest_is_current, write_json_atomic)
-from data_pipeline.prepare_config import PrepareConfig, PrepareConfigError, load_prepare_config
+from data_pipeline.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    load_manifest,
+    manifest_is_current,
+    write_json_atomic,
+)
+from data_pipeline.prepare_config import (
+    PrepareConfig,
+    PrepareConfigError,
+    load_prepare_config,
+)
 from data_pipeline.shard_format import TOKEN_EXTS, ShardWriter, ext_for_vocab
-from data_pipeline.sources import Source, check_source, iter_mixed, resolve_source, source_fingerprint
+from data_pipeline.sources import (
+    Source,
+    check_source,
+    iter_mixed,
+    resolve_source,
+    source_fingerprint,
+)
 from data_pipeline.tokenizer import copy_tokenizer, train_bpe
 
 FORMAT_VERSION = 1

@@ -9,12 +9,11 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from data_pipeline.schema import ConfigError, build
+from data_pipeline.schema import ConfigError, build, load
 
-FORMATS = ("text", "jsonl", "parquet", "arrow")
-STOPPING = ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement")
+Format = Literal["text", "jsonl", "parquet", "arrow"]
 
 
 class PrepareConfigError(ConfigError):
@@ -29,7 +28,7 @@ class SourceConfig:
     path: str = "stdlib"
     """A file, directory or glob of text/JSONL/Parquet files, a `datasets.save_to_disk`
     directory, or `stdlib`: the running Python's own standard-library .py files (no download)."""
-    format: str | None = None
+    format: Format | None = None
     """text (one document per file), jsonl, parquet or arrow (save_to_disk); null = inferred."""
     text_field: str = "text"
     """Field/column holding the document text (jsonl, parquet, arrow)."""
@@ -69,7 +68,8 @@ class SplitConfig:
 
 @dataclass
 class MixConfig:
-    stopping_strategy: str = "all_exhausted"
+    stopping_strategy: Literal["all_exhausted", "first_exhausted", "all_exhausted_without_replacement"] = \
+        "all_exhausted"
     """How datasets.interleave_datasets ends a weighted mix of several sources."""
     seed: int = 0
 
@@ -84,9 +84,9 @@ class PrepareConfig:
     shard: ShardSettings = field(default_factory=ShardSettings)
     split: SplitConfig = field(default_factory=SplitConfig)
     mix: MixConfig = field(default_factory=MixConfig)
-    on_bad_utf8: str = "replace"
+    on_bad_utf8: Literal["replace", "skip"] = "replace"
     """Documents with invalid UTF-8: `replace` (U+FFFD, counted) or `skip` (counted)."""
-    on_bad_record: str = "skip"
+    on_bad_record: Literal["raise", "skip"] = "skip"
     """A JSONL line that is not JSON or lacks the field, a non-text value: `skip` (counted)
     or `raise` (error naming file and line)."""
     num_proc: int = 0
@@ -105,8 +105,6 @@ class PrepareConfig:
 
 def _source_problems(s: SourceConfig, key: str) -> list[str]:
     p = []
-    if s.format is not None and s.format not in FORMATS:
-        p.append(f"{key}.format={s.format!r}: use one of {', '.join(FORMATS)} (or null to infer)")
     if s.path != "stdlib":
         exists = Path(s.path).exists() if not glob.has_magic(s.path) else bool(glob.glob(s.path, recursive=True))
         if not exists:
@@ -143,12 +141,6 @@ def validate(cfg: PrepareConfig) -> list[str]:
         p.append(f"shard.max_bytes={cfg.shard.max_bytes}: must be >= 4096")
     if not 0 <= cfg.split.val_fraction < 1:
         p.append(f"split.val_fraction={cfg.split.val_fraction}: must be in [0, 1)")
-    if cfg.mix.stopping_strategy not in STOPPING:
-        p.append(f"mix.stopping_strategy={cfg.mix.stopping_strategy!r}: use one of {', '.join(STOPPING)}")
-    for key, val, ok in (("on_bad_utf8", cfg.on_bad_utf8, ("replace", "skip")),
-                         ("on_bad_record", cfg.on_bad_record, ("skip", "raise"))):
-        if val not in ok:
-            p.append(f"{key}={val!r}: use {' or '.join(ok)}")
     if cfg.num_proc < 0 or cfg.batch_docs < 1:
         p.append(f"num_proc={cfg.num_proc}, batch_docs={cfg.batch_docs}: need num_proc >= 0, batch_docs >= 1")
     if not cfg.out:
@@ -162,11 +154,5 @@ def validate(cfg: PrepareConfig) -> list[str]:
 
 def load_prepare_config(raw: dict[str, Any]) -> PrepareConfig:
     """Build and validate; raises PrepareConfigError listing every problem."""
-    problems: list[str] = []
     raw = {k: v for k, v in raw.items() if k != "hydra"}
-    cfg = build(PrepareConfig, raw, "", problems)
-    if not problems:
-        problems.extend(validate(cfg))
-    if problems:
-        raise PrepareConfigError(problems)
-    return cfg
+    return load(PrepareConfig, raw, validate, error=PrepareConfigError)

@@ -13,7 +13,6 @@ without it are indexed by scanning their tar headers.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from data_pipeline.fsutil import file_sha256
+
 TOKEN_EXTS = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
 INDEX_SUFFIX = ".idx.npy"
 
@@ -29,14 +30,6 @@ INDEX_SUFFIX = ".idx.npy"
 def ext_for_vocab(vocab_size: int) -> str:
     """`u16` for vocabularies up to 65,535 ids, `u32` above (the DESIGN.md contract)."""
     return "u16" if vocab_size <= 65535 else "u32"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardFormatError(ValueError):

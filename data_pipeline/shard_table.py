@@ -21,8 +21,13 @@ import numpy as np
 import webdataset as wds
 
 from data_pipeline.config import WebDatasetConfig, missing_local
+from data_pipeline.fsutil import file_sha256
 from data_pipeline.manifest import MANIFEST_NAME, load_index, load_manifest
-from data_pipeline.shard_format import TOKEN_EXTS, ShardFormatError, file_sha256, scan_tar
+from data_pipeline.shard_format import (
+    TOKEN_EXTS,
+    ShardFormatError,
+    scan_tar,
+)
 
 
 class DataWarning(UserWarning):

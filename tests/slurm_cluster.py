@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.fsutil import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel")
 
@@ -38,12 +40,6 @@ def missing_reason() -> str | None:
     if os.geteuid() != 0:
         return "the local SLURM cluster needs root (slurmd starts jobs as the submitting user)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _real_memory_mb() -> int:
@@ -265,8 +261,8 @@ def start_daemons(cluster: SlurmCluster, ctl_name: str) -> None:
     lines = [f"NodeName={n.name} NodeAddr={n.addr} CPUs={cluster.cpus} RealMemory={cluster.mem_mb} "
              "State=UNKNOWN" for n in cluster.nodes]
     cluster.conf.write_text(SLURM_CONF.format(
-        ctl_name=ctl_name, ctl_addr=cluster.nodes[0].addr, d=d, ctld_port=_free_port(),
-        slurmd_port=_free_port(), munge_socket=sock, node_lines="\n".join(lines),
+        ctl_name=ctl_name, ctl_addr=cluster.nodes[0].addr, d=d, ctld_port=free_port(),
+        slurmd_port=free_port(), munge_socket=sock, node_lines="\n".join(lines),
         node_names=",".join(n.name for n in cluster.nodes)))
     env = cluster.env
     cluster.procs["slurmctld"] = subprocess.Popen(

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import Node, SlurmCluster, _real_memory_mb, missing_reason, start_daemons
+from tests.slurm_cluster import (
+    Node,
+    SlurmCluster,
+    _real_memory_mb,
+    missing_reason,
+    start_daemons,
+)
+
 
 def netns_missing_reason() -> str | None:
     """Why two namespaced nodes cannot start here, or None."""

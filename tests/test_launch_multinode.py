@@ -5,8 +5,16 @@ import subprocess
 
 import pytest
 
-from tests.slurm_runs import (REPO, RUN, assert_same_curve, child_env, free_port, launch_cmd,  # noqa: F401
-                              launch_reference, run_launch)
+from tests.slurm_runs import (  # noqa: F401
+    REPO,
+    RUN,
+    assert_same_curve,
+    child_env,
+    free_port,
+    launch_cmd,
+    launch_reference,
+    run_launch,
+)
 
 
 @pytest.mark.slow

@@ -5,22 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from data_pipeline.fsutil import free_port  # noqa: F401  (re-exported for tests)
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 # Small and fast: the tiny model on 32-token sequences, constant LR unless a test says otherwise.
 TINY = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -29,16 +29,10 @@ def compose(overrides: list[str]) -> dict[str, Any]:
 
 def export_config(raw: dict[str, Any]) -> Any:
     """ExportConfig from the `export` section, every problem collected into one error."""
-    from train.config import ConfigError, build
+    from data_pipeline.schema import load
     from train.export.config import ExportConfig
 
-    problems: list[str] = []
-    cfg = build(ExportConfig, raw, "export", problems)
-    if not problems:
-        problems = cfg.validate()
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return load(ExportConfig, raw, prefix="export")
 
 
 def default_out(checkpoint: Path) -> Path:

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from train.export.checkpoint_reader import CheckpointError, canonical_name
+from train.export.weights import CheckpointError, canonical_name
 
 
 class DCPWeights:

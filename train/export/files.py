@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
-from train.fsutil import fsync_dir
+from data_pipeline.fsutil import file_sha256, fsync_dir
+from train import faults
 
 META_NAME = "export.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -28,14 +27,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class ExportVerifyError(ValueError):
     """An export directory does not match its export.json."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_files(root: Path) -> list[str]:
@@ -48,7 +39,7 @@ def hash_tree(root: Path, known: dict[str, str] | None = None) -> dict[str, dict
     """{relative path: {sha256, size}} of every file under `root` except export.json;
     `known` digests (computed while writing) are taken as they are."""
     known = known or {}
-    return {rel: {"sha256": known.get(rel) or sha256_file(root / rel), "size": (root / rel).stat().st_size}
+    return {rel: {"sha256": known.get(rel) or file_sha256(root / rel), "size": (root / rel).stat().st_size}
             for rel in list_files(root)}
 
 
@@ -86,17 +77,11 @@ def publish(tmp: Path, final: Path) -> None:
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
-        fault_injection("publish")
+        faults.hit("export.publish")
     os.rename(tmp, final)
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def fault_injection(phase: str) -> None:
-    """Tests SIGKILL the exporter at a chosen point with SCALETRAIN_DEBUG_KILL_IN_EXPORT=<phase>."""
-    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_EXPORT") == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def clean_stale(parent: Path, name: str | None = None) -> list[str]:
@@ -165,7 +150,7 @@ def verify_dir(export_dir: str | Path) -> dict[str, Any]:
         if size != info["size"]:
             problems.append(f"{rel}: size {size} bytes, export.json says {info['size']} (truncated or altered)")
             continue
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         if digest != info["sha256"]:
             problems.append(f"{rel}: sha256 {digest[:16]}... does not match export.json "
                             f"{info['sha256'][:16]}... (file was modified)")

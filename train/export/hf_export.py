@@ -8,7 +8,6 @@ export.json, then rename the temporary directory to its final name.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -18,14 +17,28 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from train.export.artifacts import (TORCH_DTYPES, find_tokenizer_dir, hf_config, load_tokenizer,
-                                    model_card, param_count, save_generation_config)
+from data_pipeline.fsutil import file_sha256
+from train import faults
+from train.export.artifacts import (
+    TORCH_DTYPES,
+    find_tokenizer_dir,
+    hf_config,
+    load_tokenizer,
+    model_card,
+    param_count,
+    save_generation_config,
+)
 from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
 from train.export.config import ExportConfig, parse_size
-from train.export.files import META_NAME, clean_stale, fault_injection, hash_tree, publish, temp_dir_for
+from train.export.files import META_NAME, clean_stale, hash_tree, publish, temp_dir_for
 from train.export.safetensors_writer import TensorSpec, write_sharded
-from train.export.verify import (ExportVerificationError, check_export, reference_logits_from_checkpoint,
-                                 tolerance, verify_batch)
+from train.export.verify import (
+    ExportVerificationError,
+    check_export,
+    reference_logits_from_checkpoint,
+    tolerance,
+    verify_batch,
+)
 
 FORMAT_VERSION = 1
 
@@ -64,7 +77,7 @@ def export_names(config: Any, ckpt: Checkpoint) -> tuple[dict[str, str], list[st
 
 def _digest_config(ckpt: Checkpoint) -> str | None:
     path = ckpt.path / "config.yaml"
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return "sha256:" + file_sha256(path) if path.is_file() else None
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: ExportConfig,
@@ -127,7 +140,7 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
             return tensor
 
         digests = write_sharded(tmp, specs, parse_size(cfg.max_shard_size), fetch)
-    fault_injection("write")
+    faults.hit("export.write")
     config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
     if tokenizer is not None:
         config.eos_token_id = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id

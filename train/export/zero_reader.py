@@ -22,7 +22,11 @@ from typing import Any
 
 import torch
 
-from train.export.checkpoint_reader import CheckpointError, canonical_name, release_pages
+from train.export.weights import (
+    CheckpointError,
+    canonical_name,
+    release_pages,
+)
 
 
 def _safe_globals() -> list[Any]:
