@@ -17,6 +17,16 @@ PY = sys.executable
 TINY = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1"]
 
 
+def compose_train(overrides: list[str]) -> dict:
+    """The resolved config `python -m train OVERRIDES` would see (Hydra compose of conf/train.yaml)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
