@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from tests.slurm_runs import (REPO, RUN, assert_same_curve, child_env, free_port, launch_cmd,  # noqa: F401
-                              launch_reference, run_launch)
+from tests.helpers import REPO, child_env, free_port
+from tests.slurm_runs import RUN, assert_same_curve, launch_cmd, run_launch
 
 
 @pytest.mark.slow

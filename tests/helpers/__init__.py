@@ -2,7 +2,6 @@
 (single process or torchrun with 2 gloo ranks) and reading its results back."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -10,6 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -94,17 +95,11 @@ def wait_for(predicate, timeout: float = 120, proc: subprocess.Popen | None = No
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    """step -> training loss, as the run logged it."""
+    return {rec["step"]: rec["loss"] for rec in read_metrics(run_dir) if "loss" in rec}
 
 
 def logged_steps(run_dir: Path) -> int:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if not (Path(run_dir) / "metrics.jsonl").exists():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    return max((rec.get("step", 0) for rec in read_metrics(run_dir)), default=0)
