@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-from data_pipeline.config import DATA_CONFIGS, SyntheticDataConfig, WebDatasetConfig
-
+from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig
 
 if TYPE_CHECKING:  # torch is not imported here, so `python -m launch` stays quick
     import torch
@@ -18,7 +17,8 @@ class Loader(Protocol):
 
     Each batch is a dict of int64 tensors of shape [micro_batch_size, seq_len]:
     `input_ids`, `labels` (already shifted: labels[t] is the token after input_ids[t];
-    -100 = ignored) and `position_ids` (restart at 0 at every document boundary).
+    -100 = ignored; chat shards: -100 wherever the next token is not a target) and
+    `position_ids` (restart at 0 at every document boundary). See batches.py.
     """
 
     vocab_size: int
@@ -54,7 +54,7 @@ def build_loader(cfg: SyntheticDataConfig | WebDatasetConfig, *, rank: int, worl
         return WebDatasetLoader(cfg, rank=rank, world_size=world_size,
                                 micro_batch_size=micro_batch_size, seq_len=seq_len, split=split,
                                 pin_memory=pin_memory)
-    raise ValueError(f"data.kind={cfg.kind!r}: use one of {sorted(DATA_CONFIGS)}")
+    raise ValueError(f"data.kind={cfg.kind!r}: use data=synthetic or data=webdataset")
 
 
-__all__ = ["DATA_CONFIGS", "Loader", "SyntheticDataConfig", "WebDatasetConfig", "build_loader"]
+__all__ = ["Loader", "SyntheticDataConfig", "WebDatasetConfig", "build_loader"]

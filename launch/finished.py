@@ -6,24 +6,32 @@ config.yaml saved beside it), so it does not depend on timing between the signal
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from train.checkpoint_layout import (
+    CONFIG_FILE,
+    LATEST,
+    LayoutError,
+    read_latest,
+    read_state,
+)
+
 
 def progress(run_dir: Path) -> tuple[bool, str]:
     """(finished, why): finished when the latest checkpoint reached trainer.max_steps or max_tokens."""
     root = Path(run_dir) / "checkpoints"
-    latest = root / "latest"
-    if not latest.is_file():
-        return False, f"no {latest}"
-    ckpt = root / latest.read_text().strip()
+    name = read_latest(root)
+    if name is None:
+        latest = root / LATEST
+        return False, f"no {latest}" if not latest.exists() else f"{latest} is unusable (see the warning)"
+    ckpt = root / name
     try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        trainer = OmegaConf.load(ckpt / "config.yaml").get("trainer", {})
-    except (OSError, ValueError) as err:
+        state = read_state(ckpt)
+        trainer = OmegaConf.load(ckpt / CONFIG_FILE).get("trainer", {})
+    except (LayoutError, OSError, ValueError) as err:
         return False, f"cannot read {ckpt}: {err}"
     step, tokens = int(state["step"]), int(state.get("tokens", 0))
     max_steps, max_tokens = int(trainer.get("max_steps", 0)), trainer.get("max_tokens")

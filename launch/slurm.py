@@ -7,14 +7,13 @@ RUN_DIR/slurm/train.sbatch: `sbatch` on it again resumes the run by hand.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from data_pipeline.fsutil import atomic_write_text
 from launch.commands import Plan, override_key
 from launch.config import LaunchConfig
 from train.config import Config
@@ -100,11 +99,7 @@ def write_files(files: dict[Path, str]) -> None:
     """Write each file under a temp name in its directory, then rename (never half-written)."""
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755 if path.suffix == ".sbatch" else 0o644)
-        os.replace(tmp, path)
+        atomic_write_text(path, text, mode=0o755 if path.suffix == ".sbatch" else 0o644)
 
 
 def submit(plan: Plan, run_dir: Path) -> int:

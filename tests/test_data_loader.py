@@ -13,6 +13,7 @@ import webdataset as wds
 from data_pipeline import build_loader
 from data_pipeline.config import WebDatasetConfig
 from data_pipeline.loader import WebDatasetLoader
+from data_pipeline.schema import ConfigError, load
 from data_pipeline.testing import EOS, make_docs, make_shards
 
 
@@ -166,9 +167,10 @@ def test_pipe_urls_need_allow_pipe(tmp_path):
 
 
 def test_config_problems_and_missing_paths(tmp_path):
-    problems = WebDatasetConfig(urls=str(tmp_path / "nope/shard-{0..2}.tar"), on_error="ignore",
-                                num_workers=-1, manifest=str(tmp_path / "m.json")).validate()
-    text = "\n".join(problems)
+    with pytest.raises(ConfigError) as err:
+        load(WebDatasetConfig, {"urls": str(tmp_path / "nope/shard-{0..2}.tar"), "on_error": "ignore",
+                                "num_workers": -1, "manifest": str(tmp_path / "m.json")}, prefix="data")
+    text = "\n".join(err.value.problems)
     assert "data.on_error='ignore'" in text and "data.num_workers=-1" in text
     assert "data.manifest=" in text
     assert WebDatasetConfig(urls=str(tmp_path)).validate() == []

@@ -12,12 +12,11 @@ import pytest
 import webdataset as wds
 
 from data_pipeline.encode import is_val
+from data_pipeline.fsutil import file_sha256
 from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import PrepareError, prepare
 from data_pipeline.prepare_config import PrepareConfigError, load_prepare_config
-from data_pipeline.shard_format import file_sha256
 from tests.helpers import REPO
-
 
 
 def run(out, **kw):
@@ -63,8 +62,8 @@ def test_stdlib_demo_roundtrip_and_manifest(stdlib):
     docs = read_docs(out)
     assert all(d[-1] == tok.eos_token_id for d in docs)
     assert sum(len(d) for d in docs) == m["splits"]["train"]["tokens"]
-    from data_pipeline.sources import resolve_source
     from data_pipeline.prepare_config import SourceConfig
+    from data_pipeline.sources import resolve_source
 
     files = resolve_source(SourceConfig(max_files=24)).files
     originals = {Path(f).read_text(encoding="utf-8") for f in files}

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from tests.test_export_support import make_checkpoint
 from train.export.config import ExportConfig
 from train.export.files import clean_stale, verify_dir
 from train.export.hf_export import export_checkpoint
-from tests.helpers import REPO
-
 
 
 def run_export(args: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -62,7 +61,7 @@ def test_cli_usage_errors_exit_2(ckpt, capsys):
 
 
 def _export_then_die(checkpoint: Path, final: Path) -> None:
-    os.environ["SCALETRAIN_DEBUG_KILL_IN_EXPORT"] = "write"
+    os.environ["SCALETRAIN_FAULT"] = "export.write"
     export_checkpoint(checkpoint, final, ExportConfig(kind="hf", dtype="fp16"))
 
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_export_support import TINY_LLAMA, export_tensors, logits, make_checkpoint, make_tokenizer
+from tests.test_export_support import (
+    TINY_LLAMA,
+    export_tensors,
+    logits,
+    make_checkpoint,
+    make_tokenizer,
+)
 from train.export.config import ExportConfig
 from train.export.gguf_export import GGUFExportError, permute_qk, unpermute_qk
 from train.export.hf_export import export_checkpoint

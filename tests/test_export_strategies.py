@@ -31,7 +31,11 @@ def corpus(tmp_path_factory) -> Path:
     import random
 
     from data_pipeline.prepare import prepare
-    from data_pipeline.prepare_config import PrepareConfig, SourceConfig, TokenizerConfig
+    from data_pipeline.prepare_config import (
+        PrepareConfig,
+        SourceConfig,
+        TokenizerConfig,
+    )
 
     root = tmp_path_factory.mktemp("corpus")
     words = "the quick brown fox jumps over a lazy dog while export hooks write checkpoints".split()
@@ -82,7 +86,9 @@ def offline(trained, tmp_path_factory):
 def engine_consolidation(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict as the engine's own tools consolidate it."""
     if (ckpt / "deepspeed").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed")))
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

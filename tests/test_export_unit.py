@@ -7,9 +7,16 @@ import json
 import pytest
 import torch
 
-from tests.test_export_support import TINY_LLAMA, export_tensors, logits, make_checkpoint, make_tokenizer
+from data_pipeline.fsutil import file_sha256
+from tests.test_export_support import (
+    TINY_LLAMA,
+    export_tensors,
+    logits,
+    make_checkpoint,
+    make_tokenizer,
+)
 from train.export.config import ExportConfig
-from train.export.files import sha256_file, verify_dir
+from train.export.files import verify_dir
 from train.export.hf_export import export_checkpoint
 from train.export.verify import ExportVerificationError, verify_batch
 
@@ -52,7 +59,7 @@ def test_fp32_export_equals_checkpoint_and_loads_offline(ckpt, tmp_path):
     assert on_disk["source_checkpoint"] == str(ckpt.path.resolve())
     assert on_disk["tokenizer"] is None and "synthetic" in on_disk["tokenizer_note"]
     for rel, info in on_disk["files"].items():
-        assert sha256_file(out / rel) == info["sha256"], rel
+        assert file_sha256(out / rel) == info["sha256"], rel
     v = on_disk["verification"]
     assert v["passed"] and v["max_abs_diff"] == 0.0 and v["reference"] == "checkpoint fp32 weights"
     assert len(v["generated_ids"]) == 8
@@ -206,7 +213,8 @@ def test_export_configs_compose_and_validate(group, tmp_path):
     from omegaconf import OmegaConf
 
     from train.config import load_config
-    from train.export.__main__ import CONF_DIR, compose as compose_cmd, export_config
+    from train.export.__main__ import CONF_DIR, export_config
+    from train.export.__main__ import compose as compose_cmd
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         raw = OmegaConf.to_container(compose("train", overrides=[f"export={group}", f"run.dir={tmp_path}"]),

@@ -47,7 +47,7 @@ def test_blocks_compute_in_bf16_over_nccl(info, tmp_path, strategy):
         for h in hooks:
             h.remove()
     assert seen == [torch.bfloat16] * len(decoder_layers(model)) and torch.isfinite(loss)
-    masters = [p for p in engine.optimizer.param_groups[0]["params"]] if strategy != "zero3" else \
+    masters = engine.optim.optimizer.param_groups[0]["params"] if strategy != "zero3" else \
         engine.engine.optimizer.fp32_partitioned_groups_flat
     assert masters and all(p.dtype == torch.float32 for p in masters)  # fp32 master weights
 
@@ -62,7 +62,7 @@ def test_fsdp_offload_keeps_parameter_shards_on_cpu(info, tmp_path, strategy, ho
     engine.forward_backward(batch(info.device), sync_grads=True)
     engine.step()
     assert {_local(p).device.type for p in model.parameters()} == {home}
-    states = [s["exp_avg"] for s in engine.optimizer.state.values()]
+    states = [s["exp_avg"] for s in engine.optim.optimizer.state.values()]
     assert states and {_local(t).device.type for t in states} == {home}
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 
-from train.report import load_records, main, resumes
 from tests.helpers import REPO
-
+from train.report import load_records, main, resumes
 
 
 def _write_metrics(run_dir: Path) -> None:

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from tests.helpers import REPO, TINY, losses
 from train.report import write_report
 from train.tracking.offline import offline_runs
-from tests.helpers import REPO, TINY, losses
 
 API_KEY, HF_TOKEN, CLI_TOKEN = "wbkey" + "5" * 35, "hf_e2e_token_31337", "cli-e2e-secret-2718"
 

@@ -9,10 +9,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from data_pipeline.schema import ConfigError, load
 from train.tracking import NullTracker, TrackingConfig, build_tracker
 from train.tracking.alerts import LossMonitor
-from train.tracking.flops import (device_peak_flops, flops_per_token, flops_per_token_from_model, mfu,
-                                  peak_flops)
+from train.tracking.flops import (
+    device_peak_flops,
+    flops_per_token,
+    flops_per_token_from_model,
+    mfu,
+    peak_flops,
+)
 from train.tracking.progress import Progress
 from train.tracking.redact import REDACTED, is_secret_key, redact, redact_argv
 from train.tracking.straggler import StragglerMonitor
@@ -160,10 +166,12 @@ def test_progress_bar_on_a_terminal():
 
 
 def test_config_validate_names_keys():
-    cfg = TrackingConfig(kind="wandb", mode="sometimes", console="loud", run_id="has space",
-                         peak_flops=-1.0, loss_spike_factor=1.0, straggler_every=-1, straggler_margin=0.0,
-                         settings={"not_a_setting": 1, "base_url": "http://x"})
-    text = "\n".join(cfg.validate())
+    raw = dict(kind="wandb", mode="sometimes", console="loud", run_id="has space", peak_flops=-1.0,
+               loss_spike_factor=1.0, straggler_every=-1, straggler_margin=0.0,
+               settings={"not_a_setting": 1, "base_url": "http://x"})
+    with pytest.raises(ConfigError) as err:
+        load(TrackingConfig, raw, prefix="tracking")
+    text = "\n".join(err.value.problems)
     for key in ("tracking.mode", "tracking.console", "tracking.run_id", "tracking.peak_flops",
                 "tracking.loss_spike_factor", "tracking.straggler_every", "tracking.straggler_margin",
                 "tracking.settings.not_a_setting"):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from train.tracking import NullTracker, TrackingConfig, build_tracker
 from train.tracking.offline import offline_runs
 from train.tracking.redact import REDACTED
-from tests.helpers import REPO
 
 CONFIG = {"run": {"name": "unit"}, "trainer": {"max_steps": 8, "seq_len": 32},
           "model": {"num_key_value_heads": 2}}

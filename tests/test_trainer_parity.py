@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import losses, run_train, TINY
+from tests.helpers import TINY, losses, run_train
 
 # Global batch 4 everywhere: 2 ranks x micro 2, or 1 rank x micro 2 x accumulation 2.
 COMMON = ("trainer.max_steps=8", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",

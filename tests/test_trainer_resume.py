@@ -8,8 +8,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import (TINY, kill_all, logged_steps, losses, run_train, start_train, child_env,
-                            wait_for)
+from tests.helpers import (
+    TINY,
+    child_env,
+    kill_all,
+    logged_steps,
+    losses,
+    run_train,
+    start_train,
+    wait_for,
+)
 
 # Constant LR: a run's curve does not depend on max_steps, so runs of different lengths compare.
 BASE = (*TINY, "schedule=constant", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")
@@ -48,7 +56,7 @@ def test_sigkill_after_checkpoint_then_same_command_matches_uninterrupted(strate
 
 def test_kill_while_writing_a_checkpoint_falls_back_to_the_previous_one(tmp_path, reference_runs):
     args = [*BASE, "strategy=fsdp", "trainer.max_steps=12", "checkpoint.every_steps=4", f"run.dir={tmp_path}"]
-    proc = run_train(args, nproc=2, check=False, env=child_env(SCALETRAIN_DEBUG_KILL_IN_SAVE="8"))
+    proc = run_train(args, nproc=2, check=False, env=child_env(SCALETRAIN_FAULT="checkpoint.publish@8"))
     assert proc.returncode != 0
     assert ckpts(tmp_path) == ["step_00000004"] and latest(tmp_path) == "step_00000004"
     assert (tmp_path / "checkpoints" / ".tmp-step_00000008").is_dir()  # the torn write, never published

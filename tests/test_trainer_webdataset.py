@@ -4,7 +4,15 @@ from __future__ import annotations
 import pytest
 
 from data_pipeline.testing import make_shards
-from tests.helpers import TINY, kill_all, logged_steps, losses, run_train, start_train, wait_for
+from tests.helpers import (
+    TINY,
+    kill_all,
+    logged_steps,
+    losses,
+    run_train,
+    start_train,
+    wait_for,
+)
 from train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

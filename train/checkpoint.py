@@ -1,4 +1,4 @@
-"""Checkpoints that never lose work.
+"""Checkpoints that never lose work (the layout itself lives in train/checkpoint_layout.py).
 
 A checkpoint is written into `checkpoints/.tmp-step_N`, listed (file sizes) in
 `trainer_state.json`, renamed to `step_N` when every rank has finished, and only then named
@@ -7,28 +7,41 @@ checkpoints, skipping any that is partial or fails to load, with a warning namin
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
-import re
 import shutil
-import signal
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from data_pipeline.fsutil import atomic_write_text, fsync_dir
 from train import dist as d
-from train.fsutil import atomic_write_text, fsync_dir
+from train import faults
+from train.checkpoint_layout import (
+    CONFIG_FILE,
+    LATEST,
+    STATE_FILE,
+    TMP_PREFIX,
+    LayoutError,
+    check_checkpoint,
+    complete_checkpoints,
+    file_sizes,
+    read_state,
+    resume_candidates,
+    step_dir_name,
+    tmp_dir_name,
+)
 
 log = logging.getLogger("scaletrain.checkpoint")
-STEP_RE = re.compile(r"^step_(\d{8})$")
-# DeepSpeed's world-size-independent copy of a checkpoint, made next to deepspeed/ when resuming
-# on another number of ranks.
-UNIVERSAL = "deepspeed_universal"
+__all__ = ["TrainState", "Checkpointer", "load_train_state", "load_rank_files", "resume_candidates",
+           "rng_state", "set_rng_state"]
 
 
 @dataclass
@@ -41,10 +54,6 @@ class TrainState:
     tokenizer_dir: str | None = None
     config_digest: str = ""
     files: dict[str, int] = field(default_factory=dict)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,115 +77,123 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
-                    save_native: Callable[[Path], None], loader_state: dict[str, Any],
-                    config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank calls it; returns the final checkpoint directory."""
-    name = step_dir_name(state.step)
-    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-    if info.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        for sub in ("rng", "data"):
-            (tmp / sub).mkdir(parents=True)
-    d.barrier()
-    save_native(tmp)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
-    torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
-    d.barrier()
-    _fault_injection(state.step)
-    if info.is_main:
-        _publish(ckpt_root, tmp, final, state, config_yaml)
-        _retain(ckpt_root, keep_last)
-    d.barrier()
-    return final
+@dataclass
+class PendingSave:
+    """A checkpoint whose engine state is still being written in the background."""
+
+    tmp: Path
+    final: Path
+    state: TrainState
+    futures: list[Future]
+    done: bool = False
 
 
-def _fault_injection(step: int) -> None:
-    """Tests kill the job mid-write with SCALETRAIN_DEBUG_KILL_IN_SAVE=<step>: a real SIGKILL of
-    every rank after the shards are written and before the checkpoint is published."""
-    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_SAVE") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
+class Checkpointer:
+    """Writes checkpoints under `root`, blocking or (where the engine can) asynchronously.
+
+    Asynchronous saves block training only while the state is staged to host memory; the
+    write goes on in background threads. The checkpoint becomes `step_N` and `latest` only
+    once its write has completed, through the same rename as a blocking save; a failed write
+    is reported and never published. At most one save is in flight: the next save, a stop and
+    the end of training wait for it.
+    """
+
+    def __init__(self, root: Path, info: d.DistInfo, config_yaml: str, keep_last: int) -> None:
+        self.root, self.info, self.config_yaml, self.keep_last = root, info, config_yaml, keep_last
+        self.pending: PendingSave | None = None
+
+    def save(self, state: TrainState, strategy: Any, loader_state: dict[str, Any], blocking: bool) -> Path:
+        """Collective: every rank calls it; returns the final checkpoint directory (which exists
+        once the save is complete: at once when blocking, after `wait` or `poll` otherwise)."""
+        self.wait()
+        final, tmp = self.root / step_dir_name(state.step), self.root / tmp_dir_name(state.step)
+        if self.info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            for sub in ("rng", "data"):
+                (tmp / sub).mkdir(parents=True)
+        d.barrier()
+        save_async = None if blocking else getattr(strategy, "save_async", None)
+        futures = save_async(tmp) if save_async else strategy.save(tmp)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.info.rank:05d}.pt")
+        torch.save(loader_state, tmp / "data" / f"rank_{self.info.rank:05d}.pt")
+        d.barrier()  # every rank's files are written (or, async, staged and being written)
+        self.pending = PendingSave(tmp, final, dataclasses.replace(state), list(futures or []))
+        if futures:
+            faults.hit("checkpoint.async_inflight", state.step)
+        else:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Publish a finished background save (rank 0 only, no collective: DCP's coordinator
+        finishes its write only after every rank's data is written)."""
+        p = self.pending
+        if p is not None and self.info.is_main and not p.done and all(f.done() for f in p.futures):
+            self._finish(p)
+
+    def wait(self) -> None:
+        """Collective: finish the save in flight, if any, and publish it."""
+        if self.pending is not None:
+            self._finish(self.pending)
+            self.pending = None
+        d.barrier()
+
+    def _finish(self, p: PendingSave) -> None:
+        if p.done:
+            return
+        p.done = True
+        try:
+            for f in p.futures:
+                f.result()
+        except Exception as e:
+            log.error("checkpoint of step %d failed while writing (%s: %s); checkpoints/latest still names "
+                      "the previous one", p.state.step, type(e).__name__, e)
+            if self.info.is_main:
+                shutil.rmtree(p.tmp, ignore_errors=True)
+            return
+        if self.info.is_main:
+            faults.hit("checkpoint.publish", p.state.step)
+            _publish(self.root, p.tmp, p.final, p.state, self.config_yaml)
+            _retain(self.root, self.keep_last)
 
 
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml: str) -> None:
-    (tmp / "config.yaml").write_text(config_yaml)
-    state.files = {str(p.relative_to(tmp)): p.stat().st_size
-                   for p in sorted(tmp.rglob("*")) if p.is_file()}
-    atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(state), indent=1, default=str))
+    atomic_write_text(tmp / CONFIG_FILE, config_yaml)
+    state.files = file_sizes(tmp)
+    atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1, default=str))
     if final.exists():  # the same step saved again (e.g. stop signal right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)
-    atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write_text(root / LATEST, final.name + "\n")
     fsync_dir(root)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Step directories, newest first (temporary ones never match)."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)),
-                  key=lambda p: p.name, reverse=True)
 
 
 def _retain(root: Path, keep_last: int) -> None:
     valid = [p for p in complete_checkpoints(root) if check_checkpoint(p) is None]
     for old in valid[max(1, keep_last):]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):
+    for stale in root.glob(TMP_PREFIX + "step_*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def check_checkpoint(path: Path) -> str | None:
-    """None when `path` is complete; otherwise what is wrong with it."""
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file():
-        return "no trainer_state.json (incomplete write)"
-    try:
-        files = json.loads(state_file.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable trainer_state.json ({e})"
-    for rel, size in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"missing file {rel}"
-        if f.stat().st_size != size:
-            return f"file {rel} has {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
-    return None
-
-
-def resume_candidates(root: Path) -> list[Path]:
-    """Checkpoints to try, best first: `latest`, then older complete ones. Warns on every skip."""
-    ordered = complete_checkpoints(root)
-    latest_file = root / "latest"
-    if latest_file.is_file():
-        named = root / latest_file.read_text().strip()
-        if named in ordered:
-            ordered.remove(named)
-            ordered.insert(0, named)
-        else:
-            log.warning("checkpoints/latest names %s, which does not exist; looking for older checkpoints", named)
-    out = []
-    for p in ordered:
-        problem = check_checkpoint(p)
-        if problem:
-            log.warning("skipping checkpoint %s: %s", p, problem)
-        else:
-            out.append(p)
-    return out
-
-
-def read_state(path: Path) -> TrainState:
-    return TrainState(**json.loads((path / "trainer_state.json").read_text()))
+def load_train_state(path: Path) -> TrainState:
+    """trainer_state.json as a TrainState; keys this version does not know are ignored."""
+    raw = read_state(path)
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in raw.items() if k in known})
 
 
 def load_rank_files(path: Path, info: d.DistInfo, saved_world: int) -> tuple[dict, list[dict]]:
     """This rank's RNG state and the loader states to restore (own, or all ranks' if resharding)."""
+    def load(sub: str, rank: int) -> Any:
+        f = path / sub / f"rank_{rank:05d}.pt"
+        try:
+            return torch.load(f, weights_only=True)
+        except Exception as e:  # any bytes: a zip/pickle error of whatever kind
+            raise LayoutError(f"{f} cannot be read ({type(e).__name__}: {e})") from None
+
     if saved_world == info.world_size:
-        rng = torch.load(path / "rng" / f"rank_{info.rank:05d}.pt", weights_only=True)
-        data = [torch.load(path / "data" / f"rank_{info.rank:05d}.pt", weights_only=True)]
-    else:
-        rng = torch.load(path / "rng" / f"rank_{min(info.rank, saved_world - 1):05d}.pt", weights_only=True)
-        data = [torch.load(path / "data" / f"rank_{r:05d}.pt", weights_only=True) for r in range(saved_world)]
-    return rng, data
+        return load("rng", info.rank), [load("data", info.rank)]
+    return load("rng", min(info.rank, saved_world - 1)), [load("data", r) for r in range(saved_world)]

@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
-from data_pipeline.schema import ConfigError, build
+from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
+                                   missing_local)
+from data_pipeline.schema import ConfigError, build, load
 from train.export.config import ExportConfig
+from train.strategies.config import DDPConfig, StrategyConfig
 from train.tracking.config import TrackingConfig
+
+__all__ = ["Config", "ConfigError", "build", "load_config", "grad_accum_steps", "env_world_size"]
 
 
 @dataclass
@@ -29,7 +33,7 @@ class ModelConfig:
     """A Llama-style decoder built from config, or a local Hugging Face checkpoint."""
 
     name: str = "tiny"
-    kind: str = "llama"
+    kind: Literal["llama", "hf_local"] = "llama"
     """`llama` (built from the fields below) or `hf_local` (loaded from `path`)."""
     path: str | None = None
     """Local Hugging Face checkpoint directory for kind=hf_local (never downloaded)."""
@@ -50,27 +54,8 @@ class ModelConfig:
 
 
 @dataclass
-class StrategyConfig:
-    """How the model is distributed; one file per engine under train/strategies/."""
-
-    name: str = "ddp"
-    kind: str = "ddp"
-    """`ddp`, `fsdp` or `deepspeed`."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 1, 2 or 3."""
-    offload_optimizer: bool = False
-    """ZeRO: optimizer state on CPU."""
-    offload_params: bool = False
-    """ZeRO-3: parameters on CPU. FSDP: CPUOffloadPolicy (params, grads, optimizer on CPU)."""
-    reshard_after_forward: bool = True
-    """FSDP2: free gathered parameters after forward (ZeRO-3 like); false = ZeRO-2 like."""
-    deepspeed: dict[str, Any] = field(default_factory=dict)
-    """Extra DeepSpeed config merged over the generated one (e.g. bucket sizes)."""
-
-
-@dataclass
 class OptimConfig:
-    name: str = "adamw"
+    kind: Literal["adamw"] = "adamw"
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -79,7 +64,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"
+    kind: Literal["cosine", "constant"] = "cosine"
     """`cosine` (linear warmup then cosine decay) or `constant` (linear warmup then flat)."""
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
@@ -107,9 +92,11 @@ class TrainerConfig:
     """Evaluate every N steps (0 = never)."""
     eval_batches: int = 4
     activation_checkpointing: bool = False
-    dtype: str = "auto"
+    compile: bool = False
+    """torch.compile each decoder block (after activation checkpointing, before sharding)."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto, cpu or cuda."""
 
 
@@ -122,13 +109,16 @@ class CheckpointConfig:
     resume: bool = True
     """Resume automatically from checkpoints/latest when present."""
     at_end: bool = True
+    async_save: bool = field(default=False, metadata={"key": "async"})
+    """`checkpoint.async`: stage the state, write it in the background (DDP and FSDP2; DeepSpeed
+    saves blocking). A checkpoint becomes `latest` only once its write has completed."""
 
 
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    strategy: StrategyConfig = field(default_factory=DDPConfig)
     data: SyntheticDataConfig | WebDatasetConfig = field(default_factory=SyntheticDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -149,61 +139,47 @@ def env_world_size() -> int:
 
 
 def validate(cfg: Config, world_size: int) -> list[str]:
-    """Cross-field checks; returns problems (empty when the config can run)."""
-    p: list[str] = []
-    t, m, s = cfg.trainer, cfg.model, cfg.strategy
-    if t.max_steps < 1:
-        p.append(f"trainer.max_steps={t.max_steps}: must be >= 1")
-    if t.micro_batch_size < 1:
-        p.append(f"trainer.micro_batch_size={t.micro_batch_size}: must be >= 1")
-    if t.grad_accum_steps < 1:
-        p.append(f"trainer.grad_accum_steps={t.grad_accum_steps}: must be >= 1")
-    if t.global_batch_size is not None:
+    """Cross-field checks (types and enumerations are checked by the converter); returns problems."""
+    t, m = cfg.trainer, cfg.model
+    llama = m.kind == "llama"
+    rules = [
+        (t.max_steps < 1, f"trainer.max_steps={t.max_steps}: must be >= 1"),
+        (t.micro_batch_size < 1, f"trainer.micro_batch_size={t.micro_batch_size}: must be >= 1"),
+        (t.grad_accum_steps < 1, f"trainer.grad_accum_steps={t.grad_accum_steps}: must be >= 1"),
+        (t.seq_len < 2, f"trainer.seq_len={t.seq_len}: must be >= 2"),
+        (llama and t.seq_len > m.max_position_embeddings,
+         f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}: "
+         "lower trainer.seq_len"),
+        (m.kind == "hf_local" and not m.path,
+         "model.path is not set: model=hf_local needs model.path=/local/hf/checkpoint"),
+        (m.kind == "hf_local" and bool(m.path) and not (Path(m.path or ".") / "config.json").is_file(),
+         f"model.path={m.path!r} has no config.json: point it at a local Hugging Face checkpoint "
+         "directory (nothing is downloaded)"),
+        (llama and m.hidden_size % max(1, m.num_attention_heads) != 0,
+         f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"),
+        (llama and m.num_attention_heads % max(1, m.num_key_value_heads) != 0,
+         f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+         f"model.num_key_value_heads={m.num_key_value_heads}"),
+        (cfg.checkpoint.keep_last < 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1"),
+    ]
+    p = [msg for bad, msg in rules if bad]
+    if t.compile and cfg.strategy.compile_problem():
+        p.append(cfg.strategy.compile_problem())
+    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
         per_step = t.micro_batch_size * world_size
-        if t.global_batch_size % per_step:
-            p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-                     f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
-                     f"set trainer.global_batch_size to a multiple of {per_step} or change "
-                     "trainer.micro_batch_size")
-    if t.seq_len < 2:
-        p.append(f"trainer.seq_len={t.seq_len}: must be >= 2")
-    if t.dtype not in ("auto", "fp32", "bf16"):
-        p.append(f"trainer.dtype={t.dtype!r}: use auto, fp32 or bf16")
-    if t.device not in ("auto", "cpu", "cuda"):
-        p.append(f"trainer.device={t.device!r}: use auto, cpu or cuda")
-    if t.seq_len > m.max_position_embeddings and m.kind == "llama":
-        p.append(f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings="
-                 f"{m.max_position_embeddings}: lower trainer.seq_len")
-    if m.kind not in ("llama", "hf_local"):
-        p.append(f"model.kind={m.kind!r}: use llama or hf_local")
-    if m.kind == "hf_local":
-        if not m.path:
-            p.append("model.path is not set: model=hf_local needs model.path=/local/hf/checkpoint")
-        elif not (Path(m.path) / "config.json").is_file():
-            p.append(f"model.path={m.path!r} has no config.json: point it at a local Hugging Face "
-                     "checkpoint directory (nothing is downloaded)")
-    if m.kind == "llama" and m.hidden_size % m.num_attention_heads:
-        p.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-                 f"{m.num_attention_heads}")
-    if m.kind == "llama" and m.num_attention_heads % m.num_key_value_heads:
-        p.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-                 f"model.num_key_value_heads={m.num_key_value_heads}")
-    if s.kind not in ("ddp", "fsdp", "deepspeed"):
-        p.append(f"strategy.kind={s.kind!r}: use strategy=ddp|zero1|zero2|zero3|zero3_offload|fsdp|fsdp_offload")
-    if s.kind == "deepspeed" and s.zero_stage not in (1, 2, 3):
-        p.append(f"strategy.zero_stage={s.zero_stage}: DeepSpeed needs 1, 2 or 3")
-    if s.kind == "deepspeed" and s.offload_params and s.zero_stage != 3:
-        p.append("strategy.offload_params=true needs strategy.zero_stage=3")
-    if cfg.schedule.name not in ("cosine", "constant"):
-        p.append(f"schedule.name={cfg.schedule.name!r}: use schedule=cosine or schedule=constant")
-    if cfg.optim.name != "adamw":
-        p.append(f"optim.name={cfg.optim.name!r}: only adamw is available")
-    if cfg.checkpoint.keep_last < 1:
-        p.append(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1")
-    for section in (cfg.data, cfg.tracking, cfg.export):
+        p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+                 f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
+                 f"set trainer.global_batch_size to a multiple of {per_step} or change "
+                 "trainer.micro_batch_size")
+    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export):
         p.extend(section.validate())
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
+        p.extend(chat_len_problems(cfg.data, t.seq_len))
+        if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
+            from data_pipeline.remote_table import unreachable
+
+            p.extend(unreachable(cfg.data))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 
@@ -222,17 +198,9 @@ def _check_run_dir(run_dir: str) -> list[str]:
 
 def load_config(raw: dict[str, Any], world_size: int | None = None) -> Config:
     """Turn a resolved config mapping into `Config`, raising one ConfigError with every problem."""
-    problems: list[str] = []
     raw = {k: v for k, v in raw.items() if k not in ("hydra", "launch", "target", "dry_run")}
-    cfg = build(Config, raw, "", problems)
-    try:
-        problems.extend(validate(cfg, world_size if world_size is not None else env_world_size()))
-    except (TypeError, ValueError, AttributeError):
-        pass  # a value of the wrong type, already reported above, broke a cross-field check
-
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    world = world_size if world_size is not None else env_world_size()
+    return load(Config, raw, lambda cfg: validate(cfg, world))
 
 
 def grad_accum_steps(cfg: TrainerConfig, world_size: int) -> int:

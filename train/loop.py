@@ -9,11 +9,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import resource
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,16 +19,23 @@ from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
 from train import dist as d
-from train.checkpoint import (UNIVERSAL, TrainState, load_rank_files, read_state, resume_candidates,
-                              save_checkpoint, set_rng_state)
+from train.checkpoint import (
+    Checkpointer,
+    TrainState,
+    load_rank_files,
+    load_train_state,
+    resume_candidates,
+    set_rng_state,
+)
 from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
 from train.metrics import MetricsFile
 from train.model import build_model, lm_loss, num_params
 from train.signals import StopRequest
-from train.strategies import build_strategy
+from train.strategies import build_strategy, strategy_class
+from train.strategies.base import Strategy
 from train.tracking import build_tracker
-from train.tracking.flops import flops_per_token, mfu, peak_flops
+from train.tracking.flops import mfu, model_flops_per_token, peak_flops
 from train.tracking.progress import Progress
 from train.tracking.redact import redact
 from train.tracking.straggler import StragglerMonitor
@@ -41,7 +44,8 @@ log = logging.getLogger("scaletrain")
 
 
 def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
-    info = d.init_distributed(cfg.trainer.device, need_group=cfg.strategy.kind != "ddp")
+    info = d.init_distributed(cfg.trainer.device,
+                              need_group=strategy_class(cfg.strategy.kind).needs_process_group)
     run_dir = Path(cfg.run.dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,19 +61,15 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                          f"{model.config.vocab_size}: use a tokenizer that matches model.path, or set "
                          "model.vocab_size >= the data's vocabulary")
     n_params = num_params(model)
+    flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
 
     resume_from, saved = _pick_resume(run_dir / "checkpoints", cfg, info)
-    universal = (resume_from is not None and cfg.strategy.kind == "deepspeed"
-                 and saved.world_size != info.world_size)
-    if universal:
-        _to_universal(resume_from, info)
-    strategy = build_strategy(model, cfg, info, accum, load_universal=universal)
+    strategy = build_strategy(model, cfg, info, accum)
     state = TrainState(world_size=info.world_size, model_config=model.config.to_dict(),
-                       strategy={"name": cfg.strategy.name, "kind": cfg.strategy.kind,
-                                 "zero_stage": cfg.strategy.zero_stage},
-                       tokenizer_dir=loader.tokenizer_dir, config_digest=_digest(raw_cfg))
+                       strategy=strategy.describe(), tokenizer_dir=loader.tokenizer_dir,
+                       config_digest=_digest(raw_cfg))
     if resume_from is not None:
-        _restore(resume_from, saved, strategy, loader, info, universal)
+        _restore(resume_from, saved, strategy, loader, info)
         state.step, state.tokens = saved.step, saved.tokens
         log.info("resumed from %s at step %d", resume_from, state.step)
 
@@ -84,11 +84,6 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                             config=public_cfg, resume=resume_from is not None)
     stop = StopRequest(run_dir)
-    try:
-        flops_tok = flops_per_token(model.config, t.seq_len)
-    except ValueError as e:
-        log.warning("%s", e)
-        flops_tok = None
     peak = peak_flops(info.device, cfg.tracking.peak_flops)
     straggler = StragglerMonitor(cfg.tracking.straggler_every, cfg.tracking.straggler_margin)
     progress = Progress(t.max_steps, initial_step=state.step, enabled=info.is_main and cfg.tracking.progress,
@@ -99,18 +94,21 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
 
     exporter = ExportHook(cfg.export, run_dir, rank=info.rank)
 
-    def checkpoint() -> Path:
+    checkpointer = Checkpointer(run_dir / "checkpoints", info, config_yaml, cfg.checkpoint.keep_last)
+    if cfg.checkpoint.async_save and not hasattr(strategy, "save_async"):
+        log.warning("checkpoint.async=true: strategy %s saves blocking (only DDP and FSDP2 save in the "
+                    "background)", cfg.strategy.name)
+
+    def checkpoint(blocking: bool) -> Path:
         t0 = time.perf_counter()
-        path = save_checkpoint(run_dir / "checkpoints", state, info, strategy.save, loader.state_dict(),
-                               config_yaml, cfg.checkpoint.keep_last)
-        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}
+        path = checkpointer.save(state, strategy, loader.state_dict(), blocking)
+        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}  # the stall
         metrics.write(timing)
         tracker.log(timing, state.step)
         return path
 
     tokens_per_step = t.micro_batch_size * t.seq_len * accum * info.world_size
     batches = iter(loader)
-    stopped = False
     window_t0, window_steps = time.perf_counter(), 0
     while state.step < t.max_steps and (t.max_tokens is None or state.tokens < t.max_tokens):
         step_t0, data_wait, losses = time.perf_counter(), 0.0, []
@@ -157,9 +155,11 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         every = cfg.checkpoint.every_steps
         export_now = exporter.due(state.step, final=last)
         if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end) or export_now:
-            ckpt_path = checkpoint()
+            # in the background only when training goes on and nothing reads the checkpoint next
+            ckpt_path = checkpoint(blocking=not cfg.checkpoint.async_save or stopped or last or export_now)
+        checkpointer.poll()
         if export_now:  # from the checkpoint just written, so it equals an offline export of it
-            timing = export(exporter, strategy, model.config, ckpt_path, state.step, info, cfg, tracker)
+            timing = export(exporter, strategy, model.config, ckpt_path, state.step, info, tracker)
             metrics.write(timing)
         if stopped:
             log.warning("stop requested (%s): checkpointed step %d, exiting", stop.reason(), state.step)
@@ -167,6 +167,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                 stop.clear()
             break
 
+    checkpointer.wait()
     progress.close()
     tracker.finish()
     d.barrier()
@@ -174,21 +175,18 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     return state
 
 
-def export(exporter: ExportHook, strategy, model_cfg, ckpt_path: Path, step: int, info: d.DistInfo,
-           cfg: Config, tracker) -> dict[str, Any]:
+def export(exporter: ExportHook, strategy: Strategy, model_cfg, ckpt_path: Path, step: int,
+           info: d.DistInfo, tracker) -> dict[str, Any]:
     """Every rank runs the live (possibly sharded) model on the verification batch; rank 0 then
     exports the checkpoint and checks the exported model's logits against these."""
     t0 = time.perf_counter()
     ids = exporter.verify_batch(model_cfg.vocab_size, getattr(model_cfg, "max_position_embeddings", None))
-    with torch.no_grad():
-        strategy.model.eval()
+    with strategy.forward_context():
         reference = strategy.model(input_ids=ids.to(info.device)).logits.float().cpu()
-        strategy.model.train()
     meta: dict[str, Any] = {}
     if info.is_main:
-        bf16 = cfg.trainer.dtype == "bf16" or (cfg.trainer.dtype == "auto" and info.device.type == "cuda")
-        meta = exporter(step, ckpt_path, reference_logits=reference,
-                        reference_precision="bf16" if bf16 else "fp32")
+        precision = "bf16" if strategy.compute_dtype == torch.bfloat16 else "fp32"
+        meta = exporter(step, ckpt_path, reference_logits=reference, reference_precision=precision)
         if "path" in meta:
             tracker.log_export(meta["path"], meta)
     d.barrier()
@@ -197,18 +195,16 @@ def export(exporter: ExportHook, strategy, model_cfg, ckpt_path: Path, step: int
     return timing
 
 
-@torch.no_grad()
-def evaluate(strategy, cfg: Config, info: d.DistInfo) -> dict[str, float]:
+def evaluate(strategy: Strategy, cfg: Config, info: d.DistInfo) -> dict[str, float]:
     """Mean loss over `trainer.eval_batches` held-out micro-batches per rank, and perplexity."""
     t = cfg.trainer
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                           micro_batch_size=t.micro_batch_size, seq_len=t.seq_len, split="val")
-    strategy.model.eval()
     losses = []
-    for _, batch in zip(range(t.eval_batches), loader):
-        batch = {k: v.to(info.device) for k, v in batch.items()}
-        losses.append(lm_loss(strategy.model, batch).item())
-    strategy.model.train()
+    with strategy.forward_context():
+        for _, batch in zip(range(t.eval_batches), loader):
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            losses.append(lm_loss(strategy.model, batch).item())
     loss = d.mean_across_ranks([sum(losses) / max(1, len(losses))], info.device)[0]
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
@@ -220,11 +216,11 @@ def _pick_resume(root: Path, cfg: Config, info: d.DistInfo) -> tuple[Path | None
     if not candidates:
         return None, None
     path = Path(candidates[0])
-    return path, read_state(path)
+    return path, load_train_state(path)
 
 
-def _restore(path: Path, saved: TrainState, strategy, loader, info: d.DistInfo, universal: bool) -> None:
-    strategy.load(path, universal=universal)
+def _restore(path: Path, saved: TrainState, strategy: Strategy, loader, info: d.DistInfo) -> None:
+    strategy.load(path, saved.world_size)
     rng, data_states = load_rank_files(path, info, saved.world_size)
     set_rng_state(rng)
     if saved.world_size == info.world_size:
@@ -233,29 +229,6 @@ def _restore(path: Path, saved: TrainState, strategy, loader, info: d.DistInfo, 
         log.warning("checkpoint %s was written by %d ranks; resuming on %d (resharded)",
                     path, saved.world_size, info.world_size)
         loader.load_elastic(data_states)
-
-
-def _to_universal(path: Path, info: d.DistInfo) -> None:
-    """DeepSpeed shards optimizer state by world size; its universal format reshards on load.
-
-    Rank 0 converts once (`deepspeed.checkpoint.ds_to_universal`) into a temporary folder that
-    is renamed when complete, so a crash mid-conversion leaves nothing half-written.
-    """
-    out = path / UNIVERSAL
-    if info.is_main and not out.is_dir():
-        tmp = path / f".tmp-{UNIVERSAL}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("converting %s to DeepSpeed's universal checkpoint for a new world size", path)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               str(path / "deepspeed" / "state"), "--output_folder", str(tmp / "state"),
-               "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not convert {path} to a universal checkpoint ({proc.stderr[-2000:]}); "
-                               "resume on the original world size instead")
-        (tmp / "latest_universal").write_text("state")
-        os.rename(tmp, out)
-    d.barrier()
 
 
 def _digest(raw_cfg: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -23,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from data_pipeline.fsutil import atomic_write, atomic_write_text
 
 log = logging.getLogger("scaletrain.report")
 
@@ -75,10 +76,8 @@ def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _figure(title: str, ylabel: str) -> tuple[plt.Figure, plt.Axes]:
@@ -229,9 +228,7 @@ def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     images = plot_all(records, out)
-    tmp = out / ".tmp-summary.md"
-    tmp.write_text(summarize(records, run_dir, images))
-    os.replace(tmp, out / "summary.md")
+    atomic_write_text(out / "summary.md", summarize(records, run_dir, images))
     return out
 
 

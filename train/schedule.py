@@ -15,7 +15,7 @@ def lr_lambda(cfg: ScheduleConfig, max_steps: int) -> Callable[[int], float]:
     def fn(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if cfg.name == "constant":
+        if cfg.kind == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from data_pipeline.fsutil import free_port  # noqa: F401  (re-exported for tests)
 from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,12 +26,6 @@ def compose_train(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

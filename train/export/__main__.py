@@ -2,7 +2,8 @@
 
 Overrides are Hydra's (root config conf/export_cmd.yaml, group export/), so every export.*
 setting of training works here too: `export.dtype=bf16 export.gguf=q8_0 export.verify=false`.
-Exit status: 0 done, 1 the export or its verification failed, 2 bad arguments or checkpoint.
+Exit status: 0 done, 1 the export or its verification failed (NaN/inf weights included), 2 bad
+arguments, an `out=` that is not an earlier export, or an unreadable checkpoint or export.json.
 """
 from __future__ import annotations
 
@@ -29,16 +30,10 @@ def compose(overrides: list[str]) -> dict[str, Any]:
 
 def export_config(raw: dict[str, Any]) -> Any:
     """ExportConfig from the `export` section, every problem collected into one error."""
-    from train.config import ConfigError, build
+    from data_pipeline.schema import load
     from train.export.config import ExportConfig
 
-    problems: list[str] = []
-    cfg = build(ExportConfig, raw, "export", problems)
-    if not problems:
-        problems = cfg.validate()
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return load(ExportConfig, raw, prefix="export")
 
 
 def default_out(checkpoint: Path) -> Path:
@@ -106,12 +101,16 @@ def _export(raw: dict[str, Any]) -> int:
 
 def _verify(path: str) -> int:
     from train.export.files import ExportVerifyError, verify_dir
+    from train.checkpoint_layout import LayoutError
 
     try:
         report = verify_dir(path)
     except ExportVerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except LayoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"path": str(Path(path).absolute()), "ok": True, **report}))
     return 0
 

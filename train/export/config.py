@@ -4,14 +4,14 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Optional, get_args
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-DTYPES = ("fp32", "bf16", "fp16")
-GGUF_TYPES = ("f16", "q8_0")
+GGUFType = Literal["f16", "q8_0"]
+GGUF_TYPES = get_args(GGUFType)
 
 
 def parse_size(value: str | int) -> int:
@@ -29,11 +29,11 @@ def parse_size(value: str | int) -> int:
 class ExportConfig:
     """Serving exports written into RUN_DIR/exports/step_N."""
 
-    kind: str = "none"
+    kind: Literal["hf", "none"] = "none"
     """`hf` or `none`."""
     every_steps: int = 0
     """Export every N steps (0 = only at the end of training)."""
-    dtype: str = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """fp32, bf16 or fp16."""
     verify: bool = True
     """Reload with transformers and compare logits before the export becomes visible."""
@@ -41,7 +41,7 @@ class ExportConfig:
     """Exports kept under RUN_DIR/exports (older step_N directories are deleted; 0 = keep all)."""
     max_shard_size: str = "2GB"
     """Largest safetensors file: 2GB counts 10^9 bytes, 2GiB 2^30 (a larger tensor gets its own file)."""
-    gguf: str | None = None
+    gguf: GGUFType | None = None
     """Also write GGUF: f16 or q8_0 (Llama architectures only)."""
     hooks: list[Any] = field(default_factory=list)
     """`_target_` callables called as hook(export_dir, metadata) after each export."""
@@ -50,17 +50,15 @@ class ExportConfig:
     (fp32 1e-4, fp16 1e-2, bf16 5e-2)."""
     verify_new_tokens: int = 8
     """Tokens generated greedily by the reloaded export during verification."""
-    on_error: str = "warn"
-    """A failed export or user hook during training: `warn` (log it, keep training) or `raise`."""
+    on_error: Literal["raise", "skip"] = "skip"
+    """A failed export or user hook during training: `skip` (log it, keep training) or `raise`."""
+    adapter: Optional[Literal["merged", "adapter", "both"]] = None
+    """For a checkpoint that trained an adapter: `merged` (the full model, HF + GGUF), `adapter` (the
+    PEFT directory EXPORT/adapter/ only) or `both`; null = both. Set on a full-model checkpoint,
+    `adapter`/`both` is an error."""
 
     def validate(self) -> list[str]:
         problems = []
-        if self.kind not in ("hf", "none"):
-            problems.append(f"export.kind={self.kind!r}: use export=hf or export=none")
-        if self.dtype not in DTYPES:
-            problems.append(f"export.dtype={self.dtype!r}: use fp32, bf16 or fp16")
-        if self.gguf not in (None, *GGUF_TYPES):
-            problems.append(f"export.gguf={self.gguf!r}: use f16, q8_0 or null")
         if self.every_steps < 0:
             problems.append(f"export.every_steps={self.every_steps}: must be >= 0")
         if self.keep_last < 0:
@@ -74,8 +72,6 @@ class ExportConfig:
             problems.append(f"export.verify_tolerance={self.verify_tolerance}: must be > 0 or null")
         if self.verify_new_tokens < 0:
             problems.append(f"export.verify_new_tokens={self.verify_new_tokens}: must be >= 0")
-        if self.on_error not in ("warn", "raise"):
-            problems.append(f"export.on_error={self.on_error!r}: use warn or raise")
         problems.extend(hook_problems(self.hooks))
         return problems
 

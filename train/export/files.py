@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
-from train.fsutil import fsync_dir
+from data_pipeline.fsutil import file_sha256, fsync_dir
+from train import faults
+from train.checkpoint_layout import LayoutError, read_text
 
 META_NAME = "export.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -28,14 +28,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class ExportVerifyError(ValueError):
     """An export directory does not match its export.json."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_files(root: Path) -> list[str]:
@@ -48,7 +40,7 @@ def hash_tree(root: Path, known: dict[str, str] | None = None) -> dict[str, dict
     """{relative path: {sha256, size}} of every file under `root` except export.json;
     `known` digests (computed while writing) are taken as they are."""
     known = known or {}
-    return {rel: {"sha256": known.get(rel) or sha256_file(root / rel), "size": (root / rel).stat().st_size}
+    return {rel: {"sha256": known.get(rel) or file_sha256(root / rel), "size": (root / rel).stat().st_size}
             for rel in list_files(root)}
 
 
@@ -86,17 +78,11 @@ def publish(tmp: Path, final: Path) -> None:
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
-        fault_injection("publish")
+        faults.hit("export.publish")
     os.rename(tmp, final)
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
-
-
-def fault_injection(phase: str) -> None:
-    """Tests SIGKILL the exporter at a chosen point with SCALETRAIN_DEBUG_KILL_IN_EXPORT=<phase>."""
-    if os.environ.get("SCALETRAIN_DEBUG_KILL_IN_EXPORT") == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def clean_stale(parent: Path, name: str | None = None) -> list[str]:
@@ -144,17 +130,34 @@ def prune(exports_dir: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def verify_dir(export_dir: str | Path) -> dict[str, Any]:
-    """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file."""
-    root = Path(export_dir)
-    meta_path = root / META_NAME
-    if not meta_path.is_file():
-        raise ExportVerifyError(f"{meta_path} is missing: {root} is not a finished export")
+def read_meta(export_dir: Path) -> dict[str, Any]:
+    """export.json of a finished export, checked to be ours; LayoutError names what is wrong with it."""
+    meta_path = Path(export_dir) / META_NAME
+    if not meta_path.exists():
+        raise LayoutError(f"{meta_path} is missing: {export_dir} is not a finished export")
     try:
-        meta = json.loads(meta_path.read_text())
-        listed = meta["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ExportVerifyError(f"{meta_path} is unreadable or has no 'files' ({exc})") from exc
+        meta = json.loads(read_text(meta_path, limit=256 << 20))
+    except ValueError as exc:
+        raise LayoutError(f"{meta_path} is not valid JSON ({exc}): the export's record is corrupt") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or "format_version" not in meta or not isinstance(files, dict) or not all(
+            _safe_rel(rel) and isinstance(info, dict) and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str) for rel, info in files.items()):
+        raise LayoutError(f"{meta_path} is not an export.json written by scaletrain (no format_version, "
+                          "or 'files' is not a mapping of relative path -> {sha256, size})")
+    return meta
+
+
+def _safe_rel(rel: str) -> bool:
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def verify_dir(export_dir: str | Path) -> dict[str, Any]:
+    """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file
+    (LayoutError when export.json itself is missing, unreadable or not ours)."""
+    root = Path(export_dir)
+    listed = read_meta(root)["files"]
     problems = []
     for rel, info in sorted(listed.items()):
         path = root / rel
@@ -165,7 +168,7 @@ def verify_dir(export_dir: str | Path) -> dict[str, Any]:
         if size != info["size"]:
             problems.append(f"{rel}: size {size} bytes, export.json says {info['size']} (truncated or altered)")
             continue
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         if digest != info["sha256"]:
             problems.append(f"{rel}: sha256 {digest[:16]}... does not match export.json "
                             f"{info['sha256'][:16]}... (file was modified)")

@@ -81,7 +81,7 @@ class ExportHook:
                  reference_precision: str = "fp32") -> dict[str, Any]:
         """Export the complete checkpoint of `step` (rank 0 only); returns export.json metadata.
 
-        On failure with export.on_error=warn the error is logged and returned as {"error": ...};
+        On failure with export.on_error=skip the error is logged and returned as {"error": ...};
         earlier exports are untouched either way.
         """
         from train.export.hf_export import export_checkpoint
@@ -94,7 +94,7 @@ class ExportHook:
         except Exception as exc:  # noqa: BLE001 - training outlives a failed export unless told otherwise
             if self.cfg.on_error == "raise":
                 raise
-            log.error("export of step %d failed (export.on_error=warn, training continues): %s", step, exc)
+            log.error("export of step %d failed (export.on_error=skip, training continues): %s", step, exc)
             return {"error": f"{type(exc).__name__}: {exc}", "step": step,
                     "export_time_s": time.perf_counter() - started}
         meta["pruned"] = [p.name for p in prune(self.exports_dir, self.cfg.keep_last)]

@@ -1,24 +1,39 @@
-"""The small protocol every strategy follows, and what they share.
+"""The small protocol every strategy follows, and what DDP and FSDP2 share.
 
-A strategy owns what differs between engines: wrapping model and optimizer, backward,
-step (clip + optimizer + LR schedule), and saving/loading its native sharded state.
-The loop never asks which strategy it has.
+A strategy owns everything that differs between engines: applying parallelism to the plain
+model, backward, step (clip + optimizer + LR schedule), saving and loading (resharding when
+the world size changed), and the precision of forward-only work. The loop never asks which
+strategy it has.
 """
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Protocol
+from typing import Any, ClassVar, ContextManager, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from train.config import Config, OptimConfig
+from train.schedule import build_scheduler
 
 
 class Strategy(Protocol):
+    needs_process_group: ClassVar[bool]
+    """Whether the engine needs torch.distributed even on one process (FSDP2, DeepSpeed)."""
     model: nn.Module
     """The wrapped model; call it on every rank (ZeRO-3 and FSDP gather inside forward)."""
+    compute_dtype: torch.dtype
+    """Precision of forward and backward (bf16 on GPU, fp32 on CPU unless trainer.dtype says)."""
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         """Loss of one micro-batch (detached), gradients accumulated; reduce only if sync_grads."""
@@ -28,12 +43,21 @@ class Strategy(Protocol):
 
     def lr(self) -> float: ...
 
+    def forward_context(self) -> ContextManager[None]:
+        """Forward-only work (evaluation, export reference logits): eval mode, no grad, and the
+        same precision as training."""
+
+    def describe(self) -> dict[str, Any]:
+        """What trainer_state.json records about the engine (name, kind, engine details)."""
+
     def save(self, path: Path) -> None:
         """Collective: write this strategy's native state under `path` (a fresh directory)."""
 
-    def load(self, path: Path, universal: bool = False) -> None:
-        """Collective: restore what `save` wrote, resharding where the engine can
-        (`universal`: DeepSpeed's world-size-independent copy made by the loop)."""
+    def load(self, path: Path, saved_world_size: int) -> None:
+        """Collective: restore what `save` wrote, resharding when `saved_world_size` differs."""
+
+    # Optional: `save_async(path) -> list[Future]` stages the state and writes it in the
+    # background (checkpoint.async=true); engines without it save blocking.
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -46,38 +70,85 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on GPU when asked; plain fp32 elsewhere."""
-    if dtype == torch.bfloat16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.trainer.dtype == "bf16" or (cfg.trainer.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler, clip: float) -> float:
-    """Clip the global grad norm, step optimizer and schedule, zero grads; returns the norm.
-
-    Shared by DDP and FSDP2 (whose norms are DTensors, reduced over the mesh by torch)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
+    """bf16 autocast on GPU when asked; plain fp32 elsewhere."""
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder block in backward (non-reentrant, works under every engine)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+@contextlib.contextmanager
+def forward_only(model: nn.Module, precision: ContextManager | None = None) -> Iterator[None]:
+    """Eval mode and no grad inside `precision`; back to train mode afterwards."""
+    model.eval()
+    try:
+        with torch.no_grad(), precision or contextlib.nullcontext():
+            yield
+    finally:
+        model.train()
+
+
+class TorchOptim:
+    """AdamW + LR schedule + clipping + DCP state for engines that use torch's own optimizer
+    (DDP and FSDP2, whose grad norms are DTensors reduced over the mesh by torch). Its step,
+    lr, save and load are those strategies' own.
+
+    DCP writes one file per rank plus metadata and reshards on load, so a checkpoint written by
+    N ranks resumes on M. Model and optimizer live in separate DCP directories so that an
+    export can read the model tensors alone.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config) -> None:
+        o = cfg.optim
+        self.model, self.clip = model, cfg.trainer.grad_clip
+        self.optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
+        self._ckpt_group: dist.ProcessGroup | None = None
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, path: Path) -> None:
+        dcp.save(get_model_state_dict(self.model), checkpoint_id=str(path / "model"))
+        dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(path / "optim"))
+        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def save_async(self, path: Path) -> list[Future]:
+        """Stage model and optimizer state in host memory (training waits only for this), then
+        write it in background threads (torch.distributed.checkpoint.async_save). The writes
+        coordinate over a gloo group of their own, so that they never interleave with the
+        training collectives of the default group."""
+        if self._ckpt_group is None and dist.is_initialized():
+            self._ckpt_group = dist.new_group(backend="gloo")
+        futures = [dcp.async_save(get_model_state_dict(self.model), checkpoint_id=str(path / "model"),
+                                  process_group=self._ckpt_group),
+                   dcp.async_save(get_optimizer_state_dict(self.model, self.optimizer),
+                                  checkpoint_id=str(path / "optim"), process_group=self._ckpt_group)]
+        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+        return futures
+
+    def load(self, path: Path, saved_world_size: int) -> None:
+        """DCP reshards by itself: the saved world size does not matter here."""
+        model_sd = get_model_state_dict(self.model)
+        dcp.load(model_sd, checkpoint_id=str(path / "model"))
+        set_model_state_dict(self.model, model_sd)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer)
+        dcp.load(optim_sd, checkpoint_id=str(path / "optim"))
+        set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

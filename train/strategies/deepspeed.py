@@ -8,21 +8,32 @@ accumulation boundary.
 from __future__ import annotations
 
 import copy
+import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import deepspeed
 import torch
 from torch import nn
 
-from train.checkpoint import UNIVERSAL
+from train import dist as d
 from train.config import Config
 from train.dist import DistInfo
 from train.model import lm_loss
 from train.schedule import build_scheduler
-from train.strategies.base import compute_dtype, enable_activation_checkpointing, param_groups
+from train.strategies.base import compute_dtype, forward_only, param_groups
+from train.strategies.parallelize import apply_block_transforms
 
+log = logging.getLogger("scaletrain")
 TAG = "state"
+NATIVE = "deepspeed"
+# DeepSpeed's world-size-independent copy of a checkpoint, made next to deepspeed/ (once) when
+# resuming on another number of ranks.
+UNIVERSAL = "deepspeed_universal"
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -32,7 +43,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def ds_config(cfg: Config, info: DistInfo, accum: int, load_universal: bool = False) -> dict[str, Any]:
+def ds_config(cfg: Config, info: DistInfo, accum: int) -> dict[str, Any]:
     t, s, o = cfg.trainer, cfg.strategy, cfg.optim
     zero: dict[str, Any] = {"stage": s.zero_stage}
     if s.offload_optimizer:
@@ -55,23 +66,21 @@ def ds_config(cfg: Config, info: DistInfo, accum: int, load_universal: bool = Fa
         "bf16": {"enabled": compute_dtype(cfg, info.device) == torch.bfloat16},
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
     }
     return _merge(config, s.deepspeed)
 
 
 class DeepSpeedStrategy:
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int,
-                 load_universal: bool = False) -> None:
-        if cfg.trainer.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        self.accum = accum
+    needs_process_group = True  # deepspeed.initialize needs one, even on a single process
+
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
+        self.cfg, self.info = cfg.strategy, info
+        self.compute_dtype = compute_dtype(cfg, info.device)
+        apply_block_transforms(model, cfg.trainer)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim),
-            config=ds_config(cfg, info, accum, load_universal),
+            model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config(cfg, info, accum),
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.schedule, cfg.trainer.max_steps))
         self.model = self.engine
-        self._micro = 0
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         loss = lm_loss(self.engine, batch)
@@ -89,12 +98,47 @@ class DeepSpeedStrategy:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path / "deepspeed"), tag=TAG)
+    def forward_context(self) -> ContextManager[None]:
+        return forward_only(self.engine)  # the engine holds bf16 parameters when training in bf16
 
-    def load(self, path: Path, universal: bool = False) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path / (UNIVERSAL if universal else "deepspeed")), tag=TAG,
-                                                   load_optimizer_states=True,
+    def describe(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"name": c.name, "kind": "deepspeed", "zero_stage": c.zero_stage,
+                "offload_optimizer": c.offload_optimizer, "offload_params": c.offload_params}
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path / NATIVE), tag=TAG)
+
+    def load(self, path: Path, saved_world_size: int) -> None:
+        """ZeRO partitions depend on the world size: on another one, load DeepSpeed's universal
+        checkpoint, converted once from the native one."""
+        source = path / NATIVE
+        if saved_world_size != self.info.world_size:
+            source = _to_universal(path, self.info)
+            self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+        load_path, _ = self.engine.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
+        self.engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {path / 'deepspeed'}")
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {source}")
+
+
+def _to_universal(path: Path, info: DistInfo) -> Path:
+    """Rank 0 converts once (`deepspeed.checkpoint.ds_to_universal`) into a temporary folder that
+    is renamed when complete, so a crash mid-conversion leaves nothing half-written."""
+    out = path / UNIVERSAL
+    if info.is_main and not out.is_dir():
+        tmp = path / f".tmp-{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("converting %s to DeepSpeed's universal checkpoint for a new world size", path)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(path / NATIVE / TAG), "--output_folder", str(tmp / TAG),
+               "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not convert {path} to a universal checkpoint ({proc.stderr[-2000:]}); "
+                               "resume on the original world size instead")
+        (tmp / "latest_universal").write_text(TAG)
+        os.rename(tmp, out)
+    d.barrier()
+    return out

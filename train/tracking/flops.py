@@ -70,8 +70,7 @@ def flops_per_token(hf_config: Mapping[str, Any] | Any, seq_len: int) -> float:
     missing = [n for n, v in (("hidden_size", h), ("num_hidden_layers", layers),
                               ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
     if missing:
-        raise ValueError(f"model config lacks {', '.join(missing)}: cannot count FLOPs; set "
-                         "tracking.peak_flops=null and skip MFU, or use flops_per_token_from_model")
+        raise ValueError(f"model config lacks {', '.join(missing)}: cannot count FLOPs from the config")
     head_dim = _get(hf_config, "head_dim", default=h // heads)
     kv_heads = _get(hf_config, "num_key_value_heads", default=heads)
     gated = _get(hf_config, "intermediate_size") is not None
@@ -99,6 +98,19 @@ def flops_per_token_from_model(model: torch.nn.Module, hf_config: Any, seq_len: 
     heads = _get(hf_config, "num_attention_heads", "n_head", "num_heads")
     head_dim = _get(hf_config, "head_dim", default=_get(hf_config, "hidden_size", "n_embd") // heads)
     return 6.0 * n + 12.0 * layers * heads * head_dim * seq_len
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float | None:
+    """The config formula, else the live parameter count; call on the plain model, before
+    sharding. None (MFU left out, with a warning) when neither can count."""
+    try:
+        return flops_per_token(model.config, seq_len)
+    except ValueError as e:
+        try:
+            return flops_per_token_from_model(model, model.config, seq_len)
+        except (TypeError, ValueError, AttributeError):
+            log.warning("%s, nor from the model's parameters: MFU is not reported", e)
+            return None
 
 
 def device_peak_flops(name: str) -> float | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.fsutil import atomic_write_text
 from train.tracking.config import TrackingConfig
 from train.tracking.redact import redact, redact_argv, redact_text
 from train.tracking.watch import Watch
@@ -54,12 +55,6 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
@@ -85,7 +80,7 @@ class WandbTracker:
             floor = int(_read(self.state_dir / "last_step") or -1)
         else:
             (self.state_dir / "last_step").unlink(missing_ok=True)
-        _write_atomic(self.state_dir / "run_id", run_id + "\n")
+        atomic_write_text(self.state_dir / "run_id", run_id + "\n")
 
         config = redact(config)
         name = cfg.name or (config.get("run") or {}).get("name")
@@ -134,7 +129,7 @@ class WandbTracker:
             return extra
         if step > self._last:
             self._last = step
-            _write_atomic(self.state_dir / "last_step", f"{step}\n")
+            atomic_write_text(self.state_dir / "last_step", f"{step}\n")
         return extra
 
     def log_export(self, path: str | Path, metadata: dict[str, Any]) -> None:
