@@ -64,28 +64,20 @@ def remote_corpus(tmp_path_factory):
 def moto_s3():
     """A real S3 endpoint (moto in server mode on 127.0.0.1); yields (endpoint, env for children).
     Credentials are dummies read through boto3's standard environment chain."""
-    import os
-
     from moto.server import ThreadedMotoServer
 
-    from tests.helpers import free_port
+    from tests.helpers import free_port, patched_environ
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield env["AWS_ENDPOINT_URL"], env
+        with patched_environ(env):
+            yield env["AWS_ENDPOINT_URL"], env
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

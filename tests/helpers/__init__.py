@@ -2,6 +2,7 @@
 (single process or torchrun with 2 gloo ranks) and reading its results back."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +27,21 @@ def compose_train(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str]):
+    """`env` set in this process's environment for the block; the previous values restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -3,13 +3,12 @@ what it did: a real one-rank process group, the config composed from conf/ and v
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from tests.helpers import compose_train, free_port
+from tests.helpers import compose_train, free_port, patched_environ
 
 VOCAB = 256  # the synthetic data's vocabulary
 
@@ -23,18 +22,12 @@ def one_rank_group(device: str = "auto") -> Iterator:
     from train.dist import init_distributed
 
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield init_distributed(device, need_group=True)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with patched_environ(env):
+        try:
+            yield init_distributed(device, need_group=True)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def build(info, run_dir: Path, *overrides: str):
