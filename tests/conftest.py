@@ -48,6 +48,7 @@ def launch_reference(tmp_path_factory) -> dict[int, float]:
     return reference_curve(tmp_path_factory.mktemp("launch-reference"))
 
 
+@pytest.fixture(scope="session")
 def remote_corpus(tmp_path_factory):
     """44 tiny shards of 4 documents (about 10 KB each) and their prepare-style manifest,
     served by one HTTP server for the whole session (tests that need faults start their own)."""
