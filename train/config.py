@@ -165,7 +165,8 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     p = [msg for bad, msg in rules if bad]
     if t.compile and cfg.strategy.compile_problem():
         p.append(cfg.strategy.compile_problem())
-    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
+    if t.global_batch_size is not None and t.micro_batch_size >= 1 and \
+            t.global_batch_size % (t.micro_batch_size * world_size):
         per_step = t.micro_batch_size * world_size
         p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
