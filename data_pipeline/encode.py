@@ -43,7 +43,7 @@ class Settings:
 class Encoded:
     """Result of one task: documents in input order, and what was skipped or repaired."""
 
-    docs: list[tuple[bool, bytes]] = field(default_factory=list)   # (is_val, tokens)
+    docs: list[tuple] = field(default_factory=list)   # (is_val, tokens[, chat mask])
     tokens: int = 0
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, where, source field)
     written: dict[int, int] = field(default_factory=dict)  # documents per source index
@@ -52,6 +52,8 @@ class Encoded:
     """Documents longer than PIECE_CHARS, tokenized in pieces."""
     pieces_exact: bool = True
     """The tokenizer gives the same ids for a text cut at a single space as for the whole text."""
+    truncated: int = 0             # chat: conversations cut to chat.max_len
+    trained: int = 0               # chat: tokens marked as targets
 
 
 _state: dict = {}

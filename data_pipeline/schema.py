@@ -49,6 +49,12 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def minimums(prefix: str, **checks: tuple[Any, Any]) -> list[str]:
+    """`name=(value, least)` pairs: a problem for each value below its least allowed value."""
+    return [f"{prefix}.{name}={value}: must be >= {least}" for name, (value, least) in checks.items()
+            if value < least]
+
+
 def load(cls: type[T], raw: Any, validate: Callable[[T], list[str]] | None = None, prefix: str = "",
          error: type[ConfigError] = ConfigError) -> T:
     """The one way every command turns its composed config into `cls`: build it, run the

@@ -112,3 +112,13 @@ def test_failed_async_write_is_reported_and_never_named_by_latest(tmp_path, capl
     assert ckpt_names(tmp_path) == ["step_00000002"]
     assert not (tmp_path / "checkpoints" / ".tmp-step_00000004").exists()
     assert "checkpoint of step 4 failed while writing" in caplog.text and "No space left" in caplog.text
+
+
+def test_compile_with_zero3_is_refused_naming_the_combination_and_the_fix():
+    from train.config import ConfigError
+
+    raw = {"trainer": {"compile": True}, "strategy": {"kind": "deepspeed", "name": "zero3", "zero_stage": 3}}
+    with pytest.raises(ConfigError, match=r"trainer.compile=true with strategy=zero3.*use strategy=fsdp"):
+        load_config(raw, world_size=1)
+    raw["strategy"]["zero_stage"] = 2
+    assert load_config(raw, world_size=1).trainer.compile

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local, missing_val_split
+from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
+                                   missing_local, missing_val_split)
 from data_pipeline.schema import ConfigError, build, load
 from train.export.config import ExportConfig
 from train.strategies.config import DDPConfig, StrategyConfig
@@ -175,7 +176,10 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         (not cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s}: must be > 0 (seconds)"),
     ]
     p = [msg for bad, msg in rules if bad]
-    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
+    if t.compile and cfg.strategy.compile_problem():
+        p.append(cfg.strategy.compile_problem())
+    if t.global_batch_size is not None and t.micro_batch_size >= 1 and \
+            t.global_batch_size % (t.micro_batch_size * world_size):
         per_step = t.micro_batch_size * world_size
         p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
@@ -185,8 +189,13 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.extend(section.validate())
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
-    if t.eval_every > 0:
-        p.extend(missing_val_split(cfg.data))
+        p.extend(chat_len_problems(cfg.data, t.seq_len))
+        if t.eval_every > 0:
+            p.extend(missing_val_split(cfg.data))
+        if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
+            from data_pipeline.remote_table import unreachable
+
+            p.extend(unreachable(cfg.data))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 

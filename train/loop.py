@@ -79,6 +79,8 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         (run_dir / "config.yaml").write_text(config_yaml)
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=info.is_main)
     metrics.truncate_after(state.step)
+    if resume_from is not None:  # marks where this attempt begins (the report draws it)
+        metrics.write({"step": state.step, "resumed_from": resume_from.name})
     tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                             config=public_cfg, resume=resume_from is not None)
     stop = StopRequest(run_dir, is_main=info.is_main, lock=lock)

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from train.config import TrainerConfig
 from train.dist import DistInfo
 from train.model import decoder_layers, decoder_stack
 from train.strategies.config import FSDPConfig
@@ -31,6 +32,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_block_transforms(model: nn.Module, cfg: TrainerConfig) -> None:
+    """What every engine applies to the plain model before wrapping it, in this order."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
 
 
 def apply_compile(model: nn.Module) -> None:
