@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
+from data_pipeline.fsutil import atomic_write_text
 from train import dist as d
 from train.checkpoint import (
     Checkpointer,
@@ -76,7 +77,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     public_cfg = redact(raw_cfg)
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(public_cfg))
     if info.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=info.is_main)
     metrics.truncate_after(state.step)
     if resume_from is not None:  # marks where this attempt begins (the report draws it)
