@@ -21,3 +21,11 @@ def reference_runs(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def hf_base(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained: the base that the adapter tests fine-tune."""
+    from tests.helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("hf_base"), seed=7)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
 from data_pipeline.schema import ConfigError, build, load
+from train.adapters.config import AdapterConfig, adapter_problems
 from train.export.config import ExportConfig
 from train.strategies.config import DDPConfig, StrategyConfig
 from train.tracking.config import TrackingConfig
@@ -120,6 +121,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 def env_world_size() -> int:
@@ -163,8 +165,9 @@ def validate(cfg: Config, world_size: int) -> list[str]:
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
                  f"set trainer.global_batch_size to a multiple of {per_step} or change "
                  "trainer.micro_batch_size")
-    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export):
+    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export, cfg.adapter):
         p.extend(section.validate())
+    p.extend(adapter_problems(cfg.adapter, m.kind, cfg.strategy.kind, t.device, cfg.export.kind))
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
     p.extend(_check_run_dir(cfg.run.dir))

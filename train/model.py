@@ -46,7 +46,10 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, seed: int) -> nn.Modul
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks that FSDP shards and activation checkpointing wraps."""
+    """The repeated blocks that FSDP shards and activation checkpointing wraps (through a peft
+    wrapper too: PeftModel -> the transformers model -> its decoder)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
@@ -54,11 +57,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (labels are pre-shifted)."""
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over labelled positions (labels are pre-shifted; -100 ignored):
+    their mean, or their sum (reduction="sum", which training divides by the global count)."""
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1),
-                           ignore_index=-100)
+                           ignore_index=-100, reduction=reduction)
+
 
 
 def num_params(model: nn.Module) -> int:

@@ -93,3 +93,14 @@ def logged_steps(run_dir: Path) -> int:
         return 0
     steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
     return max(steps, default=0)
+
+
+def save_tiny_llama(out: Path, seed: int = 7, vocab_size: int = 256) -> Path:
+    """A tiny random Llama saved with save_pretrained: a local 'pretrained' base for model=hf_local."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out)
+    return Path(out)
