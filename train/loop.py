@@ -190,16 +190,18 @@ def export(exporter: ExportHook, strategy: Strategy, model_cfg, ckpt_path: Path,
 
 
 def evaluate(strategy: Strategy, cfg: Config, info: d.DistInfo) -> dict[str, float]:
-    """Mean loss over `trainer.eval_batches` held-out micro-batches per rank, and perplexity."""
+    """Token-mean loss over `trainer.eval_batches` held-out micro-batches per rank, and perplexity."""
     t = cfg.trainer
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                           micro_batch_size=t.micro_batch_size, seq_len=t.seq_len, split="val")
-    losses = []
+    loss_sum, tokens = 0.0, 0
     with strategy.forward_context():
         for _, batch in zip(range(t.eval_batches), loader):
             batch = {k: v.to(info.device) for k, v in batch.items()}
-            losses.append(lm_loss(strategy.model, batch).item())
-    loss = d.mean_across_ranks([sum(losses) / max(1, len(losses))], info.device)[0]
+            loss_sum += lm_loss(strategy.model, batch, reduction="sum").item()
+            tokens += int((batch["labels"] != -100).sum())
+    total, count = d.sum_across_ranks([loss_sum, float(tokens)], info.device)
+    loss = total / max(1.0, count)  # mean over every evaluated token, as in training
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
