@@ -6,9 +6,13 @@ the trainer can collect every config error into one message before any process s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from data_pipeline.schema import minimums
+from data_pipeline.storage import StorageConfig, backend_problem, is_remote, parse_size
 
 
 @dataclass
@@ -51,7 +55,18 @@ class WebDatasetConfig:
     allow_pipe: bool = False
     """Allow `pipe:` URLs, which run shell commands."""
     cache_dir: str = ""
-    """Where pipe:/remote shards are copied for random access; empty = $TMPDIR/scaletrain-shards."""
+    """Per-node cache of remote (and pipe:) shards, shared by the node's ranks and workers;
+    empty = $TMPDIR/scaletrain-shards. On a cluster: node-local disk, not a shared file system."""
+    cache_limit: str | int = "50GB"
+    """Size bound of the cache (e.g. 50GB, 800KB); consumed shards are evicted to stay under it."""
+    prefetch_shards: int = 4
+    """Remote shards each reader fetches ahead of need, in background threads."""
+    retries: int = 5
+    """Retries of a transient storage error (HTTP 5xx/429/408, reset, timeout)."""
+    retry_backoff_s: float = 0.5
+    """First retry delay; doubled after each retry."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Remote storage settings (S3 endpoint, timeout); credentials come from the standard chains."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = build batches in the training process)."""
     prefetch_factor: int = 4
@@ -68,6 +83,9 @@ class WebDatasetConfig:
     """Check every shard's sha256 against the manifest before reading it."""
     vocab_size: int | None = None
     """Filled from the manifest's tokenizer when null."""
+    pack: bool = True
+    """Chat shards: pack whole conversations into each row (true) or one conversation per
+    row, right-padded with the tokenizer's pad id (false). Text shards are always packed."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -78,18 +96,69 @@ class WebDatasetConfig:
             if "pipe:" in value and not self.allow_pipe:
                 problems.append(f"{key}={value!r} is a pipe: command; set data.allow_pipe=true "
                                 "to allow it (it runs a shell command)")
-        if self.num_workers < 0:
-            problems.append(f"data.num_workers={self.num_workers}: must be >= 0")
-        if self.prefetch_factor < 1:
-            problems.append(f"data.prefetch_factor={self.prefetch_factor}: must be >= 1")
-        if self.shuffle_buffer < 0:
-            problems.append(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 0")
+        problems += minimums("data", num_workers=(self.num_workers, 0), prefetch_factor=(self.prefetch_factor, 1),
+                             shuffle_buffer=(self.shuffle_buffer, 0))
         if self.vocab_size is not None and self.vocab_size < 2:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 2 or null")
-        if self.manifest and not Path(self.manifest).is_file():
+        problems.extend(self._remote_problems())
+        if self.manifest and not is_remote(self.manifest) and not Path(self.manifest).is_file():
             problems.append(f"data.manifest={self.manifest!r} does not exist: point it at the "
                             "manifest.json written by prepare, or leave it empty")
         return problems
+
+    def _remote_problems(self) -> list[str]:
+        problems = []
+        try:
+            parse_size(self.cache_limit)
+        except ValueError as e:
+            problems.append(f"data.cache_limit: {e}")
+        if self.prefetch_shards < 1:
+            problems.append(f"data.prefetch_shards={self.prefetch_shards}: must be >= 1")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            problems.append(f"data.retries={self.retries}, data.retry_backoff_s={self.retry_backoff_s}: "
+                            "must be >= 0")
+        if self.storage.timeout_s <= 0:
+            problems.append(f"data.storage.timeout_s={self.storage.timeout_s}: must be > 0")
+        for key, value in (("data.urls", self.urls), ("data.val_urls", self.val_urls),
+                           ("data.manifest", self.manifest)):
+            problem = backend_problem(value) if value else None
+            if problem:
+                problems.append(f"{key}={value!r}: {problem}")
+        return problems
+
+
+def _local_manifest(cfg: WebDatasetConfig) -> Path | None:
+    """The manifest.json describing local data.urls, if one can be found without reading shards."""
+    if cfg.manifest:
+        return Path(cfg.manifest) if Path(cfg.manifest).is_file() else None
+    first = cfg.urls.split("::")[0]
+    first = first[len("file://"):] if first.startswith("file://") else first
+    if not first or ":" in first.split("/", 1)[0]:
+        return None
+    import braceexpand
+
+    p = Path(next(iter(braceexpand.braceexpand(first))))
+    candidates = [p / "manifest.json"] if p.is_dir() else \
+        [p] if p.suffix == ".json" else [p.parent / "manifest.json", p.parent.parent / "manifest.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def chat_len_problems(cfg: WebDatasetConfig, seq_len: int) -> list[str]:
+    """Chat shards whose conversations may be longer than a row: refused before start-up (a
+    conversation is never cut across two rows). The loader checks the real lengths again."""
+    path = _local_manifest(cfg)
+    if path is None:
+        return []
+    try:
+        m = json.loads(path.read_text())
+        max_len = int(m["chat"]["max_len"]) if m.get("mode") == "chat" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # the loader reports an unreadable manifest with its own message
+    if max_len is not None and max_len > seq_len:
+        return [f"data.urls={cfg.urls!r} holds chat shards of up to chat.max_len={max_len} tokens "
+                f"({path}) but trainer.seq_len={seq_len}: set trainer.seq_len>={max_len}, or prepare "
+                f"again with chat.max_len={seq_len}"]
+    return []
 
 
 def missing_local(urls: str, key: str) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.schema import ConfigError, build, load
+from data_pipeline.storage import StorageConfig, backend_problem, is_remote, scheme
 
 Format = Literal["text", "jsonl", "parquet", "arrow"]
 
@@ -75,7 +76,42 @@ class MixConfig:
 
 
 @dataclass
+class ChatConfig:
+    """How `mode=chat` reads conversations and marks what the model learns (see chat.py)."""
+
+    messages_field: str = "messages"
+    """Field holding OpenAI-style messages: a list of {role, content}, roles system, user,
+    assistant or tool."""
+    prompt_field: str = "prompt"
+    """Prompt/completion pairs: the user turn's field..."""
+    completion_field: str = "completion"
+    """...and the assistant turn's field."""
+    instruction_fields: list[str] = field(default_factory=lambda: ["instruction", "input"])
+    """Instruction data: fields joined (blank line between, empty ones left out) into the user
+    turn; a record needs the first of them and `output_field`."""
+    output_field: str = "output"
+    """Instruction data: the assistant turn's field."""
+    system_field: str | None = "system"
+    """Instruction data: an optional system turn's field (null = none)."""
+    template: str | None = None
+    """A Jinja chat template (or the path of a file holding one) replacing the tokenizer's; it is
+    written into the output tokenizer, so exports carry it. null = the tokenizer's own (a
+    tokenizer trained by prepare gets chat.DEFAULT_CHAT_TEMPLATE, ChatML)."""
+    train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
+    """Which tokens are targets: every assistant turn, every token, or the last assistant turn."""
+    max_len: int = 2048
+    """Tokens per conversation at most; must be <= trainer.seq_len of the runs that read it."""
+    on_long: Literal["truncate", "skip"] = "truncate"
+    """A longer conversation is cut to max_len (skipped if no assistant token is left) or skipped;
+    both are counted in the closing report."""
+
+
+@dataclass
 class PrepareConfig:
+    mode: Literal["text", "chat"] = "text"
+    """`text`: documents + EOS, every token trained. `chat`: conversations rendered with the
+    tokenizer's chat template, with a per-token label mask (settings under `chat`)."""
+    chat: ChatConfig = field(default_factory=ChatConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     sources: list[dict] = field(default_factory=list)
     """Several weighted sources ({path, weight, format, text_field, ...}); replaces `source`."""
@@ -96,6 +132,8 @@ class PrepareConfig:
     progress: bool = True
     force: bool = False
     """Rebuild even when `out` already holds the same sources and settings."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """For a remote `out` (s3://, fsspec): endpoint and timeout; credentials from standard chains."""
 
     def source_list(self) -> list[SourceConfig]:
         if not self.sources:
@@ -116,6 +154,18 @@ def _source_problems(s: SourceConfig, key: str) -> list[str]:
         p.append(f"{key}.max_files={s.max_files}: must be >= 1 or null")
     if not s.text_field:
         p.append(f"{key}.text_field is empty: name the field that holds the text")
+    return p
+
+
+def _chat_problems(cfg: PrepareConfig) -> list[str]:
+    c, p = cfg.chat, []
+    if c.max_len < 2:
+        p.append(f"chat.max_len={c.max_len}: must be >= 2")
+    if c.template is not None and "{" not in c.template and not Path(c.template).is_file():
+        p.append(f"chat.template={c.template!r} is neither a file nor a Jinja template: point it at "
+                 "a template file, or give the template text")
+    if not c.instruction_fields:
+        p.append("chat.instruction_fields is empty: name at least the instruction field")
     return p
 
 
@@ -141,10 +191,17 @@ def validate(cfg: PrepareConfig) -> list[str]:
         p.append(f"shard.max_bytes={cfg.shard.max_bytes}: must be >= 4096")
     if not 0 <= cfg.split.val_fraction < 1:
         p.append(f"split.val_fraction={cfg.split.val_fraction}: must be in [0, 1)")
+    if cfg.mode == "chat":
+        p.extend(_chat_problems(cfg))
     if cfg.num_proc < 0 or cfg.batch_docs < 1:
         p.append(f"num_proc={cfg.num_proc}, batch_docs={cfg.batch_docs}: need num_proc >= 0, batch_docs >= 1")
     if not cfg.out:
         p.append("out is empty: set out=DIR for the shards")
+    elif is_remote(cfg.out):
+        problem = backend_problem(cfg.out)
+        if problem or scheme(cfg.out) in ("http", "https"):
+            p.append(f"out={cfg.out!r}: {problem or 'http(s) is read-only'}; write to a local "
+                     "directory or s3:// (serve that directory over http for readers)")
     elif Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or (
             any(Path(cfg.out).iterdir()) and not (Path(cfg.out) / "manifest.json").is_file())):
         p.append(f"out={cfg.out!r} exists and is not a prepare output (no manifest.json): choose "

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from data_pipeline.cache import default_cache_dir
 from data_pipeline.config import WebDatasetConfig, missing_local
 from data_pipeline.fsutil import file_sha256
 from data_pipeline.manifest import MANIFEST_NAME, load_index, load_manifest
@@ -28,6 +28,7 @@ from data_pipeline.shard_format import (
     ShardFormatError,
     scan_tar,
 )
+from data_pipeline.storage import is_remote
 
 
 class DataWarning(UserWarning):
@@ -56,6 +57,13 @@ class ShardTable:
     tokenizer_dir: str | None
     skipped: list[str] = field(default_factory=list)
     bad_samples: int = 0
+    mask_offsets: np.ndarray | None = None
+    """Chat shards: per doc, byte offset of its target mask (shard_format.py); None = text."""
+    chat: dict[str, Any] | None = None
+    """Chat shards: the manifest's `chat` entry (max_len, pad_token_id, ...); {} without one."""
+    remote: bool = False       # paths are URLs fetched lazily into the node cache (prefetch.py)
+    sizes: np.ndarray | None = None   # remote: per shard, bytes the manifest promises
+    sha256: list[str] | None = None   # remote: per shard, sha256 the manifest promises
 
     @property
     def total_tokens(self) -> int:
@@ -63,7 +71,7 @@ class ShardTable:
 
     @property
     def fingerprint(self) -> str:
-        rows = [[Path(p).name, int(d), int(t)] for p, d, t in
+        rows = [[p.rsplit("/", 1)[-1], int(d), int(t)] for p, d, t in
                 zip(self.paths, self.n_docs, self.n_tokens)]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
@@ -114,13 +122,11 @@ def resolve_urls(cfg: WebDatasetConfig, split: str) -> tuple[list[str], Path | N
     return expanded, mpath
 
 
-def _materialize(url: str, cache_dir: str) -> str:
-    """Copy a remote (pipe:, http...) shard into the local cache for random access.
-
-    Like MosaicML Streaming's local cache; webdataset's gopen does the transfer. Concurrent
-    ranks may copy the same shard: each writes a private temp file and renames it.
-    """
-    root = Path(cache_dir or Path(tempfile.gettempdir()) / "scaletrain-shards")
+def _copy_pipe(url: str, cache_dir: str) -> str:
+    """Run a pipe: URL once into the local cache for random access (remote schemes stream
+    lazily instead: remote_table.py). Concurrent ranks each write a private temp file and
+    rename it."""
+    root = Path(cache_dir or default_cache_dir())
     root.mkdir(parents=True, exist_ok=True)
     dest = root / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".tar")
     if not dest.is_file():
@@ -146,7 +152,8 @@ def _check_shard(url: str, path: str, entry: dict | None, root: Path | None,
                                    f"{entry['bytes']} (truncated or rewritten)")
         if cfg.verify and file_sha256(path) != entry["sha256"]:
             raise ShardFormatError(f"shard {url} fails data.verify: sha256 differs from the manifest")
-        idx = load_index(root / entry["index"], entry["samples"], entry["tokens"], size)
+        idx = load_index(root / entry["index"], entry["samples"], entry["tokens"], size,
+                         3 if entry["_chat"] else 2)
         if idx is not None:
             return idx, entry["_itemsize"], []
     elif cfg.verify:
@@ -158,6 +165,10 @@ def _check_shard(url: str, path: str, entry: dict | None, root: Path | None,
 
 def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     """Resolve, check and index the shards of `split`; see the module docstring."""
+    if is_remote(cfg.val_urls if split == "val" and cfg.val_urls else cfg.urls):
+        from data_pipeline.remote_table import remote_table
+
+        return remote_table(cfg, split)
     urls, mpath = resolve_urls(cfg, split)
     manifest = load_manifest(mpath) if mpath else None
     entries: dict[str, dict] = {}
@@ -165,7 +176,8 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
         isz = TOKEN_EXTS[manifest["sample_ext"]].itemsize
         for sp in manifest["splits"].values():
             for s in sp["shards"]:
-                entries[os.path.realpath(mpath.parent / s["path"])] = {**s, "_itemsize": isz}
+                entries[os.path.realpath(mpath.parent / s["path"])] = {
+                    **s, "_itemsize": isz, "_chat": manifest.get("mode") == "chat"}
     if not urls:
         raise ValueError(f"no {split} shards in data.urls={cfg.urls!r}"
                          + (f" (manifest {mpath} lists none)" if mpath else ""))
@@ -174,7 +186,7 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
         if url.startswith("pipe:") and not cfg.allow_pipe:
             raise ValueError(f"data.urls has the pipe: URL {url!r}; set data.allow_pipe=true to run it")
         try:
-            path = _local(url) or _materialize(url, cfg.cache_dir)
+            path = _local(url) or _copy_pipe(url, cfg.cache_dir)
             entry = entries.get(os.path.realpath(path))
             idx, itemsize, bad_notes = _check_shard(url, path, entry, mpath.parent if mpath else None, cfg)
         except (ShardFormatError, OSError) as e:
@@ -197,7 +209,22 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     if not paths:
         raise ValueError(f"no readable {split} shards in data.urls={cfg.urls!r}: skipped {skipped}")
     vocab, eos, tok_dir = _vocab(cfg, manifest, mpath)
-    return _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad)
+    table = _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad)
+    if table.mask_offsets is not None:
+        table.chat = dict(manifest.get("chat") or {}) if manifest else {}
+    return table
+
+
+def _mask_offsets(idxs: list[np.ndarray], names: list[str]) -> np.ndarray | None:
+    """Per-doc mask offsets when every shard is a chat shard; None when none is."""
+    chat = [n for n, i in zip(names, idxs) if i.shape[1] == 3]
+    if not chat:
+        return None
+    if len(chat) != len(idxs):
+        text = [n for n, i in zip(names, idxs) if i.shape[1] != 3]
+        raise ValueError(f"data.urls mixes chat shards (with .mask members, e.g. {chat[0]}) and text "
+                         f"shards (e.g. {text[0]}): train on one kind per run")
+    return np.concatenate([i[:-1, 2] for i in idxs]).astype(np.int64)
 
 
 def _vocab(cfg: WebDatasetConfig, manifest: dict[str, Any] | None,
@@ -212,7 +239,7 @@ def _vocab(cfg: WebDatasetConfig, manifest: dict[str, Any] | None,
         raise ValueError("data.vocab_size is null and no manifest.json describes these shards: "
                          "set data.vocab_size (or data.manifest)")
     tok = manifest.get("tokenizer") if manifest else None
-    tok_dir = str((mpath.parent / tok["dir"]).resolve()) if tok and tok.get("dir") else None
+    tok_dir = str((mpath.parent / tok["dir"]).resolve()) if mpath and tok and tok.get("dir") else None
     return vocab, manifest.get("eos_token_id") if manifest else None, tok_dir
 
 
@@ -227,4 +254,4 @@ def _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad) -> S
         offsets=offsets, lengths=lengths,
         cum_tokens=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         vocab_size=int(vocab), eos_token_id=eos, tokenizer_dir=tok_dir,
-        skipped=skipped, bad_samples=bad)
+        skipped=skipped, bad_samples=bad, mask_offsets=_mask_offsets(idxs, names))

@@ -13,9 +13,10 @@ import logging
 import os
 import random
 import shutil
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from train.checkpoint_layout import (
 )
 
 log = logging.getLogger("scaletrain.checkpoint")
-__all__ = ["TrainState", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
+__all__ = ["TrainState", "Checkpointer", "load_train_state", "load_rank_files", "resume_candidates",
            "rng_state", "set_rng_state"]
 
 
@@ -78,27 +79,85 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
-                    save_native: Callable[[Path], None], loader_state: dict[str, Any],
-                    config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank calls it; returns the final checkpoint directory."""
-    final, tmp = ckpt_root / step_dir_name(state.step), ckpt_root / tmp_dir_name(state.step)
-    if info.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        for sub in ("rng", "data"):
-            (tmp / sub).mkdir(parents=True)
-    d.barrier()
-    save_native(tmp)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
-    torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
-    d.barrier()
-    faults.hit("checkpoint.publish", state.step)
-    if info.is_main:
-        _publish(ckpt_root, tmp, final, state, config_yaml)
-        _retain(ckpt_root, keep_last)
-    d.barrier()
-    return final
+@dataclass
+class PendingSave:
+    """A checkpoint whose engine state is still being written in the background."""
+
+    tmp: Path
+    final: Path
+    state: TrainState
+    futures: list[Future]
+    done: bool = False
+
+
+class Checkpointer:
+    """Writes checkpoints under `root`, blocking or (where the engine can) asynchronously.
+
+    Asynchronous saves block training only while the state is staged to host memory; the
+    write goes on in background threads. The checkpoint becomes `step_N` and `latest` only
+    once its write has completed, through the same rename as a blocking save; a failed write
+    is reported and never published. At most one save is in flight: the next save, a stop and
+    the end of training wait for it.
+    """
+
+    def __init__(self, root: Path, info: d.DistInfo, config_yaml: str, keep_last: int) -> None:
+        self.root, self.info, self.config_yaml, self.keep_last = root, info, config_yaml, keep_last
+        self.pending: PendingSave | None = None
+
+    def save(self, state: TrainState, strategy: Any, loader_state: dict[str, Any], blocking: bool) -> Path:
+        """Collective: every rank calls it; returns the final checkpoint directory (which exists
+        once the save is complete: at once when blocking, after `wait` or `poll` otherwise)."""
+        self.wait()
+        final, tmp = self.root / step_dir_name(state.step), self.root / tmp_dir_name(state.step)
+        if self.info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            for sub in ("rng", "data"):
+                (tmp / sub).mkdir(parents=True)
+        d.barrier()
+        save_async = None if blocking else getattr(strategy, "save_async", None)
+        futures = save_async(tmp) if save_async else strategy.save(tmp)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.info.rank:05d}.pt")
+        torch.save(loader_state, tmp / "data" / f"rank_{self.info.rank:05d}.pt")
+        d.barrier()  # every rank's files are written (or, async, staged and being written)
+        self.pending = PendingSave(tmp, final, dataclasses.replace(state), list(futures or []))
+        if futures:
+            faults.hit("checkpoint.async_inflight", state.step)
+        else:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Publish a finished background save (rank 0 only, no collective: DCP's coordinator
+        finishes its write only after every rank's data is written)."""
+        p = self.pending
+        if p is not None and self.info.is_main and not p.done and all(f.done() for f in p.futures):
+            self._finish(p)
+
+    def wait(self) -> None:
+        """Collective: finish the save in flight, if any, and publish it."""
+        if self.pending is not None:
+            self._finish(self.pending)
+            self.pending = None
+        d.barrier()
+
+    def _finish(self, p: PendingSave) -> None:
+        if p.done:
+            return
+        p.done = True
+        try:
+            for f in p.futures:
+                f.result()
+        except Exception as e:
+            log.error("checkpoint of step %d failed while writing (%s: %s); checkpoints/latest still names "
+                      "the previous one", p.state.step, type(e).__name__, e)
+            if self.info.is_main:
+                shutil.rmtree(p.tmp, ignore_errors=True)
+            return
+        if self.info.is_main:
+            faults.hit("checkpoint.publish", p.state.step)
+            _publish(self.root, p.tmp, p.final, p.state, self.config_yaml)
+            _retain(self.root, self.keep_last)
 
 
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml: str) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
+from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
+                                   missing_local)
 from data_pipeline.schema import ConfigError, build, load
 from train.adapters.config import AdapterConfig, adapter_problems
 from train.export.config import ExportConfig
@@ -92,6 +93,8 @@ class TrainerConfig:
     """Evaluate every N steps (0 = never)."""
     eval_batches: int = 4
     activation_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile each decoder block (after activation checkpointing, before sharding)."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -107,6 +110,9 @@ class CheckpointConfig:
     resume: bool = True
     """Resume automatically from checkpoints/latest when present."""
     at_end: bool = True
+    async_save: bool = field(default=False, metadata={"key": "async"})
+    """`checkpoint.async`: stage the state, write it in the background (DDP and FSDP2; DeepSpeed
+    saves blocking). A checkpoint becomes `latest` only once its write has completed."""
 
 
 @dataclass
@@ -159,6 +165,8 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         (cfg.checkpoint.keep_last < 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1"),
     ]
     p = [msg for bad, msg in rules if bad]
+    if t.compile and cfg.strategy.compile_problem():
+        p.append(cfg.strategy.compile_problem())
     if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
         per_step = t.micro_batch_size * world_size
         p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -170,6 +178,11 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     p.extend(adapter_problems(cfg.adapter, m.kind, cfg.strategy.kind, t.device, cfg.export.kind))
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
+        p.extend(chat_len_problems(cfg.data, t.seq_len))
+        if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
+            from data_pipeline.remote_table import unreachable
+
+            p.extend(unreachable(cfg.data))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 

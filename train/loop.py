@@ -21,11 +21,11 @@ from data_pipeline import build_loader
 from train import dist as d
 from train.adapters.lora import adapter_info, apply_adapter, base_fingerprint, check_resume_base, quantized_base
 from train.checkpoint import (
+    Checkpointer,
     TrainState,
     load_rank_files,
     load_train_state,
     resume_candidates,
-    save_checkpoint,
     set_rng_state,
 )
 from train.config import Config, grad_accum_steps
@@ -98,11 +98,15 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
 
     exporter = ExportHook(cfg.export, run_dir, rank=info.rank)
 
-    def checkpoint() -> Path:
+    checkpointer = Checkpointer(run_dir / "checkpoints", info, config_yaml, cfg.checkpoint.keep_last)
+    if cfg.checkpoint.async_save and not hasattr(strategy, "save_async"):
+        log.warning("checkpoint.async=true: strategy %s saves blocking (only DDP and FSDP2 save in the "
+                    "background)", cfg.strategy.name)
+
+    def checkpoint(blocking: bool) -> Path:
         t0 = time.perf_counter()
-        path = save_checkpoint(run_dir / "checkpoints", state, info, strategy.save, loader.state_dict(),
-                               config_yaml, cfg.checkpoint.keep_last)
-        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}
+        path = checkpointer.save(state, strategy, loader.state_dict(), blocking)
+        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}  # the stall
         metrics.write(timing)
         tracker.log(timing, state.step)
         return path
@@ -152,7 +156,9 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         every = cfg.checkpoint.every_steps
         export_now = exporter.due(state.step, final=last)
         if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end) or export_now:
-            ckpt_path = checkpoint()
+            # in the background only when training goes on and nothing reads the checkpoint next
+            ckpt_path = checkpoint(blocking=not cfg.checkpoint.async_save or stopped or last or export_now)
+        checkpointer.poll()
         if export_now:  # from the checkpoint just written, so it equals an offline export of it
             timing = export(exporter, strategy, model.config, ckpt_path, state.step, info, tracker)
             metrics.write(timing)
@@ -162,6 +168,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                 stop.clear()
             break
 
+    checkpointer.wait()
     progress.close()
     tracker.finish()
     d.barrier()

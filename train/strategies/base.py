@@ -8,15 +8,17 @@ strategy it has.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -56,6 +58,9 @@ class Strategy(Protocol):
 
     def load(self, path: Path, saved_world_size: int) -> None:
         """Collective: restore what `save` wrote, resharding when `saved_world_size` differs."""
+
+    # Optional: `save_async(path) -> list[Future]` stages the state and writes it in the
+    # background (checkpoint.async=true); engines without it save blocking.
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -114,6 +119,7 @@ class TorchOptim:
         self.model, self.clip = model, cfg.trainer.grad_clip
         self.optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
+        self._ckpt_group: dist.ProcessGroup | None = None
 
     def step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -138,6 +144,21 @@ class TorchOptim:
         dcp.save(get_model_state_dict(self.model, options=self._model_options()), checkpoint_id=str(path / "model"))
         dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(path / "optim"))
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def save_async(self, path: Path) -> list[Future]:
+        """Stage model and optimizer state in host memory (training waits only for this), then
+        write it in background threads (torch.distributed.checkpoint.async_save). The writes
+        coordinate over a gloo group of their own, so that they never interleave with the
+        training collectives of the default group."""
+        if self._ckpt_group is None and dist.is_initialized():
+            self._ckpt_group = dist.new_group(backend="gloo")
+        futures = [dcp.async_save(get_model_state_dict(self.model, options=self._model_options()),
+                                  checkpoint_id=str(path / "model"),
+                                  process_group=self._ckpt_group),
+                   dcp.async_save(get_optimizer_state_dict(self.model, self.optimizer),
+                                  checkpoint_id=str(path / "optim"), process_group=self._ckpt_group)]
+        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+        return futures
 
     def load(self, path: Path, saved_world_size: int) -> None:
         """DCP reshards by itself: the saved world size does not matter here."""
