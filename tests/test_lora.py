@@ -171,11 +171,12 @@ def test_sigkill_after_a_checkpoint_then_the_same_command(hf_base, reference, tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(runs, reference, hf_base, tmp_path):
-    source = runs("fsdp", 2)
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])  # DCP resharding; DeepSpeed's universal checkpoint
+def test_adapter_checkpoint_of_two_ranks_resumes_on_one(strategy, runs, reference, hf_base, tmp_path):
+    source = runs(strategy, 2)
     shutil.copytree(source / "checkpoints" / "step_00000004", tmp_path / "checkpoints" / "step_00000004")
     (tmp_path / "checkpoints" / "latest").write_text("step_00000004\n")
-    run_train(args(hf_base, tmp_path, "strategy=fsdp"))
+    run_train(args(hf_base, tmp_path, f"strategy={strategy}"))
     resumed, ref = losses(tmp_path), losses(reference)
     assert sorted(resumed) == list(range(5, STEPS + 1))
     for step in resumed:
