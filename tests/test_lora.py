@@ -201,3 +201,19 @@ def test_qlora_without_cuda_is_refused_before_start(hf_base, tmp_path):
     assert proc.returncode == 2
     assert "adapter=qlora needs a CUDA GPU" in proc.stderr and "strategy=ddp or strategy=fsdp" in proc.stderr
     assert not tmp_path.joinpath("metrics.jsonl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_qlora_on_one_gpu(strategy, hf_base, tmp_path):
+    """4-bit NF4 base (bitsandbytes) + LoRA, bf16: trains, checkpoints only the adapter, exports it."""
+    pytest.importorskip("bitsandbytes")
+    run_train([*TINY, "adapter=qlora", "model=hf_local", f"model.path={hf_base}", f"strategy={strategy}",
+               "trainer.max_steps=10", "trainer.micro_batch_size=2", "optim.lr=1e-2", *EXPORT,
+               "export.adapter=adapter", f"run.dir={tmp_path}"])
+    curve = losses(tmp_path)
+    assert sorted(curve) == list(range(1, 11)) and all(v == v for v in curve.values())  # finite, not NaN
+    state = json.loads((tmp_path / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
+    assert state["adapter"]["kind"] == "qlora"
+    assert (tmp_path / "exports" / "step_00000010" / "adapter" / "adapter_model.safetensors").is_file()
