@@ -178,3 +178,42 @@ def missing_local(urls: str, key: str) -> list[str]:
     return [f"{key}={urls!r}: {shown} does not exist; run `python -m data_pipeline.prepare "
             f"out=DIR` and set {key}=DIR (or the shard paths)"]
 
+
+
+def missing_val_split(cfg: SyntheticDataConfig | WebDatasetConfig) -> list[str]:
+    """A problem when evaluation is on but the data has no validation split (checked at start-up,
+    not at the first evaluation after the steps before it were trained and not yet checkpointed)."""
+    if not isinstance(cfg, WebDatasetConfig) or cfg.val_urls or not cfg.urls or "::" in cfg.urls:
+        return []
+    loc = cfg.urls[len("file://"):] if cfg.urls.startswith("file://") else cfg.urls
+    candidates = [Path(cfg.manifest)] if cfg.manifest else []
+    if "{" not in loc and ":" not in loc.split("/", 1)[0]:
+        p = Path(loc)
+        candidates += [p] if p.suffix == ".json" else [p / "manifest.json", p.parent / "manifest.json",
+                                                        p.parent.parent / "manifest.json"]
+    elif ":" not in loc.split("/", 1)[0]:  # a brace pattern: the manifest sits by its folder
+        p = Path(loc.split("{", 1)[0]).parent
+        candidates += [p / "manifest.json", p.parent / "manifest.json"]
+    else:
+        return []  # remote shards: the loader checks the remote manifest at start-up
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return [] if missing_local(cfg.urls, "data.urls") else [
+            f"trainer.eval_every>0 but data.val_urls is empty and no manifest.json next to data.urls={cfg.urls!r} "
+            "names a validation split: set data.val_urls to the validation shards, or trainer.eval_every=0"]
+    if _val_shards(found):
+        return []
+    return [f"trainer.eval_every>0 but data.val_urls is empty and {found} lists no validation shards: set "
+            "data.val_urls to validation shards, prepare the data with split.val_fraction > 0, or set "
+            "trainer.eval_every=0"]
+
+
+def _val_shards(manifest: Path) -> bool:
+    """True when the manifest lists validation shards; an unreadable one is the loader's to report."""
+    import json
+
+    try:
+        m = json.loads(manifest.read_bytes())
+        return bool(m["splits"]["val"]["shards"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True

@@ -68,16 +68,50 @@ def write_index_bundle(root: Path, splits: dict[str, list[ShardRecord]]) -> dict
     return {"path": INDEX_BUNDLE, "rows": int(len(bundle)), "sha256": file_sha256(root / INDEX_BUNDLE)}
 
 
+class ManifestError(ValueError):
+    """A manifest.json that cannot be used; the message names the file and the fix."""
+
+
+_SHARD_FIELDS = {"path": str, "index": str, "samples": int, "tokens": int, "bytes": int}
+
+
 def load_manifest(path: str | Path, text: str | None = None) -> dict[str, Any]:
-    """Read and sanity-check a manifest; errors name the file and what is wrong."""
+    """Read and check a manifest (`text`: its contents, already fetched from a remote `path`). It is
+    read back, so it is untrusted: any bytes, a directory or a wrong structure give a ManifestError
+    naming the file, never a KeyError later."""
+    fix = "rerun `python -m data_pipeline.prepare` for this output"
     try:
-        m = json.loads(Path(path).read_text() if text is None else text)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read manifest {path}: {e}") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a scaletrain manifest (format={m.get('format')!r}, "
-                         f"expected {FORMAT!r}); rerun `python -m data_pipeline.prepare`")
+        m = json.loads(Path(path).read_bytes().decode("utf-8") if text is None else text)
+    except OSError as e:
+        raise ManifestError(f"cannot read manifest {path}: {e.strerror or e}; {fix}") from None
+    except ValueError as e:  # invalid UTF-8 or JSON
+        raise ManifestError(f"manifest {path} is not JSON ({str(e)[:200]}); {fix}") from None
+    problem = _structure_problem(m)
+    if problem:
+        raise ManifestError(f"{path} is not a usable scaletrain manifest: {problem}; {fix}")
     return m
+
+
+def _structure_problem(m: Any) -> str | None:
+    """What is wrong with a parsed manifest's structure, or None."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        return f"format={found!r}, expected {FORMAT!r}"
+    if m.get("sample_ext") not in TOKEN_EXTS or not isinstance(m.get("vocab_size"), int):
+        return f"sample_ext={m.get('sample_ext')!r} / vocab_size={m.get('vocab_size')!r} are not valid"
+    if not isinstance(m.get("tokenizer"), (dict, type(None))):
+        return "tokenizer is not an object"
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), dict) for s in SPLITS):
+        return f"splits must hold {', '.join(SPLITS)}"
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list):
+            return f"splits.{name}.shards is not a list"
+        for i, s in enumerate(shards):
+            if not isinstance(s, dict) or not all(isinstance(s.get(k), t) for k, t in _SHARD_FIELDS.items()):
+                return f"splits.{name}.shards[{i}] lacks {', '.join(_SHARD_FIELDS)}"
+    return None
 
 
 def manifest_is_current(root: Path, fingerprint: str) -> bool:

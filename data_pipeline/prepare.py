@@ -147,9 +147,11 @@ def _bounded_map(fn: Callable, tasks: Iterator, settings, procs: int) -> Iterato
 def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
                 writers: dict[str, ShardWriter]) -> dict:
     procs = cfg.num_proc or min(8, os.cpu_count() or 1)
-    read, skipped = collections.Counter(), collections.Counter()
+    read, skipped, written = collections.Counter(), collections.Counter(), collections.Counter()
     tokens = collections.Counter()
-    replaced = truncated = trained = 0
+    examples: dict[str, list[str]] = collections.defaultdict(list)
+    replaced = truncated = trained = pieced = 0
+    pieces_exact = True
     fn, reasons = (chat.encode, chat.CHAT_SKIP_REASONS) if cfg.mode == "chat" else \
         (enc.encode, enc.SKIP_REASONS)
     t0 = time.time()
@@ -160,7 +162,12 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
             if _is_record_error(reason, cfg):
                 raise _record_error(reason, where, detail, cfg.mode)
             skipped[reason] += 1
+            if len(examples[reason]) < 5:
+                examples[reason].append(where)
         replaced += task_out.replaced_utf8
+        written.update(task_out.written)
+        pieced += task_out.pieced
+        pieces_exact &= task_out.pieces_exact
         truncated += task_out.truncated
         trained += task_out.trained
         for is_val, data, *mask in task_out.docs:
@@ -174,10 +181,14 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
     report = {"documents_read": sum(read.values()),
               "read_per_source": {sources[i].label: read[i] for i in sorted(read)},
               "skipped": {r: skipped[r] for r in reasons},
+              "skipped_examples": dict(examples),
+              "pieced_documents": pieced, "pieces_exact": pieces_exact,
               "utf8_replaced": replaced, "tokens": dict(tokens),
               "seconds": round(time.time() - t0, 3)}
     if cfg.mode == "chat":
         report.update(truncated=truncated, trained_tokens=trained)
+    else:  # chat records are not counted per source
+        report["written_per_source"] = {sources[i].label: written[i] for i in range(len(sources))}
     return report
 
 
@@ -268,6 +279,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
                                 cfg.split.val_fraction, cfg.split.seed)
     writers = {split: ShardWriter(tmp, split, ext, cfg.shard.max_bytes) for split in ("train", "val")}
     report = _encode_all(sources, cfg, settings, writers)
+    _check_yield(report, sources)
     records = {split: w.close() for split, w in writers.items()}
     report["documents_written"] = {s: sum(r.samples for r in recs) for s, recs in records.items()}
     report["shards"] = {s: len(recs) for s, recs in records.items()}
@@ -286,20 +298,43 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
     return manifest
 
 
+def _check_yield(report: dict, sources: list[Source]) -> None:
+    """An input that gives no document is an error naming it (not an empty manifest that fails later)."""
+    if "written_per_source" in report:
+        empty = [label for label, n in report["written_per_source"].items() if n == 0]
+    else:  # chat: all inputs together
+        empty = [] if sum(report["tokens"].values()) else [s.label for s in sources]
+    if not empty:
+        return
+    skipped = ", ".join(f"{k}={v}" for k, v in report["skipped"].items() if v) or "none"
+    seen = "; ".join(f"{k}: {', '.join(v)}" for k, v in report["skipped_examples"].items())
+    raise PrepareError(f"{' and '.join(empty)} gave no documents ({report['documents_read']} records read, "
+                       f"skipped {skipped}{'; e.g. ' + seen if seen else ''}): point source.path at text, "
+                       "JSONL, Parquet or a datasets directory that holds documents")
+
+
 def _print_report(out: Path | str, m: dict) -> None:
     r, sp = m["report"], m["splits"]
     secs = max(r["seconds"], 1e-9)
     skipped = " ".join(f"{k}={v}" for k, v in r["skipped"].items())
-    print(f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
-          f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)\n"
-          f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}\n"
-          + (f"  chat: truncated to max_len={m['chat']['max_len']}: {r['truncated']}, trained "
-             f"tokens: {r['trained_tokens']:,}\n" if m.get("mode") == "chat" else "") +
-          f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
-          f"{len(sp['train']['shards'])} shards\n"
-          f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
-          f"{len(sp['val']['shards'])} shards\n"
-          f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})")
+    lines = [f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
+             f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)",
+             f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}"]
+    if m.get("mode") == "chat":
+        lines.append(f"  chat: truncated to max_len={m['chat']['max_len']}: {r['truncated']}, trained "
+                     f"tokens: {r['trained_tokens']:,}")
+    lines += [f"  skipped as {k}: {', '.join(w)}{' ...' if r['skipped'][k] > len(w) else ''}"
+              for k, w in r.get("skipped_examples", {}).items()]
+    if r.get("pieced_documents"):
+        lines.append(f"  {r['pieced_documents']} documents over {enc.PIECE_CHARS:,} characters tokenized in pieces"
+                     + ("" if r["pieces_exact"] else " (this tokenizer splits words differently at a cut: "
+                        "tokens may differ there)"))
+    lines += [f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
+              f"{len(sp['train']['shards'])} shards",
+              f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
+              f"{len(sp['val']['shards'])} shards",
+              f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})"]
+    print("\n".join(lines))
 
 
 def main() -> None:

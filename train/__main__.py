@@ -43,9 +43,24 @@ def main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from data_pipeline.manifest import ManifestError
+    from train import dist
+    from train.lock import RunLockError, release_all
     from train.loop import train
 
-    train(cfg, raw)
+    try:
+        train(cfg, raw)
+    except (RunLockError, ManifestError) as e:  # a clear message, no traceback
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if not dist.is_timeout(e):
+            raise
+        logging.getLogger("scaletrain").error("%s", dist.timeout_message(e, cfg.dist.timeout_s))
+        release_all()
+        sys.stderr.flush()
+        os._exit(1)  # the process group is wedged: a normal exit could wait on it forever
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
-                                   missing_local)
+                                   missing_local, missing_val_split)
 from data_pipeline.schema import ConfigError, build, load
 from train.adapters.config import AdapterConfig, adapter_problems
 from train.export.config import ExportConfig
@@ -27,6 +27,9 @@ class RunConfig:
     dir: str = "runs/default"
     """Run directory shared by all ranks (and all nodes): checkpoints, metrics, exports."""
     name: str = "scaletrain"
+    lock_stale_s: float = 300.0
+    """A run lock (RUN_DIR/run.lock) whose heartbeat is older than this is taken over with a warning
+    (a dead pid on the same host, or a requeue of the same SLURM job, at once)."""
 
 
 @dataclass
@@ -116,6 +119,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: float = 1800.0
+    """Seconds a collective waits for every rank (the process group's timeout); a rank that stops
+    responding then ends the job with a message naming the step and, where known, the rank."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,6 +138,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def env_world_size() -> int:
@@ -163,11 +174,14 @@ def validate(cfg: Config, world_size: int) -> list[str]:
          f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
          f"model.num_key_value_heads={m.num_key_value_heads}"),
         (cfg.checkpoint.keep_last < 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1"),
+        (not cfg.run.lock_stale_s > 0, f"run.lock_stale_s={cfg.run.lock_stale_s}: must be > 0 (seconds)"),
+        (not cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s}: must be > 0 (seconds)"),
     ]
     p = [msg for bad, msg in rules if bad]
     if t.compile and cfg.strategy.compile_problem():
         p.append(cfg.strategy.compile_problem())
-    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
+    if t.global_batch_size is not None and t.micro_batch_size >= 1 and \
+            t.global_batch_size % (t.micro_batch_size * world_size):
         per_step = t.micro_batch_size * world_size
         p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
@@ -179,6 +193,8 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
         p.extend(chat_len_problems(cfg.data, t.seq_len))
+        if t.eval_every > 0:
+            p.extend(missing_val_split(cfg.data))
         if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
             from data_pipeline.remote_table import unreachable
 
