@@ -11,10 +11,15 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
 import torch.distributed as dist
+from dist_state_bytes import (
+    build_loader,
+    build_model,
+    build_strategy,
+    compose_config,
+    d,
+)
 
-from dist_state_bytes import build_loader, build_model, build_strategy, compose_config, d
 from train.model import decoder_layers
 
 

@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
-                                   missing_local, missing_val_split)
+from data_pipeline.config import (
+    SyntheticDataConfig,
+    WebDatasetConfig,
+    chat_len_problems,
+    missing_local,
+    missing_val_split,
+)
 from data_pipeline.schema import ConfigError, build, load
+from train.adapters.config import AdapterConfig, adapter_problems
 from train.export.config import ExportConfig
 from train.strategies.config import DDPConfig, StrategyConfig
 from train.tracking.config import TrackingConfig
@@ -143,6 +149,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -192,8 +199,9 @@ def validate(cfg: Config, world_size: int) -> list[str]:
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
                  f"set trainer.global_batch_size to a multiple of {per_step} or change "
                  "trainer.micro_batch_size")
-    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export):
+    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export, cfg.adapter):
         p.extend(section.validate())
+    p.extend(adapter_problems(cfg.adapter, m.kind, cfg.strategy.kind, t.device, cfg.export.kind))
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
         p.extend(chat_len_problems(cfg.data, t.seq_len))

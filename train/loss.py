@@ -194,7 +194,9 @@ def _liger_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
         raise RuntimeError("trainer.loss=fused needs a CUDA device (Liger's Triton kernel): "
                            "use trainer.loss=chunked on CPU")
     try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        from liger_kernel.transformers.functional import (
+            liger_fused_linear_cross_entropy,
+        )
     except ImportError as e:
         raise RuntimeError("trainer.loss=fused needs liger-kernel: pip install liger-kernel "
                            "(or use trainer.loss=chunked)") from e

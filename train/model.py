@@ -10,7 +10,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from train.attention import set_attention
 from train.config import ModelConfig
-from train.loss import lm_loss  # noqa: F401  (strategies import it from here)
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
@@ -48,7 +47,9 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, seed: int) -> nn.Modul
 
 def decoder_stack(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of repeated blocks that FSDP shards, compile compiles and activation
-    checkpointing wraps."""
+    checkpointing wraps (through a peft wrapper too: PeftModel -> the transformers model)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
