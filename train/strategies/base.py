@@ -119,7 +119,7 @@ class TorchOptim:
         self.model, self.clip = model, cfg.trainer.grad_clip
         self.optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
-        self._ckpt_group: dist.ProcessGroup | None = None
+        self._ckpt_groups: list[dist.ProcessGroup] = []
 
     def step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -147,16 +147,17 @@ class TorchOptim:
 
     def save_async(self, path: Path) -> list[Future]:
         """Stage model and optimizer state in host memory (training waits only for this), then
-        write it in background threads (torch.distributed.checkpoint.async_save). The writes
-        coordinate over a gloo group of their own, so that they never interleave with the
-        training collectives of the default group."""
-        if self._ckpt_group is None and dist.is_initialized():
-            self._ckpt_group = dist.new_group(backend="gloo")
+        write it in background threads (torch.distributed.checkpoint.async_save). Each of the two
+        writes (model/, optim/) runs in a thread of its own and coordinates over a gloo group of
+        its own, so that their collectives never interleave with each other or with training's
+        (one shared group deadlocks: the two threads' collectives meet in different orders)."""
+        if not self._ckpt_groups and dist.is_initialized():
+            self._ckpt_groups = [dist.new_group(backend="gloo") for _ in range(2)]
+        groups = self._ckpt_groups or [None, None]
         futures = [dcp.async_save(get_model_state_dict(self.model, options=self._model_options()),
-                                  checkpoint_id=str(path / "model"),
-                                  process_group=self._ckpt_group),
+                                  checkpoint_id=str(path / "model"), process_group=groups[0]),
                    dcp.async_save(get_optimizer_state_dict(self.model, self.optimizer),
-                                  checkpoint_id=str(path / "optim"), process_group=self._ckpt_group)]
+                                  checkpoint_id=str(path / "optim"), process_group=groups[1])]
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
         return futures
 
