@@ -36,16 +36,23 @@ def main(dcfg: DictConfig) -> None:
                         format=f"[%(asctime)s r{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # Engine deprecation chatter (DeepSpeed calls deprecated c10d names) would drown the log.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
     raw = OmegaConf.to_container(dcfg, resolve=True)
     try:
         cfg = load_config(raw)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from train.checkpoint import CheckpointWriteError
+    from train.guard import DivergedError
     from train.loop import train
 
-    train(cfg, raw)
+    try:
+        train(cfg, raw)
+    except (ConfigError, DivergedError, CheckpointWriteError) as e:  # a clear message, no traceback
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from train.checkpoint_layout import (
     LayoutError,
     check_checkpoint,
     complete_checkpoints,
+    file_checksum,
     file_sizes,
+    read_latest,
     read_state,
     resume_candidates,
     step_dir_name,
@@ -39,7 +41,7 @@ from train.checkpoint_layout import (
 )
 
 log = logging.getLogger("scaletrain.checkpoint")
-__all__ = ["TrainState", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
+__all__ = ["TrainState", "CheckpointWriteError", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
            "rng_state", "set_rng_state"]
 
 
@@ -53,6 +55,14 @@ class TrainState:
     tokenizer_dir: str | None = None
     config_digest: str = ""
     files: dict[str, int] = field(default_factory=dict)
+    finite: bool = False
+    """Every weight and optimizer tensor was checked finite before writing (absent = unchecked)."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """xxh3 of every file when checkpoint.verify=true."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk...); the message names path and bytes."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,8 +88,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
                     save_native: Callable[[Path], None], loader_state: dict[str, Any],
-                    config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank calls it; returns the final checkpoint directory."""
+                    config_yaml: str, keep_last: int, verify: bool = False) -> Path:
+    """Collective: every rank calls it; returns the final checkpoint directory. The caller has
+    checked that every weight and optimizer tensor is finite."""
     final, tmp = ckpt_root / step_dir_name(state.step), ckpt_root / tmp_dir_name(state.step)
     if info.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -87,11 +98,20 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
         for sub in ("rng", "data"):
             (tmp / sub).mkdir(parents=True)
     d.barrier()
-    save_native(tmp)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
-    torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
-    d.barrier()
+    error = None
+    try:
+        save_native(tmp)
+        faults.fail_enospc("checkpoint.enospc", state.step, tmp / "rng")
+        torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
+        torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
+    except Exception as e:  # OSError, or torch's RuntimeError wrapping one: a full or failing disk
+        error = f"{type(e).__name__}: {e}"
+    errors = [e for e in d.all_gather_object(error) if e]
+    if errors:
+        _write_failed(ckpt_root, tmp, errors[0], info)
     faults.hit("checkpoint.publish", state.step)
+    state.finite = True
+    state.checksums = _checksums(tmp, info) if verify else {}
     if info.is_main:
         _publish(ckpt_root, tmp, final, state, config_yaml)
         _retain(ckpt_root, keep_last)
@@ -99,9 +119,35 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
     return final
 
 
+def _write_failed(root: Path, tmp: Path, error: str, info: d.DistInfo) -> None:
+    """Remove the partial checkpoint (`latest` was never touched) and raise an error that says
+    how much space a checkpoint needs (the newest complete one's size) and how much is free."""
+    partial = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+    d.barrier()
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = next((p for p in complete_checkpoints(root) if check_checkpoint(p) is None), None)
+    needed = sum(read_state(previous).get("files", {}).values()) if previous else None
+    free = shutil.disk_usage(root).free
+    need = f"about {needed} bytes (the size of {previous.name})" if needed else f"more than {partial} bytes"
+    raise CheckpointWriteError(
+        f"could not write checkpoint {tmp} ({error}). A checkpoint needs {need}; {free} bytes are free "
+        f"on the filesystem of {root}. The partial directory was removed and {root / LATEST} still names "
+        f"{read_latest(root) or 'no checkpoint'}: free space (or lower checkpoint.keep_last) and resume")
+
+
+def _checksums(tmp: Path, info: d.DistInfo) -> dict[str, str]:
+    """Collective: rank r hashes every W-th file, so the reading is spread over the ranks."""
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    mine = {rel: file_checksum(tmp / rel) for rel in files[info.rank::info.world_size]}
+    return {k: v for part in d.all_gather_object(mine) for k, v in sorted(part.items())}
+
+
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml: str) -> None:
     atomic_write_text(tmp / CONFIG_FILE, config_yaml)
     state.files = file_sizes(tmp)
+    if state.checksums:
+        state.checksums[CONFIG_FILE] = file_checksum(tmp / CONFIG_FILE)
     atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1, default=str))
     if final.exists():  # the same step saved again (e.g. stop signal right after a periodic save)
         shutil.rmtree(final)
@@ -112,9 +158,12 @@ def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml:
 
 
 def _retain(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints, and always the newest finite one."""
     valid = [p for p in complete_checkpoints(root) if check_checkpoint(p) is None]
+    newest_finite = next((p for p in valid if read_state(p).get("finite") is True), None)
     for old in valid[max(1, keep_last):]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != newest_finite:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(TMP_PREFIX + "step_*"):
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -95,6 +95,14 @@ class TrainerConfig:
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto, cpu or cuda."""
+    spike_factor: float | None = None
+    """Skip a step whose loss exceeds this many times the median of recent losses (null = off).
+    A step with a non-finite loss or gradient norm on any rank is always skipped."""
+    max_bad_steps: int = 5
+    """After this many skipped steps in a row, roll back to the newest finite checkpoint and
+    skip past the data that caused them."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed per run; one more stops the run with an error naming the bad steps."""
 
 
 @dataclass
@@ -106,6 +114,9 @@ class CheckpointConfig:
     resume: bool = True
     """Resume automatically from checkpoints/latest when present."""
     at_end: bool = True
+    verify: bool = False
+    """Record an xxhash of every checkpoint file; resume and export check it and fall back to
+    an older checkpoint on a mismatch."""
 
 
 @dataclass
@@ -155,6 +166,10 @@ def validate(cfg: Config, world_size: int) -> list[str]:
          f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
          f"model.num_key_value_heads={m.num_key_value_heads}"),
         (cfg.checkpoint.keep_last < 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1"),
+        (t.max_bad_steps < 1, f"trainer.max_bad_steps={t.max_bad_steps}: must be >= 1"),
+        (t.max_rollbacks < 0, f"trainer.max_rollbacks={t.max_rollbacks}: must be >= 0"),
+        (t.spike_factor is not None and t.spike_factor <= 1,
+         f"trainer.spike_factor={t.spike_factor}: must be > 1 (or null to turn spike skipping off)"),
     ]
     p = [msg for bad, msg in rules if bad]
     if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):

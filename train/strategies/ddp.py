@@ -25,6 +25,7 @@ class DDPStrategy:
         self.model = apply_ddp(model, info)
         self.optim = TorchOptim(model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
+        self.state_tensors = self.optim.state_tensors
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         no_sync = getattr(self.model, "no_sync", None)
