@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data_pipeline.fsutil import atomic_write_text, fsync_dir
 from train import dist as d
@@ -41,7 +42,7 @@ from train.checkpoint_layout import (
 )
 
 log = logging.getLogger("scaletrain.checkpoint")
-__all__ = ["TrainState", "CheckpointWriteError", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
+__all__ = ["TrainState", "CheckpointWriteError", "describe_error", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
            "rng_state", "set_rng_state"]
 
 
@@ -104,8 +105,8 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
         faults.fail_enospc("checkpoint.enospc", state.step, tmp / "rng")
         torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
         torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
-    except Exception as e:  # OSError, or torch's RuntimeError wrapping one: a full or failing disk
-        error = f"{type(e).__name__}: {e}"
+    except (Exception, CheckpointException) as e:  # OSError, torch's RuntimeError or DCP's wrapping one
+        error = describe_error(e)
     errors = [e for e in d.all_gather_object(error) if e]
     if errors:
         _write_failed(ckpt_root, tmp, errors[0], info)
@@ -117,6 +118,14 @@ def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
         _retain(ckpt_root, keep_last)
     d.barrier()
     return final
+
+
+def describe_error(e: BaseException) -> str:
+    """One line per failure (DCP wraps each rank's exception with its whole traceback)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {describe_error(exc)}" for r, (exc, _) in e.failures.items())
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def _write_failed(root: Path, tmp: Path, error: str, info: d.DistInfo) -> None:

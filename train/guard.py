@@ -40,6 +40,8 @@ class DivergedError(RuntimeError):
 @dataclass
 class StepGuard:
     cfg: TrainerConfig
+    verbose: bool = True
+    """Whether this rank logs (rank 0; every rank reaches the same verdicts)."""
     recent: deque = field(default_factory=lambda: deque(maxlen=SPIKE_WINDOW))
     streak: list[str] = field(default_factory=list)
     """The current run of consecutive bad steps, as 'step N (reason)'."""
@@ -69,8 +71,9 @@ class StepGuard:
             return True
         self.skipped += 1
         self.streak.append(f"step {step} ({reason})")
-        log.warning("skipped step %d on every rank: %s; no optimizer update (%d in a row, rollback after %d)",
-                    step, reason, len(self.streak), self.cfg.max_bad_steps)
+        if self.verbose:
+            log.warning("skipped step %d on every rank: %s; no optimizer update (%d in a row, rollback after %d)",
+                        step, reason, len(self.streak), self.cfg.max_bad_steps)
         return False
 
     def rollback_due(self) -> bool:

@@ -105,7 +105,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         tracker.log(timing, state.step)
         return path
 
-    guard = StepGuard(t)
+    guard = StepGuard(t, verbose=info.is_main)
 
     def roll_back() -> None:
         """Back to the newest finite checkpoint; the loader keeps its place past the bad data."""
@@ -115,8 +115,9 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         if path is None:
             raise DivergedError(f"bad steps in a row ({bad}) and no finite checkpoint to roll back to: "
                                 "set checkpoint.every_steps so that there is one, or lower optim.lr")
-        log.warning("rolled back from step %d to %s after %s; the data since then is skipped",
-                    state.step, path.name, bad)
+        if info.is_main:
+            log.warning("rolled back from step %d to %s after %s; the data since then is skipped",
+                        state.step, path.name, bad)
         record = {"step": saved.step, "rollback": guard.rollbacks, "rolled_back_from": state.step,
                   "skipped_tokens": state.tokens - saved.tokens}
         metrics.write(record)

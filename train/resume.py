@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data_pipeline.schema import ConfigError
 from train import dist as d
-from train.checkpoint import TrainState, load_rank_files, load_train_state, resume_candidates, set_rng_state
+from train.checkpoint import TrainState, describe_error, load_rank_files, load_train_state, resume_candidates, set_rng_state
 from train.checkpoint_layout import CONFIG_FILE, LayoutError, check_checksums, read_text
 from train.config import Config
 from train.strategies.base import Strategy
@@ -120,8 +121,8 @@ def restore(paths: list[Path], strategy: Strategy, loader, info: d.DistInfo,
         try:
             strategy.load(path, saved.world_size)
             problem = None
-        except Exception as e:  # any bytes in the engine's files
-            problem = f"the engine cannot load it ({type(e).__name__}: {str(e)[:500]})"
+        except (Exception, CheckpointException) as e:  # any bytes in the engine's files (DCP's is a BaseException)
+            problem = f"the engine cannot load it ({describe_error(e)})"
         if _agree(path, problem, info):
             continue
         return path, saved
@@ -143,7 +144,7 @@ def _prepare(path: Path, loader, info: d.DistInfo, verify: bool) -> tuple[TrainS
             _load_loader(loader, data_states, saved.world_size, info.world_size, path)
         return saved, None
     except Exception as e:  # LayoutError, or a rank file that unpickles to something else
-        return None, f"{type(e).__name__}: {e}"
+        return None, describe_error(e)
 
 
 def _load_loader(loader, states: list[dict], saved_world: int, world: int, path: Path) -> None:
