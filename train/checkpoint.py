@@ -125,7 +125,7 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, CheckpointException):
         return "; ".join(f"rank {r}: {describe_error(exc)}" for r, (exc, _) in e.failures.items())
     first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:300]}"
+    return f"{type(e).__name__}: {first[:160]}"
 
 
 def _write_failed(root: Path, tmp: Path, error: str, info: d.DistInfo) -> None:

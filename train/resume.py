@@ -18,7 +18,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from data_pipeline.schema import ConfigError
 from train import dist as d
-from train.checkpoint import TrainState, describe_error, load_rank_files, load_train_state, resume_candidates, set_rng_state
+from train.checkpoint import (
+    TrainState,
+    describe_error,
+    load_rank_files,
+    load_train_state,
+    resume_candidates,
+    set_rng_state,
+)
 from train.checkpoint_layout import CONFIG_FILE, LayoutError, check_checksums, read_text
 from train.config import Config
 from train.strategies.base import Strategy
@@ -122,7 +129,7 @@ def restore(paths: list[Path], strategy: Strategy, loader, info: d.DistInfo,
             strategy.load(path, saved.world_size)
             problem = None
         except (Exception, CheckpointException) as e:  # any bytes in the engine's files (DCP's is a BaseException)
-            problem = f"the engine cannot load it ({describe_error(e)})"
+            problem = f"the engine cannot load it, a file is corrupt or not from this trainer ({describe_error(e)})"
         if _agree(path, problem, info):
             continue
         return path, saved

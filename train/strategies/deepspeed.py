@@ -24,8 +24,8 @@ from torch import nn
 from train import dist as d
 from train.config import Config
 from train.dist import DistInfo
-from train.model import lm_loss
 from train.guard import optimizer_tensors
+from train.model import lm_loss
 from train.schedule import apply_optim_settings, build_scheduler
 from train.strategies.base import compute_dtype, forward_only, param_groups
 from train.strategies.parallelize import apply_activation_checkpointing
