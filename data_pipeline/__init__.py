@@ -17,7 +17,8 @@ class Loader(Protocol):
 
     Each batch is a dict of int64 tensors of shape [micro_batch_size, seq_len]:
     `input_ids`, `labels` (already shifted: labels[t] is the token after input_ids[t];
-    -100 = ignored) and `position_ids` (restart at 0 at every document boundary).
+    -100 = ignored; chat shards: -100 wherever the next token is not a target) and
+    `position_ids` (restart at 0 at every document boundary). See batches.py.
     """
 
     vocab_size: int

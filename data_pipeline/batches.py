@@ -1,18 +1,32 @@
 """Turn a span of the global stream into one packed micro-batch.
 
-A micro-batch of B rows x T tokens is the span [pos, pos + B*T + 1) of the stream: row b's
-`input_ids` are tokens pos+bT .. pos+bT+T-1 and its `labels` the tokens one further, so
-documents are packed back to back and split across rows where they must. `position_ids`
-restart at 0 at every document start and at every row start. The label that would predict
-the first token of the next document from the previous document's EOS is -100 (the same
-choice as transformers' DataCollatorWithFlattening), so the model learns to emit EOS but is
-never asked to guess an unrelated document from it.
+The batch contract (what the loop, the strategies and `train.model.lm_loss` consume): a dict
+of int64 [rows, seq_len] tensors
+
+- `input_ids`;
+- `labels`, ALREADY SHIFTED: labels[b, t] is the target for the logits at input_ids[b, t],
+  i.e. the token at t + 1, or -100 (ignored). The loss is a plain
+  `cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)`, with no shift
+  inside (unlike a Hugging Face model called with `labels=`, which shifts itself);
+- `position_ids`: restart at 0 at every document / conversation start (transformers then
+  builds a block-diagonal causal mask, so packed documents do not attend to each other).
+
+Text corpora (this module): a micro-batch of B rows x T tokens is the span [pos, pos + B*T + 1)
+of the stream: row b's `input_ids` are tokens pos+bT .. pos+bT+T-1 and its `labels` the
+tokens one further, so documents are packed back to back and split across rows where they
+must. `position_ids` restart at 0 at every document start and at every row start. The label
+that would predict the first token of the next document from the previous document's EOS is
+-100 (the same choice as transformers' DataCollatorWithFlattening), so the model learns to
+emit EOS but is never asked to guess an unrelated document from it.
+
+Chat corpora (rows.py): whole conversations per row, never split; labels[t] is the token at
+t + 1 only where that token is a target (its mask byte is 1), else -100.
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -52,11 +66,14 @@ class ShardReader:
             self._fds.move_to_end(shard)
         return fd
 
-    def read_into(self, dst: np.ndarray, piece: Piece) -> None:
-        """Fill dst (piece.take tokens) with the piece's tokens; straight into dst when the
-        shard's dtype is dst's (one syscall, no intermediate bytes)."""
-        dt = self._dtypes[piece.shard]
-        off = int(self.table.offsets[piece.doc]) + piece.within * dt.itemsize
+    def read_into(self, dst: np.ndarray, piece: Piece, mask: bool = False) -> None:
+        """Fill dst (piece.take tokens) with the piece's tokens, or with its chat target mask
+        (uint8); straight into dst when the shard's dtype is dst's (one syscall)."""
+        if mask:
+            dt, base = np.dtype(np.uint8), self.table.mask_offsets
+        else:
+            dt, base = self._dtypes[piece.shard], self.table.offsets
+        off = int(base[piece.doc]) + piece.within * dt.itemsize
         want = piece.take * dt.itemsize
         if dt == dst.dtype:
             got = os.preadv(self._fd(piece.shard), [dst], off)
@@ -67,7 +84,8 @@ class ShardReader:
                 dst[:] = np.frombuffer(data, dtype=dt)
         if got != want:
             raise ShardFormatError(f"shard {self.table.names[piece.shard]} is truncated: short read "
-                                   f"of document data at byte {off} ({got} of {want} bytes)")
+                                   f"of document {'mask' if mask else 'data'} at byte {off} "
+                                   f"({got} of {want} bytes)")
 
     def close(self, _close=os.close) -> None:  # bound early: also runs at interpreter exit
         for fd in self._fds.values():
@@ -89,10 +107,10 @@ class Span(NamedTuple):
     notes: dict[str, Any]
 
 
-def read_span(order: GlobalOrder, reader: ShardReader, pos: int, n: int, on_error: str) -> Span:
-    """Tokens [pos, pos + n) of the stream; bad pieces are zeroed (skip) or raise."""
-    buf = np.empty(n, dtype=reader.span_dtype)
-    pieces = list(order.pieces(pos, n))
+def fill(reader: ShardReader, buf: np.ndarray, pieces: list[Piece], on_error: str,
+         masks: np.ndarray | None = None) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """Read the pieces' tokens (and chat target masks) into buf/masks at piece.out; a bad piece
+    is zeroed and reported as a (start, length) range (on_error=skip) or raises."""
     bad: list[tuple[int, int]] = []
     notes: dict[str, Any] = {"masked_tokens": 0, "bad": []}
 
@@ -100,6 +118,8 @@ def read_span(order: GlobalOrder, reader: ShardReader, pos: int, n: int, on_erro
         if on_error == "raise":
             raise ShardFormatError(f"{e} (set data.on_error=skip to mask bad data)") from e
         buf[piece.out:piece.out + piece.take] = 0
+        if masks is not None:
+            masks[piece.out:piece.out + piece.take] = 0
         bad.append((piece.out, piece.take))
         notes["masked_tokens"] += piece.take
         notes["bad"].append(str(e))
@@ -107,10 +127,12 @@ def read_span(order: GlobalOrder, reader: ShardReader, pos: int, n: int, on_erro
     for piece in pieces:
         try:
             reader.read_into(buf[piece.out:piece.out + piece.take], piece)
+            if masks is not None:
+                reader.read_into(masks[piece.out:piece.out + piece.take], piece, mask=True)
         except (ShardFormatError, OSError) as e:
             failed(piece, e)
     vocab = reader.table.vocab_size
-    if (1 << 8 * buf.itemsize) > vocab and int(buf.max()) >= vocab:  # one pass; find culprits
+    if (1 << 8 * buf.itemsize) > vocab and len(buf) and int(buf.max()) >= vocab:  # find culprits
         for piece in pieces:
             top = int(buf[piece.out:piece.out + piece.take].max())
             if top >= vocab:
@@ -118,6 +140,14 @@ def read_span(order: GlobalOrder, reader: ShardReader, pos: int, n: int, on_erro
                 failed(piece, ShardFormatError(
                     f"shard {reader.table.names[piece.shard]}: document {local} has token id "
                     f"{top} >= vocab_size {vocab} (bad array)"))
+    return bad, notes
+
+
+def read_span(order: GlobalOrder, reader: ShardReader, pos: int, n: int, on_error: str) -> Span:
+    """Tokens [pos, pos + n) of the stream; bad pieces are zeroed (skip) or raise."""
+    buf = np.empty(n, dtype=reader.span_dtype)
+    pieces = list(order.pieces(pos, n))
+    bad, notes = fill(reader, buf, pieces, on_error)
     return Span(buf, [p.out for p in pieces if p.within == 0], bad, notes)
 
 
@@ -131,6 +161,16 @@ def _ranges(n: int) -> np.ndarray:
     return _RANGE
 
 
+def restart_positions(total: int, seq_len: int, starts: Iterable[int]) -> np.ndarray:
+    """0, 1, 2, ... restarting at every row start (multiples of seq_len) and at `starts`."""
+    positions = np.empty(total, dtype=np.int64)
+    bounds = sorted(set(range(0, total, seq_len)).union(starts))
+    ar = _ranges(total + 1)
+    for a, b in zip(bounds, bounds[1:] + [total]):
+        positions[a:b] = ar[:b - a]
+    return positions
+
+
 def finish_batch(span: Span, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
     """The int64 [rows, seq_len] input_ids / labels / position_ids of a span (see top)."""
     n = rows * seq_len + 1
@@ -139,11 +179,30 @@ def finish_batch(span: Span, rows: int, seq_len: int) -> dict[str, torch.Tensor]
     labels[[s - 1 for s in span.doc_starts if s > 0]] = IGNORE
     for out, take in span.bad:
         labels[max(out - 1, 0):out + take] = IGNORE
-    positions = np.empty(n - 1, dtype=np.int64)
-    bounds = sorted(set(range(0, n - 1, seq_len)).union(s for s in span.doc_starts if s < n - 1))
-    ar = _ranges(n)
-    for a, b in zip(bounds, bounds[1:] + [n - 1]):
-        positions[a:b] = ar[:b - a]
+    positions = restart_positions(n - 1, seq_len, (s for s in span.doc_starts if s < n - 1))
     return {"input_ids": torch.from_numpy(buf[:-1].reshape(rows, seq_len)),
             "labels": torch.from_numpy(labels.reshape(rows, seq_len)),
             "position_ids": torch.from_numpy(positions.reshape(rows, seq_len))}
+
+
+class TokenSpans:
+    """What a loader worker needs for text corpora: stream position -> Span -> batch.
+    `unit` is how far the stream advances per micro-batch (B*T tokens)."""
+
+    def __init__(self, order: GlobalOrder, reader: ShardReader, rows: int, seq_len: int,
+                 on_error: str) -> None:
+        self.order, self.reader, self.rows, self.seq_len = order, reader, rows, seq_len
+        self.on_error = on_error
+        self.unit = rows * seq_len
+
+    def read(self, pos: int) -> Span:
+        return read_span(self.order, self.reader, pos, self.unit + 1, self.on_error)
+
+    def finish(self, span: Span) -> dict[str, torch.Tensor]:
+        return finish_batch(span, self.rows, self.seq_len)
+
+    def epoch_of(self, pos: int) -> float:
+        return self.order.epoch_of(pos)
+
+    def close(self) -> None:
+        self.reader.close()

@@ -6,9 +6,12 @@ the trainer can collect every config error into one message before any process s
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from data_pipeline.schema import minimums
 
 
 @dataclass
@@ -68,6 +71,9 @@ class WebDatasetConfig:
     """Check every shard's sha256 against the manifest before reading it."""
     vocab_size: int | None = None
     """Filled from the manifest's tokenizer when null."""
+    pack: bool = True
+    """Chat shards: pack whole conversations into each row (true) or one conversation per
+    row, right-padded with the tokenizer's pad id (false). Text shards are always packed."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -78,18 +84,48 @@ class WebDatasetConfig:
             if "pipe:" in value and not self.allow_pipe:
                 problems.append(f"{key}={value!r} is a pipe: command; set data.allow_pipe=true "
                                 "to allow it (it runs a shell command)")
-        if self.num_workers < 0:
-            problems.append(f"data.num_workers={self.num_workers}: must be >= 0")
-        if self.prefetch_factor < 1:
-            problems.append(f"data.prefetch_factor={self.prefetch_factor}: must be >= 1")
-        if self.shuffle_buffer < 0:
-            problems.append(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 0")
+        problems += minimums("data", num_workers=(self.num_workers, 0), prefetch_factor=(self.prefetch_factor, 1),
+                             shuffle_buffer=(self.shuffle_buffer, 0))
         if self.vocab_size is not None and self.vocab_size < 2:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 2 or null")
         if self.manifest and not Path(self.manifest).is_file():
             problems.append(f"data.manifest={self.manifest!r} does not exist: point it at the "
                             "manifest.json written by prepare, or leave it empty")
         return problems
+
+
+def _local_manifest(cfg: WebDatasetConfig) -> Path | None:
+    """The manifest.json describing local data.urls, if one can be found without reading shards."""
+    if cfg.manifest:
+        return Path(cfg.manifest) if Path(cfg.manifest).is_file() else None
+    first = cfg.urls.split("::")[0]
+    first = first[len("file://"):] if first.startswith("file://") else first
+    if not first or ":" in first.split("/", 1)[0]:
+        return None
+    import braceexpand
+
+    p = Path(next(iter(braceexpand.braceexpand(first))))
+    candidates = [p / "manifest.json"] if p.is_dir() else \
+        [p] if p.suffix == ".json" else [p.parent / "manifest.json", p.parent.parent / "manifest.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def chat_len_problems(cfg: WebDatasetConfig, seq_len: int) -> list[str]:
+    """Chat shards whose conversations may be longer than a row: refused before start-up (a
+    conversation is never cut across two rows). The loader checks the real lengths again."""
+    path = _local_manifest(cfg)
+    if path is None:
+        return []
+    try:
+        m = json.loads(path.read_text())
+        max_len = int(m["chat"]["max_len"]) if m.get("mode") == "chat" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # the loader reports an unreadable manifest with its own message
+    if max_len is not None and max_len > seq_len:
+        return [f"data.urls={cfg.urls!r} holds chat shards of up to chat.max_len={max_len} tokens "
+                f"({path}) but trainer.seq_len={seq_len}: set trainer.seq_len>={max_len}, or prepare "
+                f"again with chat.max_len={seq_len}"]
+    return []
 
 
 def missing_local(urls: str, key: str) -> list[str]:

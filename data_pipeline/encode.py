@@ -34,10 +34,12 @@ class Settings:
 class Encoded:
     """Result of one task: documents in input order, and what was skipped or repaired."""
 
-    docs: list[tuple[bool, bytes]] = field(default_factory=list)   # (is_val, tokens)
+    docs: list[tuple] = field(default_factory=list)   # (is_val, tokens[, chat mask])
     tokens: int = 0
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, where, source field)
     replaced_utf8: int = 0
+    truncated: int = 0             # chat: conversations cut to chat.max_len
+    trained: int = 0               # chat: tokens marked as targets
 
 
 _state: dict = {}

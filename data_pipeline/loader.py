@@ -19,10 +19,11 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batches import ShardReader, Span, finish_batch, read_span
+from data_pipeline.batches import ShardReader, Span, TokenSpans
 from data_pipeline.config import WebDatasetConfig
 from data_pipeline.order import GlobalOrder
-from data_pipeline.shard_table import DataWarning, build_table
+from data_pipeline.rows import RowOrder, RowSpan, RowSpans
+from data_pipeline.shard_table import DataWarning, ShardTable, build_table
 
 STATE_VERSION = 1
 
@@ -30,35 +31,54 @@ STATE_VERSION = 1
 class _RankStream(IterableDataset):
     """Rounds first_round, first_round + 1, ... of one rank, split over DataLoader workers."""
 
-    def __init__(self, order: GlobalOrder, reader: ShardReader, *, base: int, first_round: int,
-                 rank: int, world_size: int, rows: int, seq_len: int, on_error: str) -> None:
-        self.order, self.reader = order, reader
-        self.base, self.first_round = base, first_round
-        self.rank, self.world_size, self.rows, self.seq_len = rank, world_size, rows, seq_len
-        self.on_error = on_error
+    def __init__(self, spans: TokenSpans | RowSpans, *, base: int, first_round: int,
+                 rank: int, world_size: int) -> None:
+        self.spans, self.base, self.first_round = spans, base, first_round
+        self.rank, self.world_size = rank, world_size
 
-    def __iter__(self) -> Iterator[Span]:
+    def __iter__(self) -> Iterator[Span | RowSpan]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        span = self.rows * self.seq_len
         k = self.first_round + worker
         try:
             while True:
-                pos = self.base + (k * self.world_size + self.rank) * span
-                yield read_span(self.order, self.reader, pos, span + 1, self.on_error)
+                yield self.spans.read(self.base + (k * self.world_size + self.rank) * self.spans.unit)
                 k += workers
         finally:
-            self.reader.close()
+            self.spans.close()
 
 
-def _as_is(span: Span) -> Span:
+def _as_is(span: Span | RowSpan) -> Span | RowSpan:
     """DataLoader collate_fn: keep numpy (its default would make shared-memory tensors)."""
     return span
 
 
+def _spans(table: ShardTable, order: GlobalOrder, cfg: WebDatasetConfig, rows: int,
+           seq_len: int) -> TokenSpans | RowSpans:
+    """Text shards stream tokens; chat shards (with masks) come as whole conversations per row."""
+    reader = ShardReader(table)
+    if table.mask_offsets is None:
+        if not cfg.pack:
+            raise ValueError("data.pack=false pads one conversation per row, but these shards are "
+                             "text (no .mask members): prepare them with mode=chat, or set data.pack=true")
+        return TokenSpans(order, reader, rows, seq_len, cfg.on_error)
+    longest = int(table.lengths.max())
+    if longest > seq_len:
+        raise ValueError(f"chat shards hold a conversation of {longest} tokens > trainer.seq_len="
+                         f"{seq_len} (a conversation is never cut across rows): raise trainer.seq_len "
+                         f"or prepare again with chat.max_len<={seq_len}")
+    pad = (table.chat or {}).get("pad_token_id")
+    pad = pad if pad is not None else (table.eos_token_id if table.eos_token_id is not None else 0)
+    return RowSpans(RowOrder(order, seq_len, cfg.pack), reader, rows, seq_len, pad, cfg.on_error)
+
+
 class WebDatasetLoader:
     """Follows `data_pipeline.Loader` for shards written by `python -m data_pipeline.prepare`
-    (or any tars of `.u16`/`.u32` token arrays; see shard_format.py)."""
+    (or any tars of `.u16`/`.u32` token arrays; see shard_format.py).
+
+    Text shards: the stream position counts tokens. Chat shards (`.mask` members): batches of
+    whole conversations (rows.py) and the position counts rows; everything else (workers,
+    resume, elastic resume) is the same."""
 
     def __init__(self, cfg: WebDatasetConfig, *, rank: int, world_size: int,
                  micro_batch_size: int, seq_len: int, split: str = "train",
@@ -79,6 +99,8 @@ class WebDatasetLoader:
         self.tokenizer_dir = self.table.tokenizer_dir
         self.eos_token_id = self.table.eos_token_id
         self.data_fingerprint = self.table.fingerprint
+        self._spans = _spans(self.table, self.order, cfg, micro_batch_size, seq_len)
+        self.unit = "rows" if isinstance(self._spans, RowSpans) else "tokens"
         self._base = 0
         self._consumed = 0
         self._generation = 0
@@ -88,14 +110,12 @@ class WebDatasetLoader:
 
     @property
     def position(self) -> int:
-        """Tokens of the global stream consumed by all ranks together."""
-        return self._base + self._consumed * self.world_size * self.micro_batch_size * self.seq_len
+        """Tokens (chat: rows) of the global stream consumed by all ranks together."""
+        return self._base + self._consumed * self.world_size * self._spans.unit
 
-    def _source(self) -> Iterator[Span]:
-        stream = _RankStream(self.order, ShardReader(self.table), base=self._base,
-                             first_round=self._consumed, rank=self.rank,
-                             world_size=self.world_size, rows=self.micro_batch_size,
-                             seq_len=self.seq_len, on_error=self.cfg.on_error)
+    def _source(self) -> Iterator[Span | RowSpan]:
+        stream = _RankStream(self._spans, base=self._base, first_round=self._consumed,
+                             rank=self.rank, world_size=self.world_size)
         if self.cfg.num_workers == 0:
             yield from stream
             return
@@ -118,7 +138,7 @@ class WebDatasetLoader:
                         break
                     self._consumed += 1
                     self._note(span.notes)
-                    batch = finish_batch(span, self.micro_batch_size, self.seq_len)
+                    batch = self._spans.finish(span)
                     if self.pin_memory:
                         batch = {k: v.pin_memory() for k, v in batch.items()}
                     yield batch
@@ -139,12 +159,23 @@ class WebDatasetLoader:
                 "position": self.position, "rank": self.rank, "world_size": self.world_size,
                 "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
                 "seed": self.cfg.seed, "data_fingerprint": self.data_fingerprint,
+                **({"unit": "rows", "pack": self.cfg.pack} if self.unit == "rows" else {}),
                 "masked_tokens": self._masked_tokens, "repeated_tokens": self._repeated_tokens}
 
     def _check(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "webdataset" or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a webdataset loader state (kind={state.get('kind')!r}, "
                              f"version={state.get('version')!r}); was the run using another data=?")
+        if state.get("unit", "tokens") != self.unit:
+            raise ValueError(f"loader state counts {state.get('unit', 'tokens')} but these shards are "
+                             f"{'chat' if self.unit == 'rows' else 'text'} shards (counted in "
+                             f"{self.unit}): resume with the data the checkpoint was trained on")
+        if self.unit == "rows":
+            for key, mine in (("seq_len", self.seq_len), ("pack", self.cfg.pack)):
+                if state.get(key) != mine:  # rows are packed for one seq_len
+                    warnings.warn(f"loader state has {key}={state.get(key)!r} but this loader has "
+                                  f"{mine!r}: chat rows are packed differently, so the continuation "
+                                  "is not the uninterrupted order", DataWarning, stacklevel=3)
         for key, mine in (("data_fingerprint", self.data_fingerprint), ("seed", self.cfg.seed)):
             if state.get(key) != mine:
                 warnings.warn(f"loader state has {key}={state.get(key)!r} but this loader has "
@@ -186,8 +217,8 @@ class WebDatasetLoader:
 
     def metrics(self) -> dict[str, float]:
         """Cheap counters: epochs and tokens of the global stream consumed, data problems."""
-        return {"data_epoch": self.order.epoch_of(self.position),
-                "data_tokens": float(self.position),
+        return {"data_epoch": self._spans.epoch_of(self.position),
+                f"data_{self.unit}": float(self.position),
                 "data_skipped_shards": float(len(self.table.skipped)),
                 "data_bad_samples": float(self.table.bad_samples),
                 "data_masked_tokens": float(self._masked_tokens),

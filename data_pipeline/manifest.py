@@ -11,6 +11,9 @@ Keys: `format`, `fingerprint` (sources + settings; equal = rerunning prepare is 
 `dtype`/`sample_ext`, `vocab_size`, `eos_token_id`, `tokenizer`, `splits.{train,val}` with
 `samples`, `tokens`, `bytes` and `shards` (each: path, index, samples, tokens, bytes, sha256),
 `totals`, `report` (documents read and skipped by reason) and `settings`.
+`mode` is `text` (absent in older manifests: text too) or `chat`; a chat manifest adds
+`chat`: {`max_len` (no sample is longer), `mask_ext` (`mask`, see shard_format.py),
+`pad_token_id` (the tokenizer's pad id, or its EOS where it has none), `train_on`}.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def build_manifest(*, splits: dict[str, list[ShardRecord]], ext: str, vocab_size: int,
                    eos_token_id: int | None, tokenizer: dict | None, fingerprint: str,
-                   settings: dict | None = None, report: dict | None = None) -> dict[str, Any]:
+                   settings: dict | None = None, report: dict | None = None,
+                   chat: dict | None = None) -> dict[str, Any]:
     """The manifest mapping for finished shards of every split."""
     out_splits = {}
     for name in SPLITS:
@@ -45,7 +49,8 @@ def build_manifest(*, splits: dict[str, list[ShardRecord]], ext: str, vocab_size
                             "shards": [r.to_json() for r in recs]}
     totals = {k: sum(s[k] for s in out_splits.values()) for k in ("samples", "tokens", "bytes")}
     totals["shards"] = sum(len(s["shards"]) for s in out_splits.values())
-    return {"format": FORMAT, "fingerprint": fingerprint, "dtype": TOKEN_EXTS[ext].name,
+    extra = {"mode": "chat", "chat": chat} if chat is not None else {"mode": "text"}
+    return {"format": FORMAT, "fingerprint": fingerprint, **extra, "dtype": TOKEN_EXTS[ext].name,
             "sample_ext": ext, "vocab_size": vocab_size, "eos_token_id": eos_token_id,
             "tokenizer": tokenizer, "splits": out_splits, "totals": totals,
             "report": report or {}, "settings": settings or {}}
@@ -83,13 +88,14 @@ def manifest_is_current(root: Path, fingerprint: str) -> bool:
     return True
 
 
-def load_index(path: Path, samples: int, tokens: int, size: int) -> np.ndarray | None:
-    """The (n+1, 2) index of a shard if it is consistent with the manifest entry, else None."""
+def load_index(path: Path, samples: int, tokens: int, size: int, columns: int = 2) -> np.ndarray | None:
+    """The (n+1, columns) index of a shard if it is consistent with the manifest entry, else
+    None (columns: 2, or 3 for chat shards, see shard_format.py)."""
     try:
         idx = np.load(path, mmap_mode="r")
     except (OSError, ValueError):
         return None
-    if idx.ndim != 2 or idx.shape != (samples + 1, 2):
+    if idx.ndim != 2 or idx.shape != (samples + 1, columns):
         return None
     if int(idx[-1, 0]) != size or int(idx[-1, 1]) != tokens:
         return None

@@ -79,17 +79,29 @@ class GlobalOrder:
         base = int(self.table.doc_base[s])
         return int(tok_cum[i]) + int(self.table.cum_tokens[base + local] - self.table.cum_tokens[base])
 
+    def _block_docs(self, e: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shards, global doc ids) of block k of epoch e, in stream order."""
+        perm, doc_cum, _ = self._epoch(e)
+        d = np.arange(k * self.block, min((k + 1) * self.block, self.num_docs))
+        i = np.searchsorted(doc_cum, d, side="right") - 1
+        shards = perm[i]
+        docs = self.table.doc_base[shards] + (d - doc_cum[i])
+        if self.shuffle_docs:
+            p = np.random.default_rng([self.seed, e, k + 1]).permutation(len(d))
+            shards, docs = shards[p], docs[p]
+        return shards, docs
+
+    def epoch_docs(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shards, global doc ids) of every document of epoch e, in stream order (the
+        sequence the token stream concatenates; rows.py packs it into rows)."""
+        parts = [self._block_docs(e, k) for k in range(self.num_blocks)]
+        return (np.concatenate([p[0] for p in parts]).astype(np.int64),
+                np.concatenate([p[1] for p in parts]).astype(np.int64))
+
     def _block(self, e: int, k: int) -> _Block:
         key = (e, k)
         if key not in self._blocks:
-            perm, doc_cum, _ = self._epoch(e)
-            d = np.arange(k * self.block, min((k + 1) * self.block, self.num_docs))
-            i = np.searchsorted(doc_cum, d, side="right") - 1
-            shards = perm[i]
-            docs = self.table.doc_base[shards] + (d - doc_cum[i])
-            if self.shuffle_docs:
-                p = np.random.default_rng([self.seed, e, k + 1]).permutation(len(d))
-                shards, docs = shards[p], docs[p]
+            shards, docs = self._block_docs(e, k)
             starts = np.concatenate([[0], np.cumsum(self.table.lengths[docs])])
             self._blocks[key] = _Block(shards.tolist(), docs.tolist(), starts.tolist(),
                                        self._tok_at(e, k * self.block))

@@ -25,7 +25,9 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
+from data_pipeline import chat, chat_prepare
 from data_pipeline import encode as enc
+from data_pipeline.chat_records import CHAT_RECORD_ERRORS
 from data_pipeline.manifest import (
     MANIFEST_NAME,
     build_manifest,
@@ -68,18 +70,25 @@ def _tokenizer_fingerprint(cfg: PrepareConfig) -> dict:
     return {"path": str(Path(t.path).resolve()), "sha256": h.hexdigest()}
 
 
-def fingerprint(cfg: PrepareConfig, sources: list[Source]) -> str:
+def fingerprint(cfg: PrepareConfig, sources: list[Source], template: str | None = None) -> str:
     """Everything that changes the output: sources (files, sizes, mtimes) and settings."""
     blob = {"version": FORMAT_VERSION, "sources": [source_fingerprint(s) for s in sources],
             "tokenizer": _tokenizer_fingerprint(cfg), "shard": asdict(cfg.shard),
             "split": asdict(cfg.split), "mix": asdict(cfg.mix) if len(sources) > 1 else None,
             "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record}
+    if template is not None:  # text outputs keep their fingerprint (no rebuild after upgrades)
+        blob["chat"] = chat.fingerprint(cfg.chat, template)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _record_error(reason: str, where: str, field: str) -> PrepareError:
-    return PrepareError(f"{enc.describe(reason, where, field)} (set on_bad_record=skip to skip "
-                        "such records and count them)")
+def _record_error(reason: str, where: str, detail: str, mode: str = "text") -> PrepareError:
+    what = f"{where}: {detail}" if mode == "chat" else enc.describe(reason, where, detail)
+    return PrepareError(f"{what} (set on_bad_record=skip to skip such records and count them)")
+
+
+def _is_record_error(reason: str, cfg: PrepareConfig) -> bool:
+    errors = CHAT_RECORD_ERRORS if cfg.mode == "chat" else enc.RECORD_ERRORS
+    return reason in errors and cfg.on_bad_record == "raise"
 
 
 def _training_texts(sources: list[Source], cfg: PrepareConfig) -> Iterator[str]:
@@ -107,16 +116,17 @@ def _tasks(records: Iterable, size: int, counts: collections.Counter) -> Iterato
         yield task
 
 
-def _bounded_map(fn: Callable, tasks: Iterator, settings: enc.Settings, procs: int) -> Iterator:
+def _bounded_map(fn: Callable, tasks: Iterator, settings, procs: int) -> Iterator:
     """fn over tasks in order on `procs` processes, at most 2 x procs tasks in flight
     (Executor.map would read the whole corpus into its queue first)."""
+    init = chat.init if isinstance(settings, chat.ChatSettings) else enc.init
     if procs == 1:
-        enc.init(settings)
+        init(settings)
         yield from map(fn, tasks)
         return
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; quiet after fork
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(procs, mp_context=ctx, initializer=enc.init, initargs=(settings,)) as ex:
+    with ProcessPoolExecutor(procs, mp_context=ctx, initializer=init, initargs=(settings,)) as ex:
         pending: collections.deque[Future] = collections.deque()
         try:
             for task in tasks:
@@ -130,34 +140,41 @@ def _bounded_map(fn: Callable, tasks: Iterator, settings: enc.Settings, procs: i
                 f.cancel()
 
 
-def _encode_all(sources: list[Source], cfg: PrepareConfig, settings: enc.Settings,
+def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
                 writers: dict[str, ShardWriter]) -> dict:
     procs = cfg.num_proc or min(8, os.cpu_count() or 1)
     read, skipped = collections.Counter(), collections.Counter()
     tokens = collections.Counter()
-    replaced = 0
+    replaced = truncated = trained = 0
+    fn, reasons = (chat.encode, chat.CHAT_SKIP_REASONS) if cfg.mode == "chat" else \
+        (enc.encode, enc.SKIP_REASONS)
     t0 = time.time()
     bar = tqdm(unit="doc", desc="tokenize", disable=not cfg.progress, dynamic_ncols=True)
     tasks = _tasks(iter_mixed(sources, cfg.mix), cfg.batch_docs, read)
-    for task_out in _bounded_map(enc.encode, tasks, settings, procs):
-        for reason, where, field in task_out.skipped:
-            if reason in enc.RECORD_ERRORS and cfg.on_bad_record == "raise":
-                raise _record_error(reason, where, field)
+    for task_out in _bounded_map(fn, tasks, settings, procs):
+        for reason, where, detail in task_out.skipped:
+            if _is_record_error(reason, cfg):
+                raise _record_error(reason, where, detail, cfg.mode)
             skipped[reason] += 1
         replaced += task_out.replaced_utf8
-        for is_val, data in task_out.docs:
+        truncated += task_out.truncated
+        trained += task_out.trained
+        for is_val, data, *mask in task_out.docs:
             split = "val" if is_val else "train"
-            writers[split].write(data)
+            writers[split].write(data, *mask)
             tokens[split] += len(data) // TOKEN_EXTS[writers[split].ext].itemsize
         bar.update(len(task_out.docs) + len(task_out.skipped))
         bar.set_postfix_str(f"{sum(tokens.values()) / max(time.time() - t0, 1e-9):,.0f} tok/s",
                             refresh=False)
     bar.close()
-    return {"documents_read": sum(read.values()),
-            "read_per_source": {sources[i].label: read[i] for i in sorted(read)},
-            "skipped": {r: skipped[r] for r in enc.SKIP_REASONS},
-            "utf8_replaced": replaced, "tokens": dict(tokens),
-            "seconds": round(time.time() - t0, 3)}
+    report = {"documents_read": sum(read.values()),
+              "read_per_source": {sources[i].label: read[i] for i in sorted(read)},
+              "skipped": {r: skipped[r] for r in reasons},
+              "utf8_replaced": replaced, "tokens": dict(tokens),
+              "seconds": round(time.time() - t0, 3)}
+    if cfg.mode == "chat":
+        report.update(truncated=truncated, trained_tokens=trained)
+    return report
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -174,9 +191,13 @@ def prepare(cfg: PrepareConfig) -> dict:
     """Run prepare; returns the manifest (the existing one when already up to date)."""
     keys = ["source"] if not cfg.sources else [f"sources[{i}]" for i in range(len(cfg.sources))]
     sources = [resolve_source(s, k) for s, k in zip(cfg.source_list(), keys)]
+    template = None
+    if cfg.mode == "chat":
+        chat_prepare.mark_sources(sources, keys)
+        template = chat_prepare.resolve_template(cfg)
     for s, k in zip(sources, keys):
         check_source(s, k)
-    fp = fingerprint(cfg, sources)
+    fp = fingerprint(cfg, sources, template)
     out = Path(cfg.out)
     if not cfg.force and manifest_is_current(out, fp):
         print(f"prepare: {out} is up to date (fingerprint {fp[:12]}); nothing to do")
@@ -186,7 +207,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _build(cfg, sources, fp, tmp)
+        manifest = _build(cfg, sources, fp, tmp, template)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,22 +216,35 @@ def prepare(cfg: PrepareConfig) -> dict:
     return manifest
 
 
-def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path) -> dict:
-    tok_dir = tmp / "tokenizer"
+def _tokenizer(cfg: PrepareConfig, sources: list[Source], tok_dir: Path, template: str | None):
     if cfg.tokenizer.path:
         tok = copy_tokenizer(cfg.tokenizer.path, tok_dir)
         tok_info = {"dir": "tokenizer", "source": str(Path(cfg.tokenizer.path).resolve())}
     else:
-        tok = train_bpe(_training_texts(sources, cfg), cfg.tokenizer.vocab_size,
-                        cfg.tokenizer.min_frequency, tok_dir, progress=cfg.progress)
+        texts = chat_prepare.training_texts(sources, cfg) if template is not None else \
+            _training_texts(sources, cfg)
+        tok = train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, tok_dir,
+                        progress=cfg.progress, chat_tokens=chat.CHATML_TOKENS if template else ())
         tok_info = {"dir": "tokenizer", "source": "trained",
                     "vocab_size_requested": cfg.tokenizer.vocab_size}
+    if template is not None:
+        chat_prepare.save_with_template(tok, template, tok_dir)
+    tok_info.update(vocab_size=len(tok), eos_token=tok.eos_token, eos_token_id=tok.eos_token_id)
+    return tok, tok_info
+
+
+def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
+           template: str | None = None) -> dict:
+    tok_dir = tmp / "tokenizer"
+    tok, tok_info = _tokenizer(cfg, sources, tok_dir, template)
     vocab = len(tok)
     ext = ext_for_vocab(vocab)
-    tok_info.update(vocab_size=vocab, eos_token=tok.eos_token, eos_token_id=tok.eos_token_id)
-    settings = enc.Settings(str(tok_dir / "tokenizer.json"), tok.eos_token_id, TOKEN_EXTS[ext].str,
-                            [(s.kind, s.text_field) for s in sources], cfg.on_bad_utf8,
-                            cfg.split.val_fraction, cfg.split.seed)
+    if template is not None:
+        settings = chat_prepare.settings(cfg, sources, tok_dir, TOKEN_EXTS[ext].str)
+    else:
+        settings = enc.Settings(str(tok_dir / "tokenizer.json"), tok.eos_token_id, TOKEN_EXTS[ext].str,
+                                [(s.kind, s.text_field) for s in sources], cfg.on_bad_utf8,
+                                cfg.split.val_fraction, cfg.split.seed)
     writers = {split: ShardWriter(tmp, split, ext, cfg.shard.max_bytes) for split in ("train", "val")}
     report = _encode_all(sources, cfg, settings, writers)
     records = {split: w.close() for split, w in writers.items()}
@@ -220,10 +254,12 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path) -> dic
                                  "text_field": s.text_field, "weight": s.weight} for s in sources],
                     "tokenizer": asdict(cfg.tokenizer), "shard": asdict(cfg.shard),
                     "split": asdict(cfg.split), "mix": asdict(cfg.mix),
-                    "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record}
+                    "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record,
+                    "mode": cfg.mode, "chat": asdict(cfg.chat) if template is not None else None}
     manifest = build_manifest(splits=records, ext=ext, vocab_size=vocab,
                               eos_token_id=tok.eos_token_id, tokenizer=tok_info, fingerprint=fp,
-                              settings=settings_out, report=report)
+                              settings=settings_out, report=report,
+                              chat=chat_prepare.manifest_entry(cfg, tok) if template is not None else None)
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return manifest
 
@@ -235,6 +271,8 @@ def _print_report(out: Path, m: dict) -> None:
     print(f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
           f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)\n"
           f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}\n"
+          + (f"  chat: truncated to max_len={m['chat']['max_len']}: {r['truncated']}, trained "
+             f"tokens: {r['trained_tokens']:,}\n" if m.get("mode") == "chat" else "") +
           f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
           f"{len(sp['train']['shards'])} shards\n"
           f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "

@@ -75,7 +75,42 @@ class MixConfig:
 
 
 @dataclass
+class ChatConfig:
+    """How `mode=chat` reads conversations and marks what the model learns (see chat.py)."""
+
+    messages_field: str = "messages"
+    """Field holding OpenAI-style messages: a list of {role, content}, roles system, user,
+    assistant or tool."""
+    prompt_field: str = "prompt"
+    """Prompt/completion pairs: the user turn's field..."""
+    completion_field: str = "completion"
+    """...and the assistant turn's field."""
+    instruction_fields: list[str] = field(default_factory=lambda: ["instruction", "input"])
+    """Instruction data: fields joined (blank line between, empty ones left out) into the user
+    turn; a record needs the first of them and `output_field`."""
+    output_field: str = "output"
+    """Instruction data: the assistant turn's field."""
+    system_field: str | None = "system"
+    """Instruction data: an optional system turn's field (null = none)."""
+    template: str | None = None
+    """A Jinja chat template (or the path of a file holding one) replacing the tokenizer's; it is
+    written into the output tokenizer, so exports carry it. null = the tokenizer's own (a
+    tokenizer trained by prepare gets chat.DEFAULT_CHAT_TEMPLATE, ChatML)."""
+    train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
+    """Which tokens are targets: every assistant turn, every token, or the last assistant turn."""
+    max_len: int = 2048
+    """Tokens per conversation at most; must be <= trainer.seq_len of the runs that read it."""
+    on_long: Literal["truncate", "skip"] = "truncate"
+    """A longer conversation is cut to max_len (skipped if no assistant token is left) or skipped;
+    both are counted in the closing report."""
+
+
+@dataclass
 class PrepareConfig:
+    mode: Literal["text", "chat"] = "text"
+    """`text`: documents + EOS, every token trained. `chat`: conversations rendered with the
+    tokenizer's chat template, with a per-token label mask (settings under `chat`)."""
+    chat: ChatConfig = field(default_factory=ChatConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     sources: list[dict] = field(default_factory=list)
     """Several weighted sources ({path, weight, format, text_field, ...}); replaces `source`."""
@@ -119,6 +154,18 @@ def _source_problems(s: SourceConfig, key: str) -> list[str]:
     return p
 
 
+def _chat_problems(cfg: PrepareConfig) -> list[str]:
+    c, p = cfg.chat, []
+    if c.max_len < 2:
+        p.append(f"chat.max_len={c.max_len}: must be >= 2")
+    if c.template is not None and "{" not in c.template and not Path(c.template).is_file():
+        p.append(f"chat.template={c.template!r} is neither a file nor a Jinja template: point it at "
+                 "a template file, or give the template text")
+    if not c.instruction_fields:
+        p.append("chat.instruction_fields is empty: name at least the instruction field")
+    return p
+
+
 def validate(cfg: PrepareConfig) -> list[str]:
     p: list[str] = []
     if not cfg.sources:
@@ -141,6 +188,8 @@ def validate(cfg: PrepareConfig) -> list[str]:
         p.append(f"shard.max_bytes={cfg.shard.max_bytes}: must be >= 4096")
     if not 0 <= cfg.split.val_fraction < 1:
         p.append(f"split.val_fraction={cfg.split.val_fraction}: must be in [0, 1)")
+    if cfg.mode == "chat":
+        p.extend(_chat_problems(cfg))
     if cfg.num_proc < 0 or cfg.batch_docs < 1:
         p.append(f"num_proc={cfg.num_proc}, batch_docs={cfg.batch_docs}: need num_proc >= 0, batch_docs >= 1")
     if not cfg.out:

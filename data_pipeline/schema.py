@@ -35,17 +35,24 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         problems.append(f"{prefix}={data!r}: expected a mapping of {cls.__name__} settings")
         return cls()
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    # A field may take its YAML key from metadata (`async` is a Python keyword).
+    names = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             problems.append(f"{key}: unknown key; known keys here: {', '.join(sorted(names))}")
             continue
-        value = convert(v, hints[k], key, problems)
+        value = convert(v, hints[names[k]], key, problems)
         if value is not _BAD:
-            kwargs[k] = value
+            kwargs[names[k]] = value
     return cls(**kwargs)
+
+
+def minimums(prefix: str, **checks: tuple[Any, Any]) -> list[str]:
+    """`name=(value, least)` pairs: a problem for each value below its least allowed value."""
+    return [f"{prefix}.{name}={value}: must be >= {least}" for name, (value, least) in checks.items()
+            if value < least]
 
 
 def load(cls: type[T], raw: Any, validate: Callable[[T], list[str]] | None = None, prefix: str = "",

@@ -6,10 +6,15 @@ token ids as a raw little-endian array that already ends with the EOS token. Any
 by `webdataset.TarWriter` with samples `{"__key__": key, "u16": ids.astype("<u2").tobytes()}`
 follows this format. Members with other extensions are ignored by the loader.
 
+Chat shards (`prepare mode=chat`) add one member per sample, `<key>.mask`: one uint8 per
+token of `<key>.u16`/`.u32`, 1 where that token is a training target (an assistant token),
+0 elsewhere. A shard has a mask for every sample or for none.
+
 Next to each shard `prepare` writes `<shard>.idx.npy`: an (n + 1, 2) uint64 array whose rows
 are (byte offset of document i's data in the tar, tokens before document i); the last row is
-(tar size, shard tokens). The loader uses it for random access (see `order.py`); shards
-without it are indexed by scanning their tar headers.
+(tar size, shard tokens). Chat shards add a third column: the byte offset of document i's
+mask data (last row: tar size). The loader uses it for random access (see `order.py`);
+shards without it are indexed by scanning their tar headers.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import webdataset as wds
 from data_pipeline.fsutil import file_sha256
 
 TOKEN_EXTS = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
+MASK_EXT = "mask"
 INDEX_SUFFIX = ".idx.npy"
 
 
@@ -44,10 +50,32 @@ class ScanResult:
     tokens: np.ndarray
     ext: str
     bad_samples: list[str] = field(default_factory=list)
+    mask_offsets: np.ndarray | None = None
 
     def index_array(self, size: int) -> np.ndarray:
         cum = np.concatenate([[0], np.cumsum(self.tokens, dtype=np.int64)])
-        return np.stack([np.append(self.offsets, size), cum], axis=1).astype(np.uint64)
+        cols = [np.append(self.offsets, size), cum]
+        if self.mask_offsets is not None:
+            cols.append(np.append(self.mask_offsets, size))
+        return np.stack(cols, axis=1).astype(np.uint64)
+
+
+def _pair_masks(keys: list[str], masks: dict[str, tuple[int, int]], tokens: list[int],
+                path) -> np.ndarray | None:
+    """Mask data offsets aligned with the token members; None for a shard without masks."""
+    if not masks:
+        return None
+    out = []
+    for k, n in zip(keys, tokens):
+        if k not in masks:
+            raise ShardFormatError(f"shard {path}: sample {k} has no .{MASK_EXT} member but others "
+                                   "have; a chat shard needs one mask per sample")
+        off, size = masks[k]
+        if size != n:
+            raise ShardFormatError(f"shard {path}: {k}.{MASK_EXT} has {size} bytes for {n} tokens "
+                                   "(a mask has one byte per token)")
+        out.append(off)
+    return np.asarray(out, np.int64)
 
 
 def scan_tar(path: str | Path) -> ScanResult:
@@ -57,7 +85,8 @@ def scan_tar(path: str | Path) -> ScanResult:
     which `tarfile` gives, so the index is built here.
     """
     size = os.path.getsize(path)
-    offsets, tokens, bad, exts = [], [], [], set()
+    offsets, tokens, bad, exts, keys = [], [], [], set(), []
+    masks: dict[str, tuple[int, int]] = {}
     end = 0
     try:
         with tarfile.open(path, mode="r:") as tf:
@@ -70,6 +99,9 @@ def scan_tar(path: str | Path) -> ScanResult:
                     continue
                 base = m.name.rsplit("/", 1)[-1]
                 ext = base.split(".", 1)[1] if "." in base else ""
+                key = m.name[:len(m.name) - len(ext) - 1]
+                if ext == MASK_EXT:
+                    masks[key] = (m.offset_data, m.size)
                 if ext not in TOKEN_EXTS:
                     continue
                 isz = TOKEN_EXTS[ext].itemsize
@@ -77,6 +109,7 @@ def scan_tar(path: str | Path) -> ScanResult:
                     bad.append(f"{m.name} ({m.size} bytes is not a non-empty {ext} array)")
                     continue
                 exts.add(ext)
+                keys.append(key)
                 offsets.append(m.offset_data)
                 tokens.append(m.size // isz)
     except tarfile.TarError as e:
@@ -88,8 +121,9 @@ def scan_tar(path: str | Path) -> ScanResult:
         raise ShardFormatError(f"shard {path} mixes token dtypes {sorted(exts)}; use one per shard")
     if not offsets:
         raise ShardFormatError(f"shard {path} has no .u16/.u32 token members")
+    mask_offsets = _pair_masks(keys, masks, tokens, path)
     return ScanResult(np.asarray(offsets, np.int64), np.asarray(tokens, np.int64),
-                      exts.pop(), bad)
+                      exts.pop(), bad, mask_offsets)
 
 
 @dataclass
@@ -122,17 +156,23 @@ class ShardWriter:
         self._bytes = self._samples = self._tokens = 0
         self.total_samples = 0
 
-    def write(self, tokens: bytes | np.ndarray) -> None:
-        """Append one document (its token ids, EOS included, in this writer's dtype)."""
+    def write(self, tokens: bytes | np.ndarray, mask: bytes | np.ndarray | None = None) -> None:
+        """Append one document: its token ids in this writer's dtype (text: EOS included),
+        and for chat data its target mask (one uint8 per token)."""
         data = tokens if isinstance(tokens, bytes) else \
             np.ascontiguousarray(tokens, dtype=TOKEN_EXTS[self.ext]).tobytes()
+        sample = {self.ext: data}
         member = 512 + (len(data) + 511) // 512 * 512
+        if mask is not None:
+            sample[MASK_EXT] = mask if isinstance(mask, bytes) else np.asarray(mask, np.uint8).tobytes()
+            assert len(sample[MASK_EXT]) * TOKEN_EXTS[self.ext].itemsize == len(data)
+            member += 512 + (len(sample[MASK_EXT]) + 511) // 512 * 512
         if self._writer is not None and self._bytes + member > self.max_bytes:
             self.end_shard()
         if self._writer is None:
             name = self._path(len(self.records))
             self._writer = wds.TarWriter(str(self.root / name), mtime=0)
-        self._writer.write({"__key__": f"{self.total_samples:012d}", self.ext: data})
+        self._writer.write({"__key__": f"{self.total_samples:012d}", **sample})
         self._bytes += member
         self._samples += 1
         self._tokens += len(data) // TOKEN_EXTS[self.ext].itemsize

@@ -56,6 +56,10 @@ class ShardTable:
     tokenizer_dir: str | None
     skipped: list[str] = field(default_factory=list)
     bad_samples: int = 0
+    mask_offsets: np.ndarray | None = None
+    """Chat shards: per doc, byte offset of its target mask (shard_format.py); None = text."""
+    chat: dict[str, Any] | None = None
+    """Chat shards: the manifest's `chat` entry (max_len, pad_token_id, ...); {} without one."""
 
     @property
     def total_tokens(self) -> int:
@@ -146,7 +150,8 @@ def _check_shard(url: str, path: str, entry: dict | None, root: Path | None,
                                    f"{entry['bytes']} (truncated or rewritten)")
         if cfg.verify and file_sha256(path) != entry["sha256"]:
             raise ShardFormatError(f"shard {url} fails data.verify: sha256 differs from the manifest")
-        idx = load_index(root / entry["index"], entry["samples"], entry["tokens"], size)
+        idx = load_index(root / entry["index"], entry["samples"], entry["tokens"], size,
+                         3 if entry["_chat"] else 2)
         if idx is not None:
             return idx, entry["_itemsize"], []
     elif cfg.verify:
@@ -165,7 +170,8 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
         isz = TOKEN_EXTS[manifest["sample_ext"]].itemsize
         for sp in manifest["splits"].values():
             for s in sp["shards"]:
-                entries[os.path.realpath(mpath.parent / s["path"])] = {**s, "_itemsize": isz}
+                entries[os.path.realpath(mpath.parent / s["path"])] = {
+                    **s, "_itemsize": isz, "_chat": manifest.get("mode") == "chat"}
     if not urls:
         raise ValueError(f"no {split} shards in data.urls={cfg.urls!r}"
                          + (f" (manifest {mpath} lists none)" if mpath else ""))
@@ -197,7 +203,22 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     if not paths:
         raise ValueError(f"no readable {split} shards in data.urls={cfg.urls!r}: skipped {skipped}")
     vocab, eos, tok_dir = _vocab(cfg, manifest, mpath)
-    return _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad)
+    table = _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad)
+    if table.mask_offsets is not None:
+        table.chat = dict(manifest.get("chat") or {}) if manifest else {}
+    return table
+
+
+def _mask_offsets(idxs: list[np.ndarray], names: list[str]) -> np.ndarray | None:
+    """Per-doc mask offsets when every shard is a chat shard; None when none is."""
+    chat = [n for n, i in zip(names, idxs) if i.shape[1] == 3]
+    if not chat:
+        return None
+    if len(chat) != len(idxs):
+        text = [n for n, i in zip(names, idxs) if i.shape[1] != 3]
+        raise ValueError(f"data.urls mixes chat shards (with .mask members, e.g. {chat[0]}) and text "
+                         f"shards (e.g. {text[0]}): train on one kind per run")
+    return np.concatenate([i[:-1, 2] for i in idxs]).astype(np.int64)
 
 
 def _vocab(cfg: WebDatasetConfig, manifest: dict[str, Any] | None,
@@ -227,4 +248,4 @@ def _assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad) -> S
         offsets=offsets, lengths=lengths,
         cum_tokens=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         vocab_size=int(vocab), eos_token_id=eos, tokenizer_dir=tok_dir,
-        skipped=skipped, bad_samples=bad)
+        skipped=skipped, bad_samples=bad, mask_offsets=_mask_offsets(idxs, names))

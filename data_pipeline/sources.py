@@ -11,6 +11,7 @@ JSON builder parses whole blocks with pyarrow and can do neither).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class Source:
     text_field: str
     weight: float
     split: str | None = None
+    records: bool = False
+    """Yield whole records (mode=chat): Parquet/Arrow rows dumped to JSON, not one field."""
 
     @property
     def kind(self) -> str:
@@ -98,7 +101,12 @@ def _infer(files: list[str], key: str) -> str:
 
 
 def check_source(src: Source, key: str = "source") -> None:
-    """Schema checks that need no full read (missing columns, splits): fail before any work."""
+    """Schema checks that need no full read (missing columns, splits): fail before any work.
+    Chat sources (whole records) are checked per record instead (chat_records.py)."""
+    if src.records:
+        if src.format == "arrow":
+            _load_saved(src, key)
+        return
     if src.format == "parquet":
         import pyarrow.parquet as pq
 
@@ -131,7 +139,12 @@ def iter_source(src: Source) -> Iterator[tuple[str | None, str]]:
     import datasets
 
     if src.format == "arrow":
-        ds = _load_saved(src, "source").select_columns([src.text_field])
+        ds = _load_saved(src, "source")
+        if src.records:
+            for row, rec in enumerate(ds):
+                yield _dump(rec), f"{src.files[0]} row {row}"
+            return
+        ds = ds.select_columns([src.text_field])
         row = 0
         for batch in ds.iter(batch_size=1000):
             for value in batch[src.text_field]:
@@ -150,7 +163,8 @@ def iter_source(src: Source) -> Iterator[tuple[str | None, str]]:
         ds = datasets.load_dataset("text", data_files=src.files, encoding="latin-1",
                                    split="train", streaming=True)
     else:
-        ds = datasets.load_dataset("parquet", data_files=src.files, columns=[src.text_field],
+        ds = datasets.load_dataset("parquet", data_files=src.files,
+                                   columns=None if src.records else [src.text_field],
                                    split="train", streaming=True)
     if ds.n_shards != len(src.files):
         raise RuntimeError(f"datasets split {len(src.files)} files into {ds.n_shards} shards")
@@ -161,8 +175,16 @@ def iter_source(src: Source) -> Iterator[tuple[str | None, str]]:
                 yield row["text"], f"{f}:{line}"
         else:
             for r, row in enumerate(part):
+                if src.records:
+                    yield _dump(row), f"{f} row {r}"
+                    continue
                 value = row[src.text_field]
                 yield (value if isinstance(value, str) else None), f"{f} row {r}"
+
+
+def _dump(row: dict) -> str:
+    """A Parquet/Arrow row as the JSON text a chat tokenizer process parses (chat_records.py)."""
+    return json.dumps(row, ensure_ascii=False, default=str)
 
 
 def _gen(src: Source, index: int) -> Iterator[dict]:

@@ -10,8 +10,11 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: Path,
-              progress: bool = False):
-    """Train a GPT-2 style byte-level BPE (every byte representable: no unknown tokens)."""
+              progress: bool = False, chat_tokens: tuple[str, ...] = ()):
+    """Train a GPT-2 style byte-level BPE (every byte representable: no unknown tokens).
+
+    chat_tokens (mode=chat): the template's special tokens, start and end of a turn; the end
+    of a turn becomes the EOS (where generation stops) and EOS_TOKEN the pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -19,10 +22,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[EOS_TOKEN], show_progress=progress,
+                                  special_tokens=[EOS_TOKEN, *chat_tokens], show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN)
+    if chat_tokens:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chat_tokens[-1],
+                                       pad_token=EOS_TOKEN)
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN)
     fast.save_pretrained(str(out_dir))
     return fast
 

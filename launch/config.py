@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.schema import minimums
 from train.config import Config, ConfigError, build, load_config
 
 TARGETS = ("local", "deepspeed", "slurm")
@@ -132,12 +133,7 @@ def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "aut
     p: list[str] = []
     if target not in TARGETS:
         p.append(f"target={target!r}: use target=local (torchrun), target=deepspeed or target=slurm")
-    if lc.nnodes < 1:
-        p.append(f"launch.nnodes={lc.nnodes}: must be >= 1")
-    if lc.procs < 1:
-        p.append(f"launch.nproc_per_node={lc.nproc_per_node}: must be >= 1")
-    if lc.gpus_per_node < 0:
-        p.append(f"launch.gpus_per_node={lc.gpus_per_node}: must be >= 0")
+    p += minimums("launch", nnodes=(lc.nnodes, 1), nproc_per_node=(lc.procs, 1), gpus_per_node=(lc.gpus_per_node, 0))
     if lc.gpus_per_node > 0 and lc.procs > lc.gpus_per_node:
         p.append(f"launch.nproc_per_node={lc.procs} > launch.gpus_per_node={lc.gpus_per_node}: "
                  "NCCL cannot put two ranks on one GPU; use at most one rank per GPU")

@@ -21,3 +21,14 @@ def reference_runs(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(tmp_path_factory):
+    """Directory of a tiny Llama-3-style tokenizer (split pattern + byte-level BPE, special
+    tokens, chat template with {% generation %} markers), built locally once per session."""
+    from data_pipeline.testing import build_llama3_tokenizer
+
+    out = tmp_path_factory.mktemp("llama3_tokenizer")
+    build_llama3_tokenizer(out)
+    return out

@@ -27,8 +27,9 @@ class Ckpt:
 
 
 def make_checkpoint(root: Path, step: int = 2, config: Any = None, tokenizer_dir: str | None = None,
-                    seed: int = 0) -> Ckpt:
-    """RUN/checkpoints/step_N in the trainer's DCP layout, from a seeded tiny model."""
+                    seed: int = 0, poison: dict[str, float] | None = None) -> Ckpt:
+    """RUN/checkpoints/step_N in the trainer's DCP layout, from a seeded tiny model; `poison`
+    sets the first element of the named tensors (e.g. to NaN) before saving."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -42,6 +43,8 @@ def make_checkpoint(root: Path, step: int = 2, config: Any = None, tokenizer_dir
     ckpt_dir = root / "checkpoints" / f"step_{step:08d}"
     ckpt_dir.mkdir(parents=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, value in (poison or {}).items():
+        state[name].view(-1)[0] = value
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(state, checkpoint_id=str(ckpt_dir / "model"), no_dist=True)
@@ -49,7 +52,9 @@ def make_checkpoint(root: Path, step: int = 2, config: Any = None, tokenizer_dir
     trainer_state = {"step": step, "tokens": 128 * step, "world_size": 1,
                      "strategy": {"name": "ddp", "kind": "ddp", "zero_stage": 0},
                      "model_config": config.to_dict(), "tokenizer_dir": tokenizer_dir,
-                     "config_digest": "0123456789abcdef", "files": {}}
+                     "config_digest": "0123456789abcdef",
+                     "files": {p.relative_to(ckpt_dir).as_posix(): p.stat().st_size
+                               for p in sorted(ckpt_dir.rglob("*")) if p.is_file()}}
     (ckpt_dir / "trainer_state.json").write_text(json.dumps(trainer_state, default=str))
     (root / "checkpoints" / "latest").write_text(ckpt_dir.name + "\n")
     return Ckpt(ckpt_dir, state, model)
@@ -62,6 +67,39 @@ def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
     texts = ["the quick brown fox jumps over the lazy dog", "export hooks write serving checkpoints",
              "llama cpp reads gguf files with merges and tokens"] * 40
     train_bpe(texts, vocab_size, 2, out)
+    return out
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end_of_text|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEXTS = ["the quick brown fox jumps over the lazy dog 12345", "I've been told he's @debian.org there",
+         "export hooks 2024 write serving checkpoints\n\n  ok"] * 40
+
+
+def make_bpe_tokenizer(out: Path, pattern: str | None = None, bos: str | None = None,
+                       chat_template: str | None = None, vocab_size: int = 300) -> Path:
+    """A byte-level BPE built locally like a real family: `pattern=None` is GPT-2 style (ByteLevel's
+    own regex), otherwise a Split(pattern) + ByteLevel(use_regex=false) as Llama 3 / Qwen2 ship;
+    `bos` is prepended by a TemplateProcessing post-processor, as Llama 3's tokenizer does."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pattern is None)
+    tok.pre_tokenizer = (byte_level if pattern is None else
+                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                  byte_level]))
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|end_of_text|>"] + ([bos] if bos else [])
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>", bos_token=bos)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(out))
     return out
 
 

@@ -13,9 +13,10 @@ import logging
 import os
 import random
 import shutil
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ from train.checkpoint_layout import (
 )
 
 log = logging.getLogger("scaletrain.checkpoint")
-__all__ = ["TrainState", "CheckpointWriteError", "describe_error", "save_checkpoint", "load_train_state", "load_rank_files", "resume_candidates",
+__all__ = ["TrainState", "Checkpointer", "CheckpointWriteError", "describe_error", "load_train_state",
+           "load_rank_files", "resume_candidates",
            "rng_state", "set_rng_state"]
 
 
@@ -87,37 +89,101 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, state: TrainState, info: d.DistInfo,
-                    save_native: Callable[[Path], None], loader_state: dict[str, Any],
-                    config_yaml: str, keep_last: int, verify: bool = False) -> Path:
-    """Collective: every rank calls it; returns the final checkpoint directory. The caller has
-    checked that every weight and optimizer tensor is finite."""
-    final, tmp = ckpt_root / step_dir_name(state.step), ckpt_root / tmp_dir_name(state.step)
-    if info.is_main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        for sub in ("rng", "data"):
-            (tmp / sub).mkdir(parents=True)
-    d.barrier()
-    error = None
-    try:
-        save_native(tmp)
-        faults.fail_enospc("checkpoint.enospc", state.step, tmp / "rng")
-        torch.save(rng_state(), tmp / "rng" / f"rank_{info.rank:05d}.pt")
-        torch.save(loader_state, tmp / "data" / f"rank_{info.rank:05d}.pt")
-    except (Exception, CheckpointException) as e:  # OSError, torch's RuntimeError or DCP's wrapping one
-        error = describe_error(e)
-    errors = [e for e in d.all_gather_object(error) if e]
-    if errors:
-        _write_failed(ckpt_root, tmp, errors[0], info)
-    faults.hit("checkpoint.publish", state.step)
-    state.finite = True
-    state.checksums = _checksums(tmp, info) if verify else {}
-    if info.is_main:
-        _publish(ckpt_root, tmp, final, state, config_yaml)
-        _retain(ckpt_root, keep_last)
-    d.barrier()
-    return final
+@dataclass
+class PendingSave:
+    """A checkpoint whose engine state is still being written in the background."""
+
+    tmp: Path
+    final: Path
+    state: TrainState
+    futures: list[Future]
+    done: bool = False
+
+
+class Checkpointer:
+    """Writes checkpoints under `root`, blocking or (where the engine can) asynchronously.
+
+    Asynchronous saves block training only while the state is staged to host memory; the
+    write goes on in background threads. The checkpoint becomes `step_N` and `latest` only
+    once its write has completed, through the same rename as a blocking save; a failed write
+    is reported and never published. At most one save is in flight: the next save, a stop and
+    the end of training wait for it.
+    """
+
+    def __init__(self, root: Path, info: d.DistInfo, config_yaml: str, keep_last: int,
+                 verify: bool = False) -> None:
+        self.root, self.info, self.config_yaml, self.keep_last = root, info, config_yaml, keep_last
+        self.verify = verify
+        self.pending: PendingSave | None = None
+
+    def save(self, state: TrainState, strategy: Any, loader_state: dict[str, Any], blocking: bool) -> Path:
+        """Collective: every rank calls it; returns the final checkpoint directory (which exists
+        once the save is complete: at once when blocking, after `wait` or `poll` otherwise).
+        The caller has checked that every weight and optimizer tensor is finite."""
+        self.wait()
+        final, tmp = self.root / step_dir_name(state.step), self.root / tmp_dir_name(state.step)
+        if self.info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            for sub in ("rng", "data"):
+                (tmp / sub).mkdir(parents=True)
+        d.barrier()
+        save_async = None if blocking else getattr(strategy, "save_async", None)
+        futures, error = None, None
+        try:
+            futures = save_async(tmp) if save_async else strategy.save(tmp)
+            faults.fail_enospc("checkpoint.enospc", state.step, tmp / "rng")
+            torch.save(rng_state(), tmp / "rng" / f"rank_{self.info.rank:05d}.pt")
+            torch.save(loader_state, tmp / "data" / f"rank_{self.info.rank:05d}.pt")
+        except (Exception, CheckpointException) as e:  # OSError, torch's RuntimeError or DCP's wrapping one
+            error = describe_error(e)
+        # every rank's files are written (or, async, staged and being written), or all ranks stop
+        errors = [e for e in d.all_gather_object(error) if e]
+        if errors:
+            message = _failure_message(self.root, tmp, errors[0])
+            d.barrier()
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(message)
+        self.pending = PendingSave(tmp, final, dataclasses.replace(state, finite=True), list(futures or []))
+        if futures:
+            faults.hit("checkpoint.async_inflight", state.step)
+        else:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Publish a finished background save (rank 0 only, no collective: DCP's coordinator
+        finishes its write only after every rank's data is written)."""
+        p = self.pending
+        if p is not None and self.info.is_main and not p.done and all(f.done() for f in p.futures):
+            self._finish(p)
+
+    def wait(self) -> None:
+        """Collective: finish the save in flight, if any, and publish it."""
+        if self.pending is not None:
+            self._finish(self.pending)
+            self.pending = None
+        d.barrier()
+
+    def _finish(self, p: PendingSave) -> None:
+        if p.done:
+            return
+        p.done = True
+        try:
+            for f in p.futures:
+                f.result()
+        except (Exception, CheckpointException) as e:
+            log.error("%s", _failure_message(self.root, p.tmp, describe_error(e)))
+            if self.info.is_main:
+                shutil.rmtree(p.tmp, ignore_errors=True)
+            return
+        if self.info.is_main:
+            faults.hit("checkpoint.publish", p.state.step)
+            if self.verify:  # right after the write, while the files are likely still in the page cache
+                p.state.checksums = {rel: file_checksum(p.tmp / rel) for rel in file_sizes(p.tmp)}
+            _publish(self.root, p.tmp, p.final, p.state, self.config_yaml)
+            _retain(self.root, self.keep_last)
 
 
 def describe_error(e: BaseException) -> str:
@@ -128,28 +194,17 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:160]}"
 
 
-def _write_failed(root: Path, tmp: Path, error: str, info: d.DistInfo) -> None:
-    """Remove the partial checkpoint (`latest` was never touched) and raise an error that says
-    how much space a checkpoint needs (the newest complete one's size) and how much is free."""
+def _failure_message(root: Path, tmp: Path, error: str) -> str:
+    """What a failed checkpoint write tells the user: the path, the bytes a checkpoint needs
+    (the newest complete one's size) and the bytes free; `latest` is never touched."""
     partial = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
-    d.barrier()
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
     previous = next((p for p in complete_checkpoints(root) if check_checkpoint(p) is None), None)
     needed = sum(read_state(previous).get("files", {}).values()) if previous else None
     free = shutil.disk_usage(root).free
     need = f"about {needed} bytes (the size of {previous.name})" if needed else f"more than {partial} bytes"
-    raise CheckpointWriteError(
-        f"could not write checkpoint {tmp} ({error}). A checkpoint needs {need}; {free} bytes are free "
-        f"on the filesystem of {root}. The partial directory was removed and {root / LATEST} still names "
-        f"{read_latest(root) or 'no checkpoint'}: free space (or lower checkpoint.keep_last) and resume")
-
-
-def _checksums(tmp: Path, info: d.DistInfo) -> dict[str, str]:
-    """Collective: rank r hashes every W-th file, so the reading is spread over the ranks."""
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    mine = {rel: file_checksum(tmp / rel) for rel in files[info.rank::info.world_size]}
-    return {k: v for part in d.all_gather_object(mine) for k, v in sorted(part.items())}
+    return (f"could not write checkpoint {tmp} ({error}). A checkpoint needs {need}; {free} bytes are free "
+            f"on the filesystem of {root}. The partial directory is removed and {root / LATEST} still names "
+            f"{read_latest(root) or 'no checkpoint'}: free space (or lower checkpoint.keep_last) and resume")
 
 
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml: str) -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig, missing_local
+from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
+                                   missing_local)
 from data_pipeline.schema import ConfigError, build, load
 from train.export.config import ExportConfig
 from train.strategies.config import DDPConfig, StrategyConfig
@@ -91,6 +92,8 @@ class TrainerConfig:
     """Evaluate every N steps (0 = never)."""
     eval_batches: int = 4
     activation_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile each decoder block (after activation checkpointing, before sharding)."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -114,6 +117,9 @@ class CheckpointConfig:
     resume: bool = True
     """Resume automatically from checkpoints/latest when present."""
     at_end: bool = True
+    async_save: bool = field(default=False, metadata={"key": "async"})
+    """`checkpoint.async`: stage the state, write it in the background (DDP and FSDP2; DeepSpeed
+    saves blocking). A checkpoint becomes `latest` only once its write has completed."""
     verify: bool = False
     """Record an xxhash of every checkpoint file; resume and export check it and fall back to
     an older checkpoint on a mismatch."""
@@ -172,6 +178,8 @@ def validate(cfg: Config, world_size: int) -> list[str]:
          f"trainer.spike_factor={t.spike_factor}: must be > 1 (or null to turn spike skipping off)"),
     ]
     p = [msg for bad, msg in rules if bad]
+    if t.compile and cfg.strategy.compile_problem():
+        p.append(cfg.strategy.compile_problem())
     if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
         per_step = t.micro_batch_size * world_size
         p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -182,6 +190,7 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.extend(section.validate())
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
+        p.extend(chat_len_problems(cfg.data, t.seq_len))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from data_pipeline import build_loader
 from train import dist as d
 from train import faults
-from train.checkpoint import TrainState, save_checkpoint
+from train.checkpoint import Checkpointer, TrainState
 from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
 from train.guard import DivergedError, StepGuard, first_nonfinite, global_loss
@@ -92,15 +92,19 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
 
     exporter = ExportHook(cfg.export, run_dir, rank=info.rank)
 
-    def checkpoint() -> Path | None:
+    checkpointer = Checkpointer(ckpt_root, info, config_yaml, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
+    if cfg.checkpoint.async_save and not hasattr(strategy, "save_async"):
+        log.warning("checkpoint.async=true: strategy %s saves blocking (only DDP and FSDP2 save in the "
+                    "background)", cfg.strategy.name)
+
+    def checkpoint(blocking: bool) -> Path | None:
         t0 = time.perf_counter()
         bad = first_nonfinite(strategy.state_tensors(), info.device)
         if bad is not None:
             log.error("not checkpointing step %d: %s holds NaN/inf", state.step, bad)
             return None
-        path = save_checkpoint(ckpt_root, state, info, strategy.save, loader.state_dict(),
-                               config_yaml, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
-        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}
+        path = checkpointer.save(state, strategy, loader.state_dict(), blocking)
+        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}  # the stall
         metrics.write(timing)
         tracker.log(timing, state.step)
         return path
@@ -110,6 +114,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     def roll_back() -> None:
         """Back to the newest finite checkpoint; the loader keeps its place past the bad data."""
         bad = guard.start_rollback()
+        checkpointer.wait()  # a checkpoint still being written is published first (or dropped)
         older = [p for p in candidates(ckpt_root, cfg, info) if int(p.name[5:]) <= state.step]
         path, saved = restore(older, strategy, None, info)
         if path is None:
@@ -177,11 +182,13 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         every = cfg.checkpoint.every_steps
         export_now = exporter.due(state.step, final=last)
         if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end) or export_now:
-            ckpt_path = checkpoint()
+            # in the background only when training goes on and nothing reads the checkpoint next
+            ckpt_path = checkpoint(blocking=not cfg.checkpoint.async_save or stopped or last or export_now)
             if ckpt_path is None and (last or stopped):
                 raise DivergedError(f"the weights at step {state.step} are not finite; nothing was saved "
                                     "(the newest finite checkpoint is still in place)")
-        if export_now and ckpt_path is not None:  # from the checkpoint just written, so it equals an offline export of it
+        checkpointer.poll()
+        if export_now and ckpt_path is not None:  # from the checkpoint just written: equals an offline export
             timing = export(exporter, strategy, model.config, ckpt_path, state.step, info, tracker)
             metrics.write(timing)
         if stopped:
@@ -190,6 +197,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                 stop.clear()
             break
 
+    checkpointer.wait()
     progress.close()
     tracker.finish()
     d.barrier()

@@ -45,13 +45,18 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, seed: int) -> nn.Modul
     return model
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks that FSDP shards and activation checkpointing wraps."""
+def decoder_stack(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of repeated blocks that FSDP shards, compile compiles and activation
+    checkpointing wraps."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
-    if layers is None:
+    if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no .model.layers: cannot find its decoder blocks")
-    return list(layers)
+    return layers
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return list(decoder_stack(model))
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

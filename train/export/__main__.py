@@ -2,7 +2,8 @@
 
 Overrides are Hydra's (root config conf/export_cmd.yaml, group export/), so every export.*
 setting of training works here too: `export.dtype=bf16 export.gguf=q8_0 export.verify=false`.
-Exit status: 0 done, 1 the export or its verification failed, 2 bad arguments or checkpoint.
+Exit status: 0 done, 1 the export or its verification failed (NaN/inf weights included), 2 bad
+arguments, an `out=` that is not an earlier export, or an unreadable checkpoint or export.json.
 """
 from __future__ import annotations
 
@@ -100,12 +101,16 @@ def _export(raw: dict[str, Any]) -> int:
 
 def _verify(path: str) -> int:
     from train.export.files import ExportVerifyError, verify_dir
+    from train.checkpoint_layout import LayoutError
 
     try:
         report = verify_dir(path)
     except ExportVerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except LayoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"path": str(Path(path).absolute()), "ok": True, **report}))
     return 0
 

@@ -94,6 +94,12 @@ def model_card(meta: dict[str, Any], n_params: int) -> str:
            "none: the model was trained on synthetic token ids; feed it token ids directly")
     gguf = meta.get("gguf")
     gguf_line = (f"- GGUF for llama.cpp / Ollama: `{gguf['file']}` ({gguf['type']})\n" if gguf else "")
+    adapter = meta.get("adapter")
+    if adapter:
+        gguf_line += (f"- LoRA adapter (PEFT) in `adapter/` (r={adapter['r']}, base `{adapter['base_model']}`): "
+                      "`PeftModel.from_pretrained(base, 'path/to/this/dir/adapter')`\n")
+    if not meta.get("merged_model", True):
+        gguf_line += "- Adapter only (export.adapter=adapter): no merged weights in this directory\n"
     strategy = meta.get("strategy") or {}
     return f"""---
 library_name: transformers

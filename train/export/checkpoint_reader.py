@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoint_layout import (
+    LATEST,
     STATE_FILE,
     TMP_PREFIX,
+    LayoutError,
     check_checkpoint,
     read_latest,
     read_state,
+    read_text,
 )
 from train.export.dcp_reader import DCPWeights
 from train.export.weights import (
@@ -66,16 +69,28 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         name = None if (p / STATE_FILE).exists() else read_latest(base)
         if name is not None and (base / name).is_dir():
             return base / name
+        if not (p / STATE_FILE).exists() and (base / LATEST).exists():
+            raise CheckpointError(f"{base / LATEST} {_latest_problem(base, name)}: pass "
+                                  "RUN_DIR/checkpoints/step_N explicitly")
     if p.name.startswith(TMP_PREFIX):
         raise CheckpointError(f"{p} is an incomplete checkpoint (still being written, or its writer "
                               "was killed): pass a complete RUN_DIR/checkpoints/step_N")
     return p
 
 
+def _latest_problem(base: Path, name: str | None) -> str:
+    if name is not None:
+        return f"names {name}, which does not exist"
+    try:
+        return f"holds {read_text(base / LATEST, limit=4096).strip()[:80]!r}, not a step_N name"
+    except LayoutError as exc:
+        return f"is unusable ({exc})"
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read trainer_state.json and pick the weight reader for the strategy that wrote `path`."""
     p = resolve_checkpoint_dir(path)
-    if not (p / STATE_FILE).is_file():
+    if not (p / STATE_FILE).exists():  # present but a directory or garbage: check_checkpoint names it
         raise CheckpointError(f"{p} has no {STATE_FILE}: it is not a complete checkpoint; "
                               "pass RUN_DIR/checkpoints/step_N (written by `python -m train`)")
     problem = check_checkpoint(p, verify=True)  # checksums, when checkpoint.verify recorded them

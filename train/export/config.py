@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Optional, get_args
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -52,6 +52,10 @@ class ExportConfig:
     """Tokens generated greedily by the reloaded export during verification."""
     on_error: Literal["raise", "skip"] = "skip"
     """A failed export or user hook during training: `skip` (log it, keep training) or `raise`."""
+    adapter: Optional[Literal["merged", "adapter", "both"]] = None
+    """For a checkpoint that trained an adapter: `merged` (the full model, HF + GGUF), `adapter` (the
+    PEFT directory EXPORT/adapter/ only) or `both`; null = both. Set on a full-model checkpoint,
+    `adapter`/`both` is an error."""
 
     def validate(self) -> list[str]:
         problems = []

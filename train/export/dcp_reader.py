@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from train.export.weights import CheckpointError, canonical_name
@@ -28,6 +29,9 @@ class DCPWeights:
         except FileNotFoundError as exc:
             raise CheckpointError(f"{self.path} has no DCP .metadata file ({exc}): the checkpoint "
                                   "is incomplete or corrupt") from exc
+        except Exception as exc:  # noqa: BLE001 - any bytes may be there: name the file, no traceback
+            raise CheckpointError(f"{self.path / '.metadata'} is unreadable ({_last_line(exc)}): "
+                                  "the checkpoint is corrupt") from exc
         self._keys: dict[str, str] = {}
         self._meta: dict[str, TensorStorageMetadata] = {}
         for key, md in metadata.state_dict_metadata.items():
@@ -51,5 +55,15 @@ class DCPWeights:
         out = torch.empty(self.shape(name), dtype=self.dtype(name))
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load({self._keys[name]: out}, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+            try:
+                dcp.load({self._keys[name]: out}, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a corrupt shard: name it
+                raise CheckpointError(f"{self.path}: cannot read tensor {name} ({_last_line(exc)}): a shard "
+                                      "file is truncated or corrupt; export another checkpoint") from None
         return out
+
+
+def _last_line(exc: BaseException) -> str:
+    """The reason, without the remote traceback DCP embeds in its exception text."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:240]

@@ -20,6 +20,7 @@ from typing import Any
 
 from data_pipeline.fsutil import file_sha256, fsync_dir
 from train import faults
+from train.checkpoint_layout import LayoutError, read_text
 
 META_NAME = "export.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -129,17 +130,34 @@ def prune(exports_dir: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def verify_dir(export_dir: str | Path) -> dict[str, Any]:
-    """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file."""
-    root = Path(export_dir)
-    meta_path = root / META_NAME
-    if not meta_path.is_file():
-        raise ExportVerifyError(f"{meta_path} is missing: {root} is not a finished export")
+def read_meta(export_dir: Path) -> dict[str, Any]:
+    """export.json of a finished export, checked to be ours; LayoutError names what is wrong with it."""
+    meta_path = Path(export_dir) / META_NAME
+    if not meta_path.exists():
+        raise LayoutError(f"{meta_path} is missing: {export_dir} is not a finished export")
     try:
-        meta = json.loads(meta_path.read_text())
-        listed = meta["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ExportVerifyError(f"{meta_path} is unreadable or has no 'files' ({exc})") from exc
+        meta = json.loads(read_text(meta_path, limit=256 << 20))
+    except ValueError as exc:
+        raise LayoutError(f"{meta_path} is not valid JSON ({exc}): the export's record is corrupt") from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or "format_version" not in meta or not isinstance(files, dict) or not all(
+            _safe_rel(rel) and isinstance(info, dict) and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str) for rel, info in files.items()):
+        raise LayoutError(f"{meta_path} is not an export.json written by scaletrain (no format_version, "
+                          "or 'files' is not a mapping of relative path -> {sha256, size})")
+    return meta
+
+
+def _safe_rel(rel: str) -> bool:
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def verify_dir(export_dir: str | Path) -> dict[str, Any]:
+    """Re-hash every file listed in export.json; raise ExportVerifyError naming each bad file
+    (LayoutError when export.json itself is missing, unreadable or not ours)."""
+    root = Path(export_dir)
+    listed = read_meta(root)["files"]
     problems = []
     for rel, info in sorted(listed.items()):
         path = root / rel

@@ -3,8 +3,8 @@
 Follows llama.cpp's convert_hf_to_gguf.py for Llama: tensor names from gguf's own name map,
 q/k projection rows permuted to llama.cpp's rotary layout, 1-D norms kept in F32, 2-D weights
 in F16 or Q8_0 (Q8_0 needs rows of a multiple of 32 values; other 2-D tensors fall back to F16,
-as convert_hf_to_gguf does). The vocabulary goes in as a gpt2-style BPE (tokens, types,
-merges, special ids). Without a tokenizer (synthetic data) the file is still written, with
+as convert_hf_to_gguf does). The vocabulary goes in as a gpt2-style BPE with the pre-tokenizer
+llama.cpp must use (gguf_vocab.py). Without a tokenizer (synthetic data) the file is still written, with
 tokenizer.ggml.model=no_vocab: llama.cpp loads it for token-id inference, Ollama cannot chat
 with it, and export.json says so. Tensors are streamed one at a time from the safetensors
 export, never all in memory.
@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from train.export.gguf_vocab import add_vocab
 
 _FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
@@ -102,51 +104,6 @@ def _add_hparams(writer: Any, config: Any, name: str, kind: str) -> None:
         writer.add_value_length(head_dim)
 
 
-def _add_vocab(writer: Any, export_dir: Path, n_vocab: int) -> dict[str, Any]:
-    """gpt2-style BPE vocabulary from tokenizer.json; `no_vocab` when there is none."""
-    import gguf
-
-    tok_file = export_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        writer.add_tokenizer_model("no_vocab")
-        return {"tokenizer": None, "note": "no tokenizer in the export (synthetic data): GGUF written "
-                "with tokenizer.ggml.model=no_vocab; llama.cpp runs it on token ids, Ollama cannot chat"}
-    spec = json.loads(tok_file.read_text())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise GGUFExportError(f"{tok_file}: tokenizer model {model.get('type')!r} is not BPE; export.gguf "
-                              "writes gpt2-style BPE vocabularies only (set export.gguf=null)")
-    vocab: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    control = {}
-    for added in spec.get("added_tokens") or []:
-        vocab[added["id"]] = added["content"]
-        control[added["id"]] = added.get("special", False)
-    if max(vocab) >= n_vocab:
-        raise GGUFExportError(f"{tok_file}: token id {max(vocab)} does not fit the model's vocab_size "
-                              f"{n_vocab}")
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in vocab:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(vocab[i])
-            types.append(gguf.TokenType.NORMAL if i not in control else
-                         gguf.TokenType.CONTROL if control[i] else gguf.TokenType.USER_DEFINED)
-    pre = json.dumps(spec.get("pre_tokenizer"))
-    pre_name = "gpt-2" if "ByteLevel" in pre else "default"
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_name)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(export_dir, load_merges=True, n_vocab=n_vocab)
-    if not special.merges:
-        raise GGUFExportError(f"{tok_file} has no BPE merges: llama.cpp cannot tokenize without them")
-    special.add_to_gguf(writer, quiet=True)
-    return {"tokenizer": "gpt2", "pre": pre_name, "tokens": n_vocab, "merges": len(special.merges),
-            "special_ids": dict(special.special_token_ids)}
-
-
 def write_gguf(export_dir: Path, config: Any, kind: str, name: str) -> dict[str, Any]:
     """Write EXPORT/model-KIND.gguf from the export's safetensors; returns what went in."""
     import gguf
@@ -166,7 +123,7 @@ def write_gguf(export_dir: Path, config: Any, kind: str, name: str) -> dict[str,
     path = export_dir / f"model-{kind}.gguf"
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, config, name, kind)
-    vocab_info = _add_vocab(writer, export_dir, config.vocab_size)
+    vocab_info = add_vocab(writer, export_dir, config.vocab_size)
     for _, _, gguf_name, shape, qtype in plan:
         writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
     writer.write_header_to_file(path)

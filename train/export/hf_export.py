@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data_pipeline.fsutil import file_sha256
 from train import faults
+from train.export.adapter_checkpoint import Adapter, export_parts, merged_view, read_adapter
 from train.export.artifacts import (
     TORCH_DTYPES,
     find_tokenizer_dir,
@@ -31,10 +32,13 @@ from train.export.artifacts import (
 from train.export.checkpoint_reader import Checkpoint, CheckpointError, open_checkpoint
 from train.export.config import ExportConfig, parse_size
 from train.export.files import META_NAME, clean_stale, hash_tree, publish, temp_dir_for
+from train.export.peft_export import LoraMergedWeights, peft_reference_logits
 from train.export.safetensors_writer import TensorSpec, write_sharded
+from train.export.target import check_target
 from train.export.verify import (
     ExportVerificationError,
     check_export,
+    check_finite,
     reference_logits_from_checkpoint,
     tolerance,
     verify_batch,
@@ -93,6 +97,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
     started = time.perf_counter()
     ckpt = open_checkpoint(checkpoint_dir)
     out = Path(out_dir).absolute()
+    check_target(out, ckpt.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent, out.name)
     config = hf_config(ckpt.model_config, cfg.dtype)
@@ -101,6 +106,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
         from train.export.gguf_export import check_supported
 
         check_supported(config)
+    adapter = read_adapter(ckpt)
+    write_model, write_adapter = export_parts(cfg.adapter, adapter, ckpt.path)
+    if adapter is not None:
+        ckpt = merged_view(ckpt, adapter, hf_config(ckpt.model_config, "fp32"))
     names, dropped = export_names(config, ckpt)
     tok_dir = find_tokenizer_dir(ckpt.tokenizer_dir, ckpt.path)
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None
@@ -109,8 +118,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        meta = _build(ckpt, config, names, dropped, tokenizer, tok_dir, tmp, cfg,
-                      reference_logits, reference_precision)
+        meta = _build(ckpt, config, names, dropped, tokenizer, tok_dir, tmp, cfg, reference_logits,
+                      reference_precision, write_model, adapter if write_adapter else None)
         meta["export_time_s"] = round(time.perf_counter() - started, 3)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         publish(tmp, out)
@@ -123,30 +132,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
 
 def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[str], tokenizer: Any,
            tok_dir: Path | None, tmp: Path, cfg: ExportConfig, reference_logits: torch.Tensor | None,
-           reference_precision: str) -> dict[str, Any]:
-    dtype = TORCH_DTYPES[cfg.dtype]
-    source = ckpt.weights
-
-    def out_dtype(name: str) -> torch.dtype:
-        return dtype if source.dtype(names[name]).is_floating_point else source.dtype(names[name])
-
-    specs = [TensorSpec(n, tuple(source.shape(src)), out_dtype(n)) for n, src in names.items()]
-    # disable=None: a bar on a terminal, silent in logs and batch jobs
-    with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
-              disable=None) as bar:
-        def fetch(name: str) -> torch.Tensor:
-            tensor = source.load(names[name]).to(out_dtype(name))
-            bar.update(tensor.numel() * tensor.element_size())
-            return tensor
-
-        digests = write_sharded(tmp, specs, parse_size(cfg.max_shard_size), fetch)
-    faults.hit("export.write")
-    config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
-    if tokenizer is not None:
-        config.eos_token_id = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id
-        config.bos_token_id = tokenizer.bos_token_id if config.bos_token_id is None else config.bos_token_id
-    config.save_pretrained(str(tmp))
-    save_generation_config(config, tmp, tokenizer)
+           reference_precision: str, write_model: bool = True, adapter: Adapter | None = None) -> dict[str, Any]:
+    digests, shapes = _write_model(ckpt, config, names, tokenizer, tmp, cfg) if write_model else ({}, [])
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     meta: dict[str, Any] = {
@@ -165,29 +152,69 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
                        "eos_token": tokenizer.eos_token} if tokenizer is not None else None),
         "dropped_keys": dropped,
         "versions": _versions(),
+        "merged_model": write_model,
     }
     if tokenizer is None:
         meta["tokenizer_note"] = ("no tokenizer: the run trained on synthetic token ids "
                                   "(trainer_state.json tokenizer_dir is null)")
     meta["verification"] = (_verify(ckpt, config, names, tmp, cfg, tokenizer, reference_logits,
-                                    reference_precision) if cfg.verify else None)
-    if cfg.gguf:
+                                    reference_precision) if cfg.verify and write_model else None)
+    if cfg.gguf and write_model:
         from train.export.gguf_export import verify_gguf, write_gguf
 
         info = write_gguf(tmp, config, cfg.gguf, name=f"{config.model_type}-step{ckpt.step}")
         info["verification"] = verify_gguf(tmp, config, info["file"])
         meta["gguf"] = info
-    n_params = param_count([s.shape for s in specs])
+    if adapter is not None:
+        from train.export.peft_export import write_peft_adapter
+
+        meta["adapter"] = {"dir": "adapter", "kind": adapter.kind, "base_model": str(adapter.base_dir),
+                           **write_peft_adapter(tmp / "adapter", adapter.base_dir, adapter.state, adapter.config)}
+    n_params = param_count(shapes)
     (tmp / "README.md").write_text(model_card(meta, n_params))
     meta["parameters"] = n_params
     meta["files"] = hash_tree(tmp, known=digests)
     return meta
 
 
+def _write_model(ckpt: Checkpoint, config: Any, names: dict[str, str], tokenizer: Any, tmp: Path,
+                 cfg: ExportConfig) -> tuple[dict[str, str], list[tuple[int, ...]]]:
+    """Weights (streamed, NaN/inf refused), config.json and generation_config.json into `tmp`."""
+    dtype = TORCH_DTYPES[cfg.dtype]
+    source = ckpt.weights
+
+    def out_dtype(name: str) -> torch.dtype:
+        return dtype if source.dtype(names[name]).is_floating_point else source.dtype(names[name])
+
+    specs = [TensorSpec(n, tuple(source.shape(src)), out_dtype(n)) for n, src in names.items()]
+    # disable=None: a bar on a terminal, silent in logs and batch jobs
+    with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
+              disable=None) as bar:
+        def fetch(name: str) -> torch.Tensor:
+            tensor = source.load(names[name]).to(out_dtype(name))
+            check_finite(name, tensor, ckpt.path, cfg.dtype)
+            bar.update(tensor.numel() * tensor.element_size())
+            return tensor
+
+        digests = write_sharded(tmp, specs, parse_size(cfg.max_shard_size), fetch)
+    faults.hit("export.write")
+    config.use_cache = True  # training turns the KV cache off to save memory; serving wants it
+    if tokenizer is not None:
+        config.eos_token_id = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id if config.bos_token_id is None else config.bos_token_id
+    config.save_pretrained(str(tmp))
+    save_generation_config(config, tmp, tokenizer)
+    return digests, [s.shape for s in specs]
+
+
 def _verify(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path, cfg: ExportConfig,
             tokenizer: Any, reference_logits: torch.Tensor | None, reference_precision: str) -> dict[str, Any]:
     batch = verify_batch(config.vocab_size, getattr(config, "max_position_embeddings", None))
-    if reference_logits is None:
+    if reference_logits is None and isinstance(ckpt.weights, LoraMergedWeights):
+        source = ckpt.weights
+        reference = peft_reference_logits(source.base.dir, source.state, source.config, batch)
+        origin = "peft model of the base and the unmerged adapter (fp32)"
+    elif reference_logits is None:
         ref_config = hf_config(ckpt.model_config, "fp32")
         reference = reference_logits_from_checkpoint(ref_config, ckpt.weights, names, batch)
         origin = "checkpoint fp32 weights"

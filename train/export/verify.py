@@ -20,6 +20,22 @@ class ExportVerificationError(RuntimeError):
     """The reloaded export does not reproduce the training model; nothing was published."""
 
 
+class NonFiniteWeightsError(ExportVerificationError):
+    """A weight is NaN or infinite: never published, whatever export.verify says."""
+
+
+def check_finite(name: str, tensor: torch.Tensor, source: Path, dtype: str) -> None:
+    """Refuse a NaN/inf weight by name (also one that overflows the export dtype, e.g. fp16)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    raise NonFiniteWeightsError(
+        f"tensor {name} of {source} holds {nan} NaN and {inf} inf values (of {tensor.numel()}, in export dtype "
+        f"{dtype}): the weights diverged{' or overflow ' + dtype if dtype == 'fp16' else ''}; nothing was "
+        "published (this check runs even with export.verify=false). Export an earlier checkpoint")
+
+
 def verify_batch(vocab_size: int, max_positions: int | None = None) -> torch.LongTensor:
     """The fixed, seeded [2, 16] batch of token ids both sides of the comparison run on."""
     length = min(VERIFY_LEN, max_positions or VERIFY_LEN)

@@ -27,6 +27,7 @@ from train.export.weights import (
     canonical_name,
     release_pages,
 )
+from train.checkpoint_layout import read_text
 
 
 def _safe_globals() -> list[Any]:
@@ -47,6 +48,9 @@ def _load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} pickles Python objects outside the allow-list {unsafe}: "
                               "refusing to unpickle them (weights_only). Convert it with "
                               "DeepSpeed's zero_to_fp32.py if you trust the file.") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # torch's zip reader on a torn file
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}): "
+                              "the file is truncated or corrupt; export another checkpoint") from exc
 
 
 def _natural(path: Path) -> list[Any]:
@@ -66,7 +70,7 @@ class ZeroWeights:
     def __init__(self, root: Path):
         root = Path(root)
         latest = root / "latest"
-        tag = latest.read_text().strip() if latest.is_file() else None
+        tag = read_text(latest, limit=4096).strip() if latest.is_file() else None
         tags = [d for d in root.iterdir() if d.is_dir()] if tag is None else [root / tag]
         if len(tags) != 1 or not tags[0].is_dir():
             raise CheckpointError(f"{root}: cannot tell which DeepSpeed tag to read (no 'latest' file "

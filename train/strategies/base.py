@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -62,6 +64,9 @@ class Strategy(Protocol):
     def state_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """This rank's weights and optimizer state (local shards): what a checkpoint saves,
         checked for NaN/inf before it is written."""
+
+    # Optional: `save_async(path) -> list[Future]` stages the state and writes it in the
+    # background (checkpoint.async=true); engines without it save blocking.
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -113,6 +118,7 @@ class TorchOptim:
         self.model, self.clip, self.cfg = model, cfg.trainer.grad_clip, cfg
         self.optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
+        self._ckpt_group: dist.ProcessGroup | None = None
 
     def step(self, skip: bool = False) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -137,6 +143,20 @@ class TorchOptim:
         dcp.save(get_model_state_dict(self.model), checkpoint_id=str(path / "model"))
         dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(path / "optim"))
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+
+    def save_async(self, path: Path) -> list[Future]:
+        """Stage model and optimizer state in host memory (training waits only for this), then
+        write it in background threads (torch.distributed.checkpoint.async_save). The writes
+        coordinate over a gloo group of their own, so that they never interleave with the
+        training collectives of the default group."""
+        if self._ckpt_group is None and dist.is_initialized():
+            self._ckpt_group = dist.new_group(backend="gloo")
+        futures = [dcp.async_save(get_model_state_dict(self.model), checkpoint_id=str(path / "model"),
+                                  process_group=self._ckpt_group),
+                   dcp.async_save(get_optimizer_state_dict(self.model, self.optimizer),
+                                  checkpoint_id=str(path / "optim"), process_group=self._ckpt_group)]
+        torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
+        return futures
 
     def load(self, path: Path, saved_world_size: int) -> None:
         """DCP reshards by itself: the saved world size does not matter here."""

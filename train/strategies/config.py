@@ -20,6 +20,9 @@ class DDPConfig:
     def validate(self) -> list[str]:
         return []
 
+    def compile_problem(self) -> str | None:
+        return None
+
 
 @dataclass
 class FSDPConfig:
@@ -34,6 +37,9 @@ class FSDPConfig:
 
     def validate(self) -> list[str]:
         return []
+
+    def compile_problem(self) -> str | None:
+        return None
 
 
 @dataclass
@@ -56,6 +62,15 @@ class DeepSpeedConfig:
             return [f"strategy.offload_params=true needs strategy.zero_stage=3 (got {self.zero_stage}): "
                     "use strategy=zero3_offload"]
         return []
+
+    def compile_problem(self) -> str | None:
+        """ZeRO-3 gathers parameters in module hooks inside each block, which torch.compile
+        cannot trace (DeepSpeed fails in its hooks with a compiled block)."""
+        if self.zero_stage == 3:
+            return (f"trainer.compile=true with strategy={self.name} (ZeRO-3): DeepSpeed gathers "
+                    "parameters in hooks that torch.compile cannot trace; use strategy=fsdp (FSDP2 "
+                    "shards parameters too and compiles), zero1 or zero2, or trainer.compile=false")
+        return None
 
 
 StrategyConfig = DDPConfig | FSDPConfig | DeepSpeedConfig

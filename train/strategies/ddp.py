@@ -11,7 +11,7 @@ from train.config import Config
 from train.dist import DistInfo
 from train.model import lm_loss
 from train.strategies.base import TorchOptim, autocast, compute_dtype, forward_only
-from train.strategies.parallelize import apply_activation_checkpointing, apply_ddp
+from train.strategies.parallelize import apply_block_transforms, apply_ddp
 
 
 class DDPStrategy:
@@ -20,12 +20,12 @@ class DDPStrategy:
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
         self.cfg, self.device, self.accum = cfg.strategy, info.device, accum
         self.compute_dtype = compute_dtype(cfg, info.device)
-        if cfg.trainer.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_block_transforms(model, cfg.trainer)
         self.model = apply_ddp(model, info)
         self.optim = TorchOptim(model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
         self.state_tensors = self.optim.state_tensors
+        self.save_async = self.optim.save_async
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
         no_sync = getattr(self.model, "no_sync", None)

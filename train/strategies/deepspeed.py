@@ -28,7 +28,7 @@ from train.guard import optimizer_tensors
 from train.model import lm_loss
 from train.schedule import apply_optim_settings, build_scheduler
 from train.strategies.base import compute_dtype, forward_only, param_groups
-from train.strategies.parallelize import apply_activation_checkpointing
+from train.strategies.parallelize import apply_block_transforms
 
 log = logging.getLogger("scaletrain")
 TAG = "state"
@@ -78,8 +78,7 @@ class DeepSpeedStrategy:
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
         self.cfg, self.info, self.full_cfg = cfg.strategy, info, cfg
         self.compute_dtype = compute_dtype(cfg, info.device)
-        if cfg.trainer.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        apply_block_transforms(model, cfg.trainer)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config(cfg, info, accum),
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.schedule, cfg.trainer.max_steps))

@@ -1,7 +1,7 @@
 """Parallelism as functions applied to a plain model (torchtitan's `parallelize.py`).
 
-Order matters and is the same for every engine: activation checkpointing first, then the
-sharding or replication wrapper.
+Order matters and is the same for every engine: activation checkpointing first, then
+compilation of each block, then the sharding or replication wrapper.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from train.config import TrainerConfig
 from train.dist import DistInfo
-from train.model import decoder_layers
+from train.model import decoder_layers, decoder_stack
 from train.strategies.config import FSDPConfig
 
 log = logging.getLogger("scaletrain")
@@ -27,7 +28,28 @@ log = logging.getLogger("scaletrain")
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder block in backward (non-reentrant, works under every engine)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_block_transforms(model: nn.Module, cfg: TrainerConfig) -> None:
+    """What every engine applies to the plain model before wrapping it, in this order."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """`torch.compile` each decoder block (torchtitan's way): the blocks repeat, so one graph
+    serves all, and the embedding and loss stay eager. After activation checkpointing (which
+    the compiled block then contains) and before sharding (whose hooks stay outside the graph).
+    DCP state dicts drop the `_orig_mod.` that the wrapper adds to parameter names."""
+    blocks = decoder_stack(model)
+    for name, block in blocks.named_children():
+        blocks.register_module(name, torch.compile(block))
 
 
 def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -1,0 +1,112 @@
+"""Chat batches against text batches: what whole-conversation rows and the stored mask cost.
+
+    python bench/chat_loader.py [--docs 20000] [--batch 8] [--seq-len 2048] [--seconds 3]
+
+One synthetic corpus (random token ids, conversation lengths 50..600 tokens, assistant runs
+in the mask) is written twice with the same writer as prepare: as text shards (tokens only)
+and as chat shards (tokens + `.mask`). On both, in one run, the loader builds [B, T] batches
+in the training process (num_workers=0, so the figure is the per-core cost):
+
+  (a) text: the packed token stream (the baseline),
+  (b) chat, data.pack=true: whole conversations packed per row, labels from the mask,
+  (c) chat, data.pack=false: one conversation per row, padded.
+
+Also timed: packing one epoch's rows (RowOrder, once per epoch per worker). Figures are
+target tokens per second (non -100 labels) and rows per second; ends with one JSON line,
+ratios first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.config import WebDatasetConfig  # noqa: E402
+from data_pipeline.loader import WebDatasetLoader  # noqa: E402
+from data_pipeline.manifest import MANIFEST_NAME, build_manifest, write_json_atomic  # noqa: E402
+from data_pipeline.rows import RowOrder  # noqa: E402
+from data_pipeline.shard_format import ShardWriter  # noqa: E402
+
+
+def write(root: Path, docs: list[np.ndarray], masks: list[np.ndarray] | None, max_len: int) -> Path:
+    w = ShardWriter(root, "train", "u16", 64 << 20)
+    for i, d in enumerate(docs):
+        w.write(d, None if masks is None else masks[i])
+    chat = {"max_len": max_len, "mask_ext": "mask", "pad_token_id": 0, "train_on": "assistant",
+            "on_long": "truncate"} if masks is not None else None
+    m = build_manifest(splits={"train": w.close()}, ext="u16", vocab_size=32000, eos_token_id=0,
+                       tokenizer=None, fingerprint="bench", chat=chat)
+    write_json_atomic(root / MANIFEST_NAME, m)
+    return root
+
+
+def corpus(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    docs, masks = [], []
+    for _ in range(n):
+        length = int(rng.integers(50, 601))
+        docs.append(rng.integers(1, 32000, length).astype(np.uint16))
+        mask = np.zeros(length, np.uint8)
+        for _ in range(int(rng.integers(1, 4))):  # a few assistant runs
+            a = int(rng.integers(0, length - 10))
+            mask[a:a + int(rng.integers(5, 60))] = 1
+        masks.append(mask)
+    return docs, masks
+
+
+def measure(root: Path, batch: int, seq_len: int, seconds: float, pack: bool = True) -> dict:
+    cfg = WebDatasetConfig(urls=str(root), num_workers=0, pack=pack)
+    ld = WebDatasetLoader(cfg, rank=0, world_size=1, micro_batch_size=batch, seq_len=seq_len)
+    it = iter(ld)
+    next(it)  # first batch builds the epoch's plan
+    n = targets = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b = next(it)
+        targets += int((b["labels"] != -100).sum())
+        n += 1
+    dt = time.perf_counter() - t0
+    return {"batches_per_s": n / dt, "rows_per_s": n * batch / dt, "target_tokens_per_s": targets / dt,
+            "target_fraction": targets / (n * batch * seq_len)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    docs, masks = corpus(args.docs)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = write(Path(tmp) / "text", docs, None, args.seq_len)
+        chat = write(Path(tmp) / "chat", docs, masks, args.seq_len)
+        r = {"text": measure(text, args.batch, args.seq_len, args.seconds),
+             "chat_pack": measure(chat, args.batch, args.seq_len, args.seconds),
+             "chat_nopack": measure(chat, args.batch, args.seq_len, args.seconds, pack=False)}
+        ld = WebDatasetLoader(WebDatasetConfig(urls=str(chat), num_workers=0), rank=0, world_size=1,
+                              micro_batch_size=args.batch, seq_len=args.seq_len)
+        t0 = time.perf_counter()
+        rows = RowOrder(ld.order, args.seq_len, True).rows_in(0)
+        plan_s = time.perf_counter() - t0
+    for k, v in r.items():
+        print(f"{k:12s} {v['batches_per_s']:8.1f} batches/s {v['rows_per_s']:9.1f} rows/s "
+              f"{v['target_tokens_per_s'] / 1e6:7.2f} M target tok/s  target fraction {v['target_fraction']:.3f}")
+    print(f"packing one epoch: {args.docs} conversations -> {rows} rows in {plan_s * 1e3:.0f} ms")
+    print(json.dumps({
+        "chat_pack_vs_text_batches": round(r["chat_pack"]["batches_per_s"] / r["text"]["batches_per_s"], 3),
+        "chat_nopack_vs_text_batches": round(r["chat_nopack"]["batches_per_s"] / r["text"]["batches_per_s"], 3),
+        "chat_pack_row_fill": round(sum(len(d) for d in docs) / (rows * args.seq_len), 3),
+        "epoch_plan_ms": round(plan_s * 1e3, 1), "docs": args.docs, "batch": args.batch,
+        "seq_len": args.seq_len, **{f"{k}_batches_per_s": round(v["batches_per_s"], 1) for k, v in r.items()}}))
+
+
+if __name__ == "__main__":
+    main()
