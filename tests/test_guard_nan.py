@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tests.helpers import PY, REPO, TINY, child_env, run_train
 from train.checkpoint import _retain
 from train.config import TrainerConfig
-from train.guard import StepGuard
+from train.guard import StepGuard, first_nonfinite, optimizer_tensors
 from train.metrics import read_metrics
 
 # NaN on rank 1 only at step 6 (the guard must see it on every rank), then on both ranks.
@@ -133,3 +133,17 @@ def test_a_forced_skip_updates_nothing(kind, extra):
     ds = kind == "deepspeed"
     assert results[0] == ["True", "True", "True", "1" if ds else "None"]  # skipped: unchanged
     assert results[1] == ["False", "False", "False", "1" if ds else "None"]  # applied: changed
+
+
+def test_nonfinite_weights_or_optimizer_state_are_found_by_name():
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    named = lambda: [*model.named_parameters(), *optimizer_tensors(opt)]  # noqa: E731
+    assert first_nonfinite(named(), torch.device("cpu")) is None
+    opt.state[model.bias]["exp_avg_sq"][1] = float("inf")
+    assert first_nonfinite(named(), torch.device("cpu")) == "optim.group0.param1.exp_avg_sq"
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert first_nonfinite(named(), torch.device("cpu")) == "weight"

@@ -143,3 +143,19 @@ def test_disk_full_while_checkpointing(base_run, tmp_path):
     assert "A checkpoint needs about" in proc.stderr and "bytes (the size of step_00000004)" in proc.stderr
     assert not (run_dir / "checkpoints" / ".tmp-step_00000006").exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+@pytest.mark.parametrize("content", [os.urandom(200), b"", b"\xc3\x28 not utf-8", b"[1, 2]", None])
+def test_corrupt_trainer_state_is_skipped_naming_it(tmp_path, content, caplog):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "trainer_state.json").write_text(json.dumps({"step": step, "files": {}}))
+    state = root / "step_00000004" / "trainer_state.json"
+    state.unlink()
+    if content is None:
+        state.mkdir()
+    else:
+        state.write_bytes(content)
+    assert [p.name for p in resume_candidates(root)] == ["step_00000002"]
+    assert f"skipping checkpoint {root / 'step_00000004'}" in caplog.text and str(state) in caplog.text
