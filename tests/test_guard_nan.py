@@ -61,6 +61,16 @@ def test_rollbacks_used_up_stop_with_the_steps_named(tmp_path):
                for p in (run_dir / "checkpoints").glob("step_*"))
 
 
+def test_diverging_lr_stops_with_an_error_instead_of_training_on_nan(tmp_path):
+    """The issue's case: optim.lr=1e6 used to train on NaN weights to max_steps and exit 0."""
+    run_dir = tmp_path / "run"
+    proc = run_train([*TINY, "optim.lr=1e6", "trainer.max_steps=12", "checkpoint.every_steps=2",
+                      "trainer.max_bad_steps=2", "trainer.max_rollbacks=1", f"run.dir={run_dir}"], check=False)
+    assert proc.returncode == 1 and "training diverged" in proc.stderr and "is nan" in proc.stderr
+    states = [json.loads((p / "trainer_state.json").read_text()) for p in (run_dir / "checkpoints").glob("step_*")]
+    assert states and all(s["finite"] for s in states)
+
+
 def test_spike_is_skipped_and_nan_always():
     guard = StepGuard(TrainerConfig(spike_factor=3.0, max_bad_steps=2), verbose=False)
     assert guard.verdict(float("nan")) == "loss is nan"

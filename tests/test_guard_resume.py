@@ -159,3 +159,26 @@ def test_corrupt_trainer_state_is_skipped_naming_it(tmp_path, content, caplog):
         state.write_bytes(content)
     assert [p.name for p in resume_candidates(root)] == ["step_00000002"]
     assert f"skipping checkpoint {root / 'step_00000004'}" in caplog.text and str(state) in caplog.text
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 3 MiB filesystem (needs root and mount rights; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the fault-injected disk-full test covers the path")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_on_a_real_small_filesystem(small_tmpfs):
+    """The twin of the fault-injected test: a real ENOSPC from inside torch.distributed.checkpoint."""
+    run_dir = small_tmpfs / "run"
+    proc = run_train([*BASE, "trainer.max_steps=8", "checkpoint.keep_last=3", f"run.dir={run_dir}"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "could not write checkpoint" in proc.stderr and "bytes are free" in proc.stderr
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / latest).is_dir()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))

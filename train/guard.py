@@ -87,7 +87,7 @@ class StepGuard:
             raise DivergedError(
                 f"training diverged: {len(self.streak)} bad steps in a row ({bad}) after "
                 f"{self.rollbacks} rollback(s) (trainer.max_rollbacks={self.cfg.max_rollbacks}){earlier}\n"
-                "lower optim.lr, raise optim.warmup / trainer.grad_clip, or inspect the data of those steps")
+                "lower optim.lr, raise schedule.warmup_steps, or inspect the data of those steps")
         self.rollbacks += 1
         self.history.append(bad)
         self.streak.clear()
