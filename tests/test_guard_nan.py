@@ -28,7 +28,7 @@ RUN = [*TINY, "trainer.max_steps=10", "checkpoint.every_steps=4", "trainer.max_b
 def test_nan_steps_skipped_rolled_back_past_the_bad_data(tmp_path, strategy):
     run_dir = tmp_path / "run"
     extra = ["export=hf", "export.verify=false"] if strategy == "ddp" else []
-    run_train([*RUN, f"strategy={strategy}", f"run.dir={run_dir}", *extra], nproc=2,
+    run_train([*RUN, f"strategy={strategy}", f"run.dir={run_dir}", *extra], nproc=2, timeout=900,
               env=child_env(SCALETRAIN_FAULT=NAN))
     records = read_metrics(run_dir)
     skipped = [r["step"] for r in records if r.get("skipped")]
@@ -118,7 +118,8 @@ cfg = load_config({"strategy": {"kind": sys.argv[1], "name": sys.argv[1], **eval
 info = d.init_distributed("cpu", need_group=True)
 strategy = build_strategy(build_model(cfg.model, 256, 0), cfg, info, accum=1)
 ids = torch.randint(0, 256, (2, 17))
-batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(16).expand(2, -1)}
+batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+         "position_ids": torch.arange(16).expand(2, -1).contiguous()}
 def weights():
     return torch.cat([t.detach().float().flatten().clone() for _, t in strategy.state_tensors()][:3])
 for skip in (True, False):
