@@ -133,7 +133,7 @@ d.shutdown()
 
 
 @pytest.mark.parametrize("kind, extra", [("ddp", "{}"), ("deepspeed", "{'zero_stage': 2}"),
-                                         ("deepspeed", "{'zero_stage': 3}")])
+                                         ("deepspeed", "{'zero_stage': 3}")])  # both ZeRO norm paths
 def test_a_forced_skip_updates_nothing(kind, extra):
     """step(skip=True): weights (master copies included), LR schedule and DeepSpeed's counters as
     DeepSpeed's own overflow skip leaves them; its twin step(skip=False) changes them."""
