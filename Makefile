@@ -31,21 +31,26 @@ DEMO_DIR := runs/demo
 
 # The main job on an embedded default: prepare a real corpus (this Python's stdlib sources),
 # train on 2 ranks under ZeRO-3, interrupt it (STOP file = what SIGTERM/SIGUSR1 do), run the
-# same command again (it resumes from checkpoints/latest), then export offline and plot.
+# same command again (it resumes from checkpoints/latest), export offline, plot, and let the
+# exported model continue a Python prompt through transformers.
+DEMO_LAST := $(DEMO_DIR)/checkpoints/step_00000200
 demo: setup
 	$(PY) -m data_pipeline.prepare shard.max_bytes=1000000
 	rm -rf $(DEMO_DIR)
-	@echo "== 1/4 train; interrupted once step 30 is logged"
-	( until grep -qs '"step": 30,' $(DEMO_DIR)/metrics.jsonl; do sleep 0.2; done; touch $(DEMO_DIR)/STOP ) &
+	@echo "== 1/5 train; interrupted once step 100 is logged"
+	( until grep -qs '"step": 100,' $(DEMO_DIR)/metrics.jsonl; do sleep 0.2; done; touch $(DEMO_DIR)/STOP ) &
 	$(TORCHRUN) -m train experiment=demo
-	@echo "== 2/4 the same command again: resumes from $$(cat $(DEMO_DIR)/checkpoints/latest)"
+	@echo "== 2/5 the same command again: resumes from $$(cat $(DEMO_DIR)/checkpoints/latest)"
 	$(TORCHRUN) -m train experiment=demo
-	@echo "== 3/4 offline export of the last checkpoint, and its integrity check"
-	$(PY) -m train.export checkpoint=$(DEMO_DIR)/checkpoints/step_00000060 out=$(DEMO_DIR)/export-offline
+	@echo "== 3/5 offline export of the last checkpoint, and its integrity check"
+	$(PY) -m train.export checkpoint=$(DEMO_LAST) out=$(DEMO_DIR)/export-offline
 	$(PY) -m train.export verify=$(DEMO_DIR)/export-offline
-	@echo "== 4/4 plots and summary"
+	@echo "== 4/5 plots and summary"
 	$(PY) -m train.report $(DEMO_DIR)
-	@echo "done: $(DEMO_DIR)/exports/step_00000060 (HF + GGUF), $(DEMO_DIR)/report/summary.md, W&B offline files in $(DEMO_DIR)/wandb"
+	@grep -E '^\| (start -> end|resumed) ' $(DEMO_DIR)/report/summary.md
+	@echo "== 5/5 the exported model continues a prompt (transformers, greedy)"
+	$(PY) -m train.sample $(DEMO_DIR)/exports/step_00000200 --prompt 'def main('
+	@echo "done: $(DEMO_DIR)/exports/step_00000200 (HF + GGUF), $(DEMO_DIR)/report/summary.md, W&B offline files in $(DEMO_DIR)/wandb"
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -49,16 +49,29 @@ class ShardReader:
         self.table = table
         self.max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self.locate = lambda shard: self.table.paths[shard]   # remote: the Prefetcher's path()
         self._dtypes = [np.dtype("<u2") if s == 2 else np.dtype("<u4") for s in table.itemsize]
         self.span_dtype = np.dtype("<u4") if 4 in set(table.itemsize.tolist()) else np.dtype("<u2")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fds": OrderedDict()}
+        state = {**self.__dict__, "_fds": OrderedDict()}
+        state.pop("locate")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.locate = lambda shard: self.table.paths[shard]
+
+    def forget(self, shard: int) -> None:
+        """Close shard's descriptor (before the cache may evict the file)."""
+        fd = self._fds.pop(shard, None)
+        if fd is not None:
+            os.close(fd)
 
     def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
         if fd is None:
-            fd = os.open(self.table.paths[shard], os.O_RDONLY)
+            fd = os.open(self.locate(shard), os.O_RDONLY)
             self._fds[shard] = fd
             if len(self._fds) > self.max_open:
                 os.close(self._fds.popitem(last=False)[1])
@@ -197,6 +210,14 @@ class TokenSpans:
 
     def read(self, pos: int) -> Span:
         return read_span(self.order, self.reader, pos, self.unit + 1, self.on_error)
+
+    def shards(self, pos: int) -> list[int]:
+        """The shards read(pos) reads, in order of first use (for prefetch.py)."""
+        return list(dict.fromkeys(p.shard for p in self.order.pieces(pos, self.unit + 1)))
+
+    @property
+    def epoch_units(self) -> int:
+        return self.order.epoch_tokens
 
     def finish(self, span: Span) -> dict[str, torch.Tensor]:
         return finish_batch(span, self.rows, self.seq_len)

@@ -7,11 +7,12 @@ the trainer can collect every config error into one message before any process s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from data_pipeline.schema import minimums
+from data_pipeline.storage import StorageConfig, backend_problem, is_remote, parse_size
 
 
 @dataclass
@@ -54,7 +55,18 @@ class WebDatasetConfig:
     allow_pipe: bool = False
     """Allow `pipe:` URLs, which run shell commands."""
     cache_dir: str = ""
-    """Where pipe:/remote shards are copied for random access; empty = $TMPDIR/scaletrain-shards."""
+    """Per-node cache of remote (and pipe:) shards, shared by the node's ranks and workers;
+    empty = $TMPDIR/scaletrain-shards. On a cluster: node-local disk, not a shared file system."""
+    cache_limit: str | int = "50GB"
+    """Size bound of the cache (e.g. 50GB, 800KB); consumed shards are evicted to stay under it."""
+    prefetch_shards: int = 4
+    """Remote shards each reader fetches ahead of need, in background threads."""
+    retries: int = 5
+    """Retries of a transient storage error (HTTP 5xx/429/408, reset, timeout)."""
+    retry_backoff_s: float = 0.5
+    """First retry delay; doubled after each retry."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Remote storage settings (S3 endpoint, timeout); credentials come from the standard chains."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = build batches in the training process)."""
     prefetch_factor: int = 4
@@ -88,9 +100,30 @@ class WebDatasetConfig:
                              shuffle_buffer=(self.shuffle_buffer, 0))
         if self.vocab_size is not None and self.vocab_size < 2:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 2 or null")
-        if self.manifest and not Path(self.manifest).is_file():
+        problems.extend(self._remote_problems())
+        if self.manifest and not is_remote(self.manifest) and not Path(self.manifest).is_file():
             problems.append(f"data.manifest={self.manifest!r} does not exist: point it at the "
                             "manifest.json written by prepare, or leave it empty")
+        return problems
+
+    def _remote_problems(self) -> list[str]:
+        problems = []
+        try:
+            parse_size(self.cache_limit)
+        except ValueError as e:
+            problems.append(f"data.cache_limit: {e}")
+        if self.prefetch_shards < 1:
+            problems.append(f"data.prefetch_shards={self.prefetch_shards}: must be >= 1")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            problems.append(f"data.retries={self.retries}, data.retry_backoff_s={self.retry_backoff_s}: "
+                            "must be >= 0")
+        if self.storage.timeout_s <= 0:
+            problems.append(f"data.storage.timeout_s={self.storage.timeout_s}: must be > 0")
+        for key, value in (("data.urls", self.urls), ("data.val_urls", self.val_urls),
+                           ("data.manifest", self.manifest)):
+            problem = backend_problem(value) if value else None
+            if problem:
+                problems.append(f"{key}={value!r}: {problem}")
         return problems
 
 
@@ -145,3 +178,42 @@ def missing_local(urls: str, key: str) -> list[str]:
     return [f"{key}={urls!r}: {shown} does not exist; run `python -m data_pipeline.prepare "
             f"out=DIR` and set {key}=DIR (or the shard paths)"]
 
+
+
+def missing_val_split(cfg: SyntheticDataConfig | WebDatasetConfig) -> list[str]:
+    """A problem when evaluation is on but the data has no validation split (checked at start-up,
+    not at the first evaluation after the steps before it were trained and not yet checkpointed)."""
+    if not isinstance(cfg, WebDatasetConfig) or cfg.val_urls or not cfg.urls or "::" in cfg.urls:
+        return []
+    loc = cfg.urls[len("file://"):] if cfg.urls.startswith("file://") else cfg.urls
+    candidates = [Path(cfg.manifest)] if cfg.manifest else []
+    if "{" not in loc and ":" not in loc.split("/", 1)[0]:
+        p = Path(loc)
+        candidates += [p] if p.suffix == ".json" else [p / "manifest.json", p.parent / "manifest.json",
+                                                        p.parent.parent / "manifest.json"]
+    elif ":" not in loc.split("/", 1)[0]:  # a brace pattern: the manifest sits by its folder
+        p = Path(loc.split("{", 1)[0]).parent
+        candidates += [p / "manifest.json", p.parent / "manifest.json"]
+    else:
+        return []  # remote shards: the loader checks the remote manifest at start-up
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return [] if missing_local(cfg.urls, "data.urls") else [
+            f"trainer.eval_every>0 but data.val_urls is empty and no manifest.json next to data.urls={cfg.urls!r} "
+            "names a validation split: set data.val_urls to the validation shards, or trainer.eval_every=0"]
+    if _val_shards(found):
+        return []
+    return [f"trainer.eval_every>0 but data.val_urls is empty and {found} lists no validation shards: set "
+            "data.val_urls to validation shards, prepare the data with split.val_fraction > 0, or set "
+            "trainer.eval_every=0"]
+
+
+def _val_shards(manifest: Path) -> bool:
+    """True when the manifest lists validation shards; an unreadable one is the loader's to report."""
+    import json
+
+    try:
+        m = json.loads(manifest.read_bytes())
+        return bool(m["splits"]["val"]["shards"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True

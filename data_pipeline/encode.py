@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
-SKIP_REASONS = ("empty", "bad_utf8", "bad_json", "missing_field", "not_text")
+SKIP_REASONS = ("empty", "bad_utf8", "bad_json", "missing_field", "not_text", "binary")
+BINARY_BAD_FRACTION = 0.3
+"""A text payload with a NUL byte, or with more than this share of bytes that are not UTF-8, is a
+binary file (an image, an archive, a model) that slipped into a text source: skipped, never trained on."""
+PIECE_CHARS = 1 << 18
+"""Documents longer than this are tokenized piece by piece: a tokenizer's Encoding costs hundreds of
+bytes per token, so a 50 MB document in one call needed 7.7 GB."""
+_CUT = re.compile(r"(?<=\S) (?=\S)")
 RECORD_ERRORS = ("bad_json", "missing_field", "not_text")
 _REASON_TEXT = {"bad_json": "is not valid JSON", "missing_field": "has no field {field!r}",
                 "not_text": "has no text in {field!r} (null or not a string)"}
@@ -37,7 +46,12 @@ class Encoded:
     docs: list[tuple] = field(default_factory=list)   # (is_val, tokens[, chat mask])
     tokens: int = 0
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, where, source field)
+    written: dict[int, int] = field(default_factory=dict)  # documents per source index
     replaced_utf8: int = 0
+    pieced: int = 0
+    """Documents longer than PIECE_CHARS, tokenized in pieces."""
+    pieces_exact: bool = True
+    """The tokenizer gives the same ids for a text cut at a single space as for the whole text."""
     truncated: int = 0             # chat: conversations cut to chat.max_len
     trained: int = 0               # chat: tokens marked as targets
 
@@ -49,7 +63,10 @@ def init(settings: Settings) -> None:
     from tokenizers import Tokenizer
 
     _state["settings"] = settings
-    _state["tokenizer"] = Tokenizer.from_file(settings.tokenizer_file)
+    _state["tokenizer"] = tok = Tokenizer.from_file(settings.tokenizer_file)
+    probe = "Cut a long text at one space between words:  runs\tof  blanks stay whole, 12345 x."
+    _state["pieces_exact"] = tok.encode(probe, add_special_tokens=False).ids == [
+        i for piece in pieces(probe, 12) for i in tok.encode(piece, add_special_tokens=False).ids]
 
 
 def describe(reason: str, where: str, text_field: str) -> str:
@@ -62,12 +79,17 @@ def decode(payload: str | None, kind: str, text_field: str, on_bad_utf8: str) ->
     replaced = False
     if kind in ("raw_text", "raw_jsonl"):
         raw = payload.encode("latin-1")
+        if b"\0" in raw:
+            return None, "binary", False
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
+            text = raw.decode("utf-8", "replace")
+            if text.count("\ufffd") > BINARY_BAD_FRACTION * len(text):
+                return None, "binary", False
             if on_bad_utf8 == "skip":
                 return None, "bad_utf8", False
-            text, replaced = raw.decode("utf-8", "replace"), True
+            replaced = True
         if kind == "raw_jsonl":
             if not text.strip():
                 return None, "empty", replaced
@@ -116,13 +138,46 @@ def encode(records: list[tuple[int, str | None, str]]) -> Encoded:
             out.skipped.append((reason, where, text_field))
         else:
             texts.append(text)
+            out.written[src] = out.written.get(src, 0) + 1
     if not texts:
         return out
-    encodings = _state["tokenizer"].encode_batch(texts, add_special_tokens=False)
-    for text, enc in zip(texts, encodings):
-        ids = np.empty(len(enc.ids) + 1, dtype=s.dtype)
-        ids[:-1] = enc.ids
-        ids[-1] = s.eos_token_id
-        out.docs.append((is_val(text, s.val_fraction, s.split_seed), ids.tobytes()))
-        out.tokens += len(ids)
+    for text, ids in zip(texts, _token_ids(texts, s.dtype, out)):
+        doc = np.empty(len(ids) + 1, dtype=s.dtype)
+        doc[:-1] = ids
+        doc[-1] = s.eos_token_id
+        out.docs.append((is_val(text, s.val_fraction, s.split_seed), doc.tobytes()))
+        out.tokens += len(doc)
     return out
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most about `size` characters, each cut before a single space between
+    two non-blank characters: byte-level and whitespace pre-tokenizers start a new word there, so
+    the pieces' tokens are the whole text's. A blob with no such space is cut at `size`."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        window_start = max(start + 1, end - size // 2)
+        cut = None
+        for m in _CUT.finditer(text, window_start, end):
+            cut = m.start()
+        cut = cut or end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _token_ids(texts: list[str], dtype: str, out: Encoded) -> list[np.ndarray]:
+    """Token ids of each text: short ones in one batch, long ones piece by piece (bounded memory)."""
+    tok = _state["tokenizer"]
+    ids: list[np.ndarray | None] = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+    for i, e in zip(short, tok.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+        ids[i] = np.asarray(e.ids, dtype=dtype)
+    for i, text in enumerate(texts):
+        if ids[i] is None:
+            out.pieced += 1
+            out.pieces_exact = _state["pieces_exact"]
+            ids[i] = np.concatenate([np.asarray(tok.encode(p, add_special_tokens=False).ids, dtype=dtype)
+                                     for p in pieces(text)])
+    return ids

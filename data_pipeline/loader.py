@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.batches import ShardReader, Span, TokenSpans
 from data_pipeline.config import WebDatasetConfig
 from data_pipeline.order import GlobalOrder
+from data_pipeline.prefetch import Prefetcher
 from data_pipeline.rows import RowOrder, RowSpan, RowSpans
 from data_pipeline.shard_table import DataWarning, ShardTable, build_table
 
@@ -32,20 +33,31 @@ class _RankStream(IterableDataset):
     """Rounds first_round, first_round + 1, ... of one rank, split over DataLoader workers."""
 
     def __init__(self, spans: TokenSpans | RowSpans, *, base: int, first_round: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, remote: WebDatasetConfig | None = None) -> None:
+        """remote: the settings of a remote corpus, whose shards a Prefetcher fetches."""
         self.spans, self.base, self.first_round = spans, base, first_round
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.remote = rank, world_size, remote
 
     def __iter__(self) -> Iterator[Span | RowSpan]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k = self.first_round + worker
+        fetch = None
+        if self.remote is not None:   # created here: in the worker process that reads
+            fetch = Prefetcher(self.spans, self.remote, round_pos=self._pos, stride=workers)
         try:
             while True:
-                yield self.spans.read(self.base + (k * self.world_size + self.rank) * self.spans.unit)
+                if fetch is not None:
+                    fetch.advance(k)
+                yield self.spans.read(self._pos(k))
                 k += workers
         finally:
             self.spans.close()
+            if fetch is not None:
+                fetch.close()
+
+    def _pos(self, k: int) -> int:
+        return self.base + (k * self.world_size + self.rank) * self.spans.unit
 
 
 def _as_is(span: Span | RowSpan) -> Span | RowSpan:
@@ -115,7 +127,8 @@ class WebDatasetLoader:
 
     def _source(self) -> Iterator[Span | RowSpan]:
         stream = _RankStream(self._spans, base=self._base, first_round=self._consumed,
-                             rank=self.rank, world_size=self.world_size)
+                             rank=self.rank, world_size=self.world_size,
+                             remote=self.cfg if self.table.remote else None)
         if self.cfg.num_workers == 0:
             yield from stream
             return

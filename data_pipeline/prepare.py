@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from data_pipeline.manifest import (
     build_manifest,
     load_manifest,
     manifest_is_current,
+    write_index_bundle,
     write_json_atomic,
 )
 from data_pipeline.prepare_config import (
@@ -40,6 +42,7 @@ from data_pipeline.prepare_config import (
     PrepareConfigError,
     load_prepare_config,
 )
+from data_pipeline.publish import remote_manifest_if_current, upload
 from data_pipeline.shard_format import TOKEN_EXTS, ShardWriter, ext_for_vocab
 from data_pipeline.sources import (
     Source,
@@ -48,6 +51,7 @@ from data_pipeline.sources import (
     resolve_source,
     source_fingerprint,
 )
+from data_pipeline.storage import is_remote
 from data_pipeline.tokenizer import copy_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
@@ -143,9 +147,11 @@ def _bounded_map(fn: Callable, tasks: Iterator, settings, procs: int) -> Iterato
 def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
                 writers: dict[str, ShardWriter]) -> dict:
     procs = cfg.num_proc or min(8, os.cpu_count() or 1)
-    read, skipped = collections.Counter(), collections.Counter()
+    read, skipped, written = collections.Counter(), collections.Counter(), collections.Counter()
     tokens = collections.Counter()
-    replaced = truncated = trained = 0
+    examples: dict[str, list[str]] = collections.defaultdict(list)
+    replaced = truncated = trained = pieced = 0
+    pieces_exact = True
     fn, reasons = (chat.encode, chat.CHAT_SKIP_REASONS) if cfg.mode == "chat" else \
         (enc.encode, enc.SKIP_REASONS)
     t0 = time.time()
@@ -156,7 +162,12 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
             if _is_record_error(reason, cfg):
                 raise _record_error(reason, where, detail, cfg.mode)
             skipped[reason] += 1
+            if len(examples[reason]) < 5:
+                examples[reason].append(where)
         replaced += task_out.replaced_utf8
+        written.update(task_out.written)
+        pieced += task_out.pieced
+        pieces_exact &= task_out.pieces_exact
         truncated += task_out.truncated
         trained += task_out.trained
         for is_val, data, *mask in task_out.docs:
@@ -170,10 +181,14 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
     report = {"documents_read": sum(read.values()),
               "read_per_source": {sources[i].label: read[i] for i in sorted(read)},
               "skipped": {r: skipped[r] for r in reasons},
+              "skipped_examples": dict(examples),
+              "pieced_documents": pieced, "pieces_exact": pieces_exact,
               "utf8_replaced": replaced, "tokens": dict(tokens),
               "seconds": round(time.time() - t0, 3)}
     if cfg.mode == "chat":
         report.update(truncated=truncated, trained_tokens=trained)
+    else:  # chat records are not counted per source
+        report["written_per_source"] = {sources[i].label: written[i] for i in range(len(sources))}
     return report
 
 
@@ -198,6 +213,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     for s, k in zip(sources, keys):
         check_source(s, k)
     fp = fingerprint(cfg, sources, template)
+    if is_remote(cfg.out):
+        return _prepare_remote(cfg, sources, fp, template)
     out = Path(cfg.out)
     if not cfg.force and manifest_is_current(out, fp):
         print(f"prepare: {out} is up to date (fingerprint {fp[:12]}); nothing to do")
@@ -216,6 +233,20 @@ def prepare(cfg: PrepareConfig) -> dict:
     return manifest
 
 
+def _prepare_remote(cfg: PrepareConfig, sources: list[Source], fp: str, template: str | None) -> dict:
+    """Build locally, then upload with manifest.json last (publish.py)."""
+    if not cfg.force:
+        current = remote_manifest_if_current(cfg.out, fp, cfg.storage)
+        if current is not None:
+            print(f"prepare: {cfg.out} is up to date (fingerprint {fp[:12]}); nothing to do")
+            return current
+    with tempfile.TemporaryDirectory(prefix="scaletrain-prepare-") as tmp:
+        manifest = _build(cfg, sources, fp, Path(tmp), template)
+        upload(Path(tmp), cfg.out, cfg.storage)
+    _print_report(cfg.out.rstrip("/"), manifest)
+    return manifest
+
+
 def _tokenizer(cfg: PrepareConfig, sources: list[Source], tok_dir: Path, template: str | None):
     if cfg.tokenizer.path:
         tok = copy_tokenizer(cfg.tokenizer.path, tok_dir)
@@ -229,7 +260,8 @@ def _tokenizer(cfg: PrepareConfig, sources: list[Source], tok_dir: Path, templat
                     "vocab_size_requested": cfg.tokenizer.vocab_size}
     if template is not None:
         chat_prepare.save_with_template(tok, template, tok_dir)
-    tok_info.update(vocab_size=len(tok), eos_token=tok.eos_token, eos_token_id=tok.eos_token_id)
+    tok_info.update(vocab_size=len(tok), eos_token=tok.eos_token, eos_token_id=tok.eos_token_id,
+                    files=sorted(p.name for p in tok_dir.iterdir() if p.is_file()))
     return tok, tok_info
 
 
@@ -247,6 +279,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
                                 cfg.split.val_fraction, cfg.split.seed)
     writers = {split: ShardWriter(tmp, split, ext, cfg.shard.max_bytes) for split in ("train", "val")}
     report = _encode_all(sources, cfg, settings, writers)
+    _check_yield(report, sources)
     records = {split: w.close() for split, w in writers.items()}
     report["documents_written"] = {s: sum(r.samples for r in recs) for s, recs in records.items()}
     report["shards"] = {s: len(recs) for s, recs in records.items()}
@@ -259,25 +292,49 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
     manifest = build_manifest(splits=records, ext=ext, vocab_size=vocab,
                               eos_token_id=tok.eos_token_id, tokenizer=tok_info, fingerprint=fp,
                               settings=settings_out, report=report,
-                              chat=chat_prepare.manifest_entry(cfg, tok) if template is not None else None)
+                              chat=chat_prepare.manifest_entry(cfg, tok) if template is not None else None,
+                              index_bundle=write_index_bundle(tmp, records))
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 
-def _print_report(out: Path, m: dict) -> None:
+def _check_yield(report: dict, sources: list[Source]) -> None:
+    """An input that gives no document is an error naming it (not an empty manifest that fails later)."""
+    if "written_per_source" in report:
+        empty = [label for label, n in report["written_per_source"].items() if n == 0]
+    else:  # chat: all inputs together
+        empty = [] if sum(report["tokens"].values()) else [s.label for s in sources]
+    if not empty:
+        return
+    skipped = ", ".join(f"{k}={v}" for k, v in report["skipped"].items() if v) or "none"
+    seen = "; ".join(f"{k}: {', '.join(v)}" for k, v in report["skipped_examples"].items())
+    raise PrepareError(f"{' and '.join(empty)} gave no documents ({report['documents_read']} records read, "
+                       f"skipped {skipped}{'; e.g. ' + seen if seen else ''}): point source.path at text, "
+                       "JSONL, Parquet or a datasets directory that holds documents")
+
+
+def _print_report(out: Path | str, m: dict) -> None:
     r, sp = m["report"], m["splits"]
     secs = max(r["seconds"], 1e-9)
     skipped = " ".join(f"{k}={v}" for k, v in r["skipped"].items())
-    print(f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
-          f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)\n"
-          f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}\n"
-          + (f"  chat: truncated to max_len={m['chat']['max_len']}: {r['truncated']}, trained "
-             f"tokens: {r['trained_tokens']:,}\n" if m.get("mode") == "chat" else "") +
-          f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
-          f"{len(sp['train']['shards'])} shards\n"
-          f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
-          f"{len(sp['val']['shards'])} shards\n"
-          f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})")
+    lines = [f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
+             f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)",
+             f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}"]
+    if m.get("mode") == "chat":
+        lines.append(f"  chat: truncated to max_len={m['chat']['max_len']}: {r['truncated']}, trained "
+                     f"tokens: {r['trained_tokens']:,}")
+    lines += [f"  skipped as {k}: {', '.join(w)}{' ...' if r['skipped'][k] > len(w) else ''}"
+              for k, w in r.get("skipped_examples", {}).items()]
+    if r.get("pieced_documents"):
+        lines.append(f"  {r['pieced_documents']} documents over {enc.PIECE_CHARS:,} characters tokenized in pieces"
+                     + ("" if r["pieces_exact"] else " (this tokenizer splits words differently at a cut: "
+                        "tokens may differ there)"))
+    lines += [f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
+              f"{len(sp['train']['shards'])} shards",
+              f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
+              f"{len(sp['val']['shards'])} shards",
+              f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})"]
+    print("\n".join(lines))
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.schema import ConfigError, build, load
+from data_pipeline.storage import StorageConfig, backend_problem, is_remote, scheme
 
 Format = Literal["text", "jsonl", "parquet", "arrow"]
 
@@ -131,6 +132,8 @@ class PrepareConfig:
     progress: bool = True
     force: bool = False
     """Rebuild even when `out` already holds the same sources and settings."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """For a remote `out` (s3://, fsspec): endpoint and timeout; credentials from standard chains."""
 
     def source_list(self) -> list[SourceConfig]:
         if not self.sources:
@@ -194,6 +197,11 @@ def validate(cfg: PrepareConfig) -> list[str]:
         p.append(f"num_proc={cfg.num_proc}, batch_docs={cfg.batch_docs}: need num_proc >= 0, batch_docs >= 1")
     if not cfg.out:
         p.append("out is empty: set out=DIR for the shards")
+    elif is_remote(cfg.out):
+        problem = backend_problem(cfg.out)
+        if problem or scheme(cfg.out) in ("http", "https"):
+            p.append(f"out={cfg.out!r}: {problem or 'http(s) is read-only'}; write to a local "
+                     "directory or s3:// (serve that directory over http for readers)")
     elif Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or (
             any(Path(cfg.out).iterdir()) and not (Path(cfg.out) / "manifest.json").is_file())):
         p.append(f"out={cfg.out!r} exists and is not a prepare output (no manifest.json): choose "

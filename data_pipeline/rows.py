@@ -124,6 +124,14 @@ class RowSpans:
         bad, notes = fill(self.reader, tokens, pieces, self.on_error, targets)
         return RowSpan(tokens, targets, starts, ends, bad, notes)
 
+    def shards(self, pos: int) -> list[int]:
+        """The shards read(pos) reads, in order of first use (for prefetch.py)."""
+        return list(dict.fromkeys(s for row in self.order.rows(pos, self.rows) for s, _ in row))
+
+    @property
+    def epoch_units(self) -> int:
+        return self.order.rows_in(0)
+
     def finish(self, span: RowSpan) -> dict[str, torch.Tensor]:
         """input_ids / labels (shifted, see batches.py) / position_ids of one RowSpan."""
         t, n = self.seq_len, self.rows * self.seq_len

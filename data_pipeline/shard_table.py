@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from data_pipeline.cache import default_cache_dir
 from data_pipeline.config import WebDatasetConfig, missing_local
 from data_pipeline.fsutil import file_sha256
 from data_pipeline.manifest import MANIFEST_NAME, load_index, load_manifest
@@ -28,6 +28,7 @@ from data_pipeline.shard_format import (
     ShardFormatError,
     scan_tar,
 )
+from data_pipeline.storage import is_remote
 
 
 class DataWarning(UserWarning):
@@ -60,6 +61,9 @@ class ShardTable:
     """Chat shards: per doc, byte offset of its target mask (shard_format.py); None = text."""
     chat: dict[str, Any] | None = None
     """Chat shards: the manifest's `chat` entry (max_len, pad_token_id, ...); {} without one."""
+    remote: bool = False       # paths are URLs fetched lazily into the node cache (prefetch.py)
+    sizes: np.ndarray | None = None   # remote: per shard, bytes the manifest promises
+    sha256: list[str] | None = None   # remote: per shard, sha256 the manifest promises
 
     @property
     def total_tokens(self) -> int:
@@ -67,7 +71,7 @@ class ShardTable:
 
     @property
     def fingerprint(self) -> str:
-        rows = [[Path(p).name, int(d), int(t)] for p, d, t in
+        rows = [[p.rsplit("/", 1)[-1], int(d), int(t)] for p, d, t in
                 zip(self.paths, self.n_docs, self.n_tokens)]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
@@ -118,13 +122,11 @@ def resolve_urls(cfg: WebDatasetConfig, split: str) -> tuple[list[str], Path | N
     return expanded, mpath
 
 
-def _materialize(url: str, cache_dir: str) -> str:
-    """Copy a remote (pipe:, http...) shard into the local cache for random access.
-
-    Like MosaicML Streaming's local cache; webdataset's gopen does the transfer. Concurrent
-    ranks may copy the same shard: each writes a private temp file and renames it.
-    """
-    root = Path(cache_dir or Path(tempfile.gettempdir()) / "scaletrain-shards")
+def _copy_pipe(url: str, cache_dir: str) -> str:
+    """Run a pipe: URL once into the local cache for random access (remote schemes stream
+    lazily instead: remote_table.py). Concurrent ranks each write a private temp file and
+    rename it."""
+    root = Path(cache_dir or default_cache_dir())
     root.mkdir(parents=True, exist_ok=True)
     dest = root / (hashlib.sha256(url.encode()).hexdigest()[:24] + ".tar")
     if not dest.is_file():
@@ -163,6 +165,10 @@ def _check_shard(url: str, path: str, entry: dict | None, root: Path | None,
 
 def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     """Resolve, check and index the shards of `split`; see the module docstring."""
+    if is_remote(cfg.val_urls if split == "val" and cfg.val_urls else cfg.urls):
+        from data_pipeline.remote_table import remote_table
+
+        return remote_table(cfg, split)
     urls, mpath = resolve_urls(cfg, split)
     manifest = load_manifest(mpath) if mpath else None
     entries: dict[str, dict] = {}
@@ -180,7 +186,7 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
         if url.startswith("pipe:") and not cfg.allow_pipe:
             raise ValueError(f"data.urls has the pipe: URL {url!r}; set data.allow_pipe=true to run it")
         try:
-            path = _local(url) or _materialize(url, cfg.cache_dir)
+            path = _local(url) or _copy_pipe(url, cfg.cache_dir)
             entry = entries.get(os.path.realpath(path))
             idx, itemsize, bad_notes = _check_shard(url, path, entry, mpath.parent if mpath else None, cfg)
         except (ShardFormatError, OSError) as e:
@@ -233,7 +239,7 @@ def _vocab(cfg: WebDatasetConfig, manifest: dict[str, Any] | None,
         raise ValueError("data.vocab_size is null and no manifest.json describes these shards: "
                          "set data.vocab_size (or data.manifest)")
     tok = manifest.get("tokenizer") if manifest else None
-    tok_dir = str((mpath.parent / tok["dir"]).resolve()) if tok and tok.get("dir") else None
+    tok_dir = str((mpath.parent / tok["dir"]).resolve()) if mpath and tok and tok.get("dir") else None
     return vocab, manifest.get("eos_token_id") if manifest else None, tok_dir
 
 

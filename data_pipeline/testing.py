@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.manifest import MANIFEST_NAME, build_manifest, write_json_atomic
+from data_pipeline.manifest import MANIFEST_NAME, build_manifest, write_index_bundle, write_json_atomic
 from data_pipeline.shard_format import ShardWriter, ext_for_vocab
 
 EOS = 0
@@ -82,7 +82,8 @@ def make_shards(tmp_path: Path, sizes: tuple[int, ...] = (7, 3, 12), *, val_size
         all_docs[split] = docs
     manifest = build_manifest(splits=splits, ext=ext, vocab_size=vocab_size, eos_token_id=EOS,
                               tokenizer=None, fingerprint=f"make_shards-{seed}",
-                              settings={"sizes": list(sizes), "val_sizes": list(val_sizes)})
+                              settings={"sizes": list(sizes), "val_sizes": list(val_sizes)},
+                              index_bundle=write_index_bundle(root, splits))
     write_json_atomic(root / MANIFEST_NAME, manifest)
     return ShardSet(root, [root / r.path for r in splits["train"]],
                     [root / r.path for r in splits["val"]], all_docs["train"], all_docs["val"],

@@ -20,6 +20,18 @@ TARGETS = ("local", "deepspeed", "slurm")
 NODE_LOCAL_PREFIXES = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 """Paths that are private to each machine on every cluster we know of."""
 NODE_LOCAL_FSTYPES = ("tmpfs", "ramfs")
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.+,-]+")
+"""Partition, account and QoS names (comma lists allowed), as SLURM itself names them."""
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unrenderable(key: str, value: Any) -> str | None:
+    """A problem when `value` cannot go into an #SBATCH line: a newline would end the directive
+    block early and turn the rest into a shell command; other control characters are refused too."""
+    if CONTROL.search(str(value)):
+        return (f"{key}={value!r} contains a newline or another control character, which would break "
+                "the job script's #SBATCH block: remove it")
+    return None
 
 
 @dataclass
@@ -125,10 +137,11 @@ def node_local_reason(run_dir: str) -> str | None:
     return None
 
 
-def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "auto") -> list[str]:
+def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "auto",
+                 run_name: str = "scaletrain") -> list[str]:
     """Problems with the launch settings for this run (empty when it can run).
 
-    `run_dir` and `device` are the training config's run.dir and trainer.device.
+    `run_dir`, `device` and `run_name` are the training config's run.dir, trainer.device and run.name.
     """
     p: list[str] = []
     if target not in TARGETS:
@@ -160,7 +173,7 @@ def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "aut
     if lc.max_requeues < 0:
         p.append(f"launch.max_requeues={lc.max_requeues}: must be >= 0")
     if target == "slurm":
-        p.extend(_check_slurm(lc))
+        p.extend(_check_slurm(lc, run_dir, run_name))
     return p
 
 
@@ -176,8 +189,18 @@ def _check_hosts(lc: LaunchConfig) -> list[str]:
     return []
 
 
-def _check_slurm(lc: LaunchConfig) -> list[str]:
+def _check_slurm(lc: LaunchConfig, run_dir: str, run_name: str) -> list[str]:
     s, p = lc.slurm, []
+    for name in ("partition", "account", "qos"):
+        value = getattr(s, name)
+        if value is not None and not SLURM_NAME.fullmatch(str(value)):
+            p.append(f"launch.slurm.{name}={value!r}: a SLURM name has only letters, digits and . _ - + "
+                     "(a comma separates several)")
+    job_key = "launch.slurm.job_name" if s.job_name else "run.name (the job name while launch.slurm.job_name is null)"
+    rendered = [(job_key, s.job_name or run_name), ("launch.slurm.time", s.time),
+                ("run.dir", str(Path(run_dir).absolute())), ("launch.slurm.mem", s.mem),
+                *(("launch.slurm.extra item", x) for x in s.extra)]
+    p.extend(filter(None, (unrenderable(key, value) for key, value in rendered)))
     limit = parse_time(s.time)
     if limit is None:
         p.append(f"launch.slurm.time={s.time!r}: use MINUTES, HH:MM:SS or D-HH:MM:SS")
@@ -218,7 +241,7 @@ def load_launch(raw: dict[str, Any]) -> LaunchRequest:
         run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
         trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
         problems.extend(check_launch(target, lc, str(run.get("dir", "runs/default")),
-                                     str(trainer.get("device", "auto"))))
+                                     str(trainer.get("device", "auto")), str(run.get("name", "scaletrain"))))
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -7,6 +7,7 @@ RUN_DIR/slurm/train.sbatch: `sbatch` on it again resumes the run by hand.
 """
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,16 +16,33 @@ from pathlib import Path
 
 from data_pipeline.fsutil import atomic_write_text
 from launch.commands import Plan, override_key
-from launch.config import LaunchConfig
+from launch.config import CONTROL, LaunchConfig
 from train.config import Config
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 BLOCKS = ("SBATCH", "settings")
 
 
+PLAIN = re.compile(r"[A-Za-z0-9_./:%@=+,-]*")
+
+
 def _quoted(value: str) -> str:
-    """An #SBATCH option value; sbatch splits these lines on blanks unless double-quoted."""
-    return f'"{value}"' if any(c.isspace() for c in value) else value
+    """An #SBATCH option value. sbatch splits these lines on blanks, takes an unquoted `#` as the
+    start of a comment, and reads quotes and backslashes (slurm's sbatch/opt.c `_get_argument`),
+    so anything else is double-quoted with `\\` and `"` escaped. A control character (a newline
+    would end the directive block and run the rest as a command) is refused, never rendered."""
+    value = str(value)
+    if CONTROL.search(value):
+        raise ValueError(f"{value!r} contains a control character and cannot go into an #SBATCH line")
+    if PLAIN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _option(opt: str) -> str:
+    """`--name=value` with the value quoted as needed."""
+    name, eq, value = str(opt).partition("=")
+    return f"{_quoted(name)}{eq}{_quoted(value)}" if eq else _quoted(name)
 
 
 def _log_path(run_dir: Path, name: str) -> str:
@@ -40,16 +58,16 @@ def sbatch_options(lc: LaunchConfig, cfg: Config, run_dir: Path, workdir: Path) 
         opts.append(f"--gpus-per-node={lc.gpus_per_node}")
     opts.append(f"--cpus-per-task={s.cpus_per_task}")
     if s.mem is not None:
-        opts.append(f"--mem={s.mem}")
-    opts.append(f"--time={s.time}")
+        opts.append(f"--mem={_quoted(s.mem)}")
+    opts.append(f"--time={_quoted(s.time)}")
     for name in ("partition", "account", "qos"):
         if getattr(s, name):
-            opts.append(f"--{name}={getattr(s, name)}")
+            opts.append(f"--{name}={_quoted(getattr(s, name))}")
     opts += [f"--chdir={_quoted(str(workdir))}",
              f"--output={_log_path(run_dir, 'slurm-%j.out')}",
              f"--error={_log_path(run_dir, 'slurm-%j.err')}",
              f"--signal=B:USR1@{s.signal_seconds}", "--requeue", "--open-mode=append",
-             *[str(x) for x in s.extra]]
+             *[_option(x) for x in s.extra]]
     return opts
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import TINY, losses, run_train
+from tests.slurm_cluster import session_cluster
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,63 @@ def reference_runs(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A running one-node SLURM cluster on localhost for the session (tests/slurm_cluster.py)."""
+    from tests.slurm_cluster import missing_reason, start_cluster
+
+    yield from session_cluster(tmp_path_factory, missing_reason, start_cluster, "slurm")
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory):
+    """Two SLURM nodes in network namespaces of their own, for the session (tests/slurm_netns.py)."""
+    from tests.slurm_netns import netns_missing_reason, start_two_node_cluster
+
+    yield from session_cluster(tmp_path_factory, netns_missing_reason, start_two_node_cluster, "slurm2")
+
+
+@pytest.fixture(scope="session")
+def launch_reference(tmp_path_factory) -> dict[int, float]:
+    """The launcher tests' uninterrupted reference curve, run once per session (tests/slurm_runs.py)."""
+    from tests.slurm_runs import reference_curve
+
+    return reference_curve(tmp_path_factory.mktemp("launch-reference"))
+
+
+@pytest.fixture(scope="session")
+def remote_corpus(tmp_path_factory):
+    """44 tiny shards of 4 documents (about 10 KB each) and their prepare-style manifest,
+    served by one HTTP server for the whole session (tests that need faults start their own)."""
+    from data_pipeline.http_server import ShardServer
+    from data_pipeline.testing import make_shards
+
+    shards = make_shards(tmp_path_factory.mktemp("remote"), sizes=(4,) * 44, min_len=5, max_len=15,
+                         vocab_size=256, content="random")
+    with ShardServer(shards.root) as server:
+        yield shards, server
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3 endpoint (moto in server mode on 127.0.0.1); yields (endpoint, env for children).
+    Credentials are dummies read through boto3's standard environment chain."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.helpers import free_port, patched_environ
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        with patched_environ(env):
+            yield env["AWS_ENDPOINT_URL"], env
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

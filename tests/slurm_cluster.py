@@ -1,13 +1,13 @@
 """A throwaway single-node SLURM cluster on localhost for the SLURM tests.
 
-`slurm_cluster` (session-scoped fixture) starts munged, slurmctld and slurmd from a generated
+`slurm_cluster` (session-scoped fixture in tests/conftest.py) starts munged, slurmctld and slurmd from a generated
 slurm.conf in a temp dir and stops them afterwards; nothing under /etc is touched. Every
 client call goes through `SlurmCluster.env` (SLURM_CONF points at the generated file). The
 node uses proctrack/linuxproc and task/none so no cgroup setup is needed, and it is declared
 with at least 2 CPUs so that two ranks fit. Where SLURM or munge is missing, or we are not
 root (slurmd must start jobs as their user), the fixture skips with the reason.
 
-Also usable by hand: `python tests/slurm_cluster.py DIR` starts a cluster and prints the
+Also usable by hand: `python -m tests.slurm_cluster DIR` (from the repository root) starts a cluster and prints the
 `export SLURM_CONF=...` line; Ctrl-C or SIGTERM stops it.
 """
 from __future__ import annotations
@@ -280,6 +280,19 @@ def start_daemons(cluster: SlurmCluster, ctl_name: str) -> None:
                   cluster.procs[f"slurmd:{n.name}"], d / f"slurmd-{n.name}.log")
 
 
+def boot(cluster: SlurmCluster, ctl_name: str, prepare=None) -> SlurmCluster:
+    """Start the daemons of `cluster` (after `prepare(cluster)`, e.g. its network namespaces);
+    on any failure stop what was started and undo what `prepare` registered, then re-raise."""
+    try:
+        if prepare is not None:
+            prepare(cluster)
+        start_daemons(cluster, ctl_name=ctl_name)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
 def start_cluster(base: Path, cpus: int | None = None) -> SlurmCluster:
     """A one-node cluster on localhost under `base` (this machine's hostname and CPUs)."""
     d = Path(base).absolute()
@@ -287,12 +300,7 @@ def start_cluster(base: Path, cpus: int | None = None) -> SlurmCluster:
     host = socket.gethostname().split(".")[0]
     cluster = SlurmCluster(dir=d, conf=d / "slurm.conf", nodes=[Node(host, "127.0.0.1")],
                            cpus=cpus or max(2, os.cpu_count() or 2), mem_mb=_real_memory_mb())
-    try:
-        start_daemons(cluster, ctl_name=host)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
+    return boot(cluster, ctl_name=host)
 
 
 def _node_idle(cluster: SlurmCluster) -> bool:
@@ -300,28 +308,16 @@ def _node_idle(cluster: SlurmCluster) -> bool:
     return len(out) == len(cluster.nodes) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in out)
 
 
-_RUNNING: list[SlurmCluster] = []
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> SlurmCluster:
-    """A running local cluster for the whole session (skips with the reason when impossible).
-
-    Each test module that imports this fixture gets its own fixture object; `_RUNNING` makes
-    them share one cluster, stopped by the one that started it.
-    """
-    reason = missing_reason()
+def session_cluster(tmp_path_factory, missing, start, name: str):
+    """Body of a session fixture (tests/conftest.py): skip with `missing()`'s reason, or start a
+    cluster under a fresh temp dir, yield it, and stop it at the end of the session."""
+    reason = missing()
     if reason:
         pytest.skip(reason)
-    if _RUNNING:
-        yield _RUNNING[0]
-        return
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
-    _RUNNING.append(cluster)
+    cluster = start(tmp_path_factory.mktemp(name))
     try:
         yield cluster
     finally:
-        _RUNNING.clear()
         cluster.stop()
 
 

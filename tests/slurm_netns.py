@@ -13,16 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.slurm_cluster import (
-    Node,
-    SlurmCluster,
-    _real_memory_mb,
-    missing_reason,
-    start_daemons,
-)
-
+from tests.slurm_cluster import Node, SlurmCluster, _real_memory_mb, boot, missing_reason
 
 def netns_missing_reason() -> str | None:
     """Why two namespaced nodes cannot start here, or None."""
@@ -69,31 +60,4 @@ def start_two_node_cluster(base: Path) -> SlurmCluster:
     tag, net = f"st{pid % 100000}", f"10.{200 + pid % 50}.{pid % 250}"
     nodes = [Node(f"n{i}", f"{net}.{i}", f"{tag}-n{i}", d / f"hosts-n{i}") for i in (1, 2)]
     cluster = SlurmCluster(dir=d, conf=d / "slurm.conf", nodes=nodes, cpus=1, mem_mb=_real_memory_mb())
-    try:
-        _make_namespaces(cluster, tag)
-        start_daemons(cluster, ctl_name="ctl")
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
-
-
-_RUNNING: list[SlurmCluster] = []
-
-
-@pytest.fixture(scope="session")
-def slurm_two_nodes(tmp_path_factory) -> SlurmCluster:
-    """A running two-node cluster for the session (one per session however many modules import it)."""
-    reason = netns_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    if _RUNNING:
-        yield _RUNNING[0]
-        return
-    cluster = start_two_node_cluster(tmp_path_factory.mktemp("slurm2"))
-    _RUNNING.append(cluster)
-    try:
-        yield cluster
-    finally:
-        _RUNNING.clear()
-        cluster.stop()
+    return boot(cluster, ctl_name="ctl", prepare=lambda c: _make_namespaces(c, tag))

@@ -7,7 +7,6 @@ by `python -m launch target=local` (torchrun --standalone, 2 ranks) once per ses
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,22 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, losses
+from tests.helpers import REPO, child_env, losses  # noqa: F401  (child_env: for the SLURM test modules)
 
 MAX_STEPS = 100
 RUN = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1", f"trainer.max_steps={MAX_STEPS}",
        "trainer.micro_batch_size=2"]
 """Training overrides of every launcher test (world size 2, global batch 4)."""
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """Environment for launched ranks: one thread each, nothing from the network."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("WANDB_API_KEY", None)
-    return {**env, **extra}
-
 
 
 def launch_cmd(args: list[str]) -> list[str]:
@@ -67,26 +56,15 @@ def metrics_steps(run_dir: Path) -> list[int]:
     return out
 
 
-_REFERENCE: dict[int, float] = {}
-
-
-@pytest.fixture(scope="session")
-def launch_reference(tmp_path_factory) -> dict[int, float]:
-    """Loss per step of the uninterrupted run, launched by `python -m launch target=local`.
-
-    Test modules import this fixture, which makes one fixture per module: the module-level
-    cache keeps it to one run per session.
-    """
-    if _REFERENCE:
-        return dict(_REFERENCE)
-    run_dir = tmp_path_factory.mktemp("launch-reference")
+def reference_curve(run_dir: Path) -> dict[int, float]:
+    """Loss per step of the uninterrupted run, launched by `python -m launch target=local` (the
+    session fixture `launch_reference` in tests/conftest.py runs it once)."""
     res = run_launch(["target=local", "launch.nproc_per_node=2", f"run.dir={run_dir}", *RUN])
     assert "--standalone --nnodes 1 --nproc_per_node 2 -m train" in res.stderr
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, MAX_STEPS + 1))
     assert curve[MAX_STEPS] < curve[1], "the loss should fall on the synthetic data"
-    _REFERENCE.update(curve)
-    return dict(curve)
+    return curve
 
 
 # --- SLURM job helpers (the cluster objects come from slurm_cluster.py / slurm_netns.py) ---

@@ -4,21 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from data_pipeline.testing import make_shards
-from tests.helpers import REPO, run_train
+from tests.helpers import REPO, compose_train, run_train
 from train.config import ConfigError, load_config
 
 CONF = REPO / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
-
-
-def compose_train(overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def group_options() -> list[tuple[str, str]]:

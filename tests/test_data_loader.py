@@ -108,7 +108,8 @@ def test_ranks_split_the_global_stream(tmp_path, sizes, world, workers):
 def test_workers_do_not_change_the_batches(tmp_path):
     s = make_shards(tmp_path)
     ref = take(loader(s.root, b=2, t=8), 9)
-    for batch, want in zip(take(loader(s.root, b=2, t=8, num_workers=2, prefetch_factor=2), 9), ref):
+    assert len(ref) == 9
+    for batch, want in zip(take(loader(s.root, b=2, t=8, num_workers=2, prefetch_factor=2), 9), ref, strict=True):
         assert_same(batch, want)
 
 
@@ -116,7 +117,8 @@ def test_brace_urls_and_val_split(tmp_path):
     s = make_shards(tmp_path, sizes=(4, 4), val_sizes=(3, 2))
     a = take(loader(s.urls, shuffle=False), 3)
     b = take(loader(s.root / "manifest.json", shuffle=False), 3)
-    for x, y in zip(a, b):
+    assert len(a) == 3
+    for x, y in zip(a, b, strict=True):
         assert_same(x, y)
     val = loader(s.urls, split="val", shuffle=False, b=1, t=200)
     ids = set(next(iter(val))["input_ids"].unique().tolist()) - {EOS}
@@ -130,7 +132,7 @@ def test_our_shards_read_by_tar_and_plain_webdataset(tmp_path):
     assert listing == [f"{i:012d}.u16" for i in range(5)]
     got = [np.frombuffer(x["u16"], "<u2") for x in
            wds.WebDataset([str(p) for p in s.shard_paths], shardshuffle=False).decode()]
-    assert len(got) == 8 and all(np.array_equal(g, d) for g, d in zip(got, s.docs))
+    assert len(got) == 8 and all(np.array_equal(g, d) for g, d in zip(got, s.docs, strict=True))
 
 
 def test_plain_tarwriter_shards_without_manifest(tmp_path):

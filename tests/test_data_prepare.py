@@ -159,7 +159,7 @@ def test_bad_input_is_counted_or_named(tmp_path, stdlib):
     (tmp_path / "c.jsonl").write_bytes("\n".join(lines).encode("latin-1") + b"\n")
     m = run(tmp_path / "o3", source={"path": str(tmp_path / "c.jsonl")}, tokenizer=tok)
     assert m["report"]["skipped"] == {"empty": 1, "bad_json": 1, "missing_field": 1,
-                                      "not_text": 1, "bad_utf8": 0}
+                                      "not_text": 1, "bad_utf8": 0, "binary": 0}
     assert m["report"]["utf8_replaced"] == 1 and m["totals"]["samples"] == 3
     with pytest.raises(PrepareError, match=r"c\.jsonl:2: record is not valid JSON"):
         run(tmp_path / "o4", source={"path": str(tmp_path / "c.jsonl")}, tokenizer=tok,

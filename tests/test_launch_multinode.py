@@ -5,16 +5,8 @@ import subprocess
 
 import pytest
 
-from tests.slurm_runs import (  # noqa: F401
-    REPO,
-    RUN,
-    assert_same_curve,
-    child_env,
-    free_port,
-    launch_cmd,
-    launch_reference,
-    run_launch,
-)
+from tests.helpers import REPO, child_env, free_port
+from tests.slurm_runs import RUN, assert_same_curve, launch_cmd, run_launch
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 
 from tests.helpers import REPO
-from train.report import load_records, main
+from train.report import load_records, main, resumes
 
 
 def _write_metrics(run_dir: Path) -> None:
@@ -25,6 +25,8 @@ def _write_metrics(run_dir: Path) -> None:
         if step % 10 == 0:
             lines.append(json.dumps({"step": step, "eval_loss": 5.0 - step / 100, "eval_ppl": 100.0}))
     lines.insert(5, json.dumps({"step": 5, "loss": 99.0}))  # replaced by the later (resumed) record of step 5
+    lines += [json.dumps({"step": 20, "checkpoint_time_s": 0.5}), json.dumps({"step": 20, "export_time_s": 2.0}),
+              json.dumps({"step": 20, "resumed_from": "step_00000020"})]  # one step, three kinds: all kept
     lines.append('{"step": 31, "loss": 2.')  # torn last line of a crashed run
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -34,11 +36,12 @@ def test_report_writes_plots_and_summary(tmp_path):
     records = load_records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))
     assert next(r for r in records if r["step"] == 5 and "loss" in r)["loss"] == 99.0  # last wins
+    assert resumes(records) == [(20, "step_00000020")]
 
     proc = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "line 35 skipped" in proc.stderr
+    assert "line 38 skipped" in proc.stderr
     out = tmp_path / "report"
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["data_wait.png", "loss.png", "lr.png", "memory.png", "throughput.png"]
@@ -49,9 +52,12 @@ def test_report_writes_plots_and_summary(tmp_path):
     assert not list(out.glob(".tmp-*"))
 
     summary = (out / "summary.md").read_text()
-    assert "| steps logged | 1 .. 30 (33 records) |" in summary
+    assert "| steps logged | 1 .. 30 (36 records) |" in summary
     assert "| final loss | 3.0000 (step 30) |" in summary
     assert "| final eval loss | 4.7000 (step 30), ppl 100.00 |" in summary
+    assert "| start -> end | train loss 5.9000 (step 1) -> eval loss 4.7000 (step 30): -1.20 nats |" in summary
+    assert "| resumed | at step 20 from step_00000020 |" in summary
+    assert "| checkpoint time (mean) | 0.50 s |" in summary and "| export time (mean) | 2.00 s |" in summary
     assert "| non-finite losses | 1 (first at step 17) |" in summary
     assert "| tokens/s (median, first window excluded) | 4,000 |" in summary
     assert "| data wait share (mean) | 10.0% |" in summary

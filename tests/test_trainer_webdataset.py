@@ -13,6 +13,7 @@ from tests.helpers import (
     start_train,
     wait_for,
 )
+from train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -35,12 +36,11 @@ def test_two_ranks_on_three_uneven_shards_finish_multiple_epochs(shards, tmp_pat
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 31))
     assert got[30] < got[1]
-    import json
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     last = [r for r in records if "loss" in r][-1]
     assert last["data_epoch"] >= 2, last
     assert "data_wait_frac" in last and 0 <= last["data_wait_frac"] <= 1
-    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    evals = [r for r in records if "eval_loss" in r]
     assert [e["step"] for e in evals] == [15, 30]
     for e in evals:  # held-out loss from the val shards, and its perplexity
         assert e["eval_ppl"] == pytest.approx(__import__("math").exp(e["eval_loss"]))

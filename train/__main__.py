@@ -43,16 +43,27 @@ def main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from data_pipeline.manifest import ManifestError
+    from train import dist
     from train.checkpoint import CheckpointWriteError
     from train.guard import DivergedError
+    from train.lock import RunLockError, release_all
     from train.loop import train
 
     try:
         train(cfg, raw)
-    except (ConfigError, DivergedError, CheckpointWriteError) as e:  # a clear message, no traceback
+    except (RunLockError, ManifestError, ConfigError, DivergedError, CheckpointWriteError) as e:  # no traceback
+        release_all()
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
+        sys.exit(1 if isinstance(e, (DivergedError, CheckpointWriteError)) else 2)
+    except Exception as e:
+        if not dist.is_timeout(e):
+            raise
+        logging.getLogger("scaletrain").error("%s", dist.timeout_message(e, cfg.dist.timeout_s))
+        release_all()
+        sys.stderr.flush()
+        os._exit(1)  # the process group is wedged: a normal exit could wait on it forever
 
 
 if __name__ == "__main__":

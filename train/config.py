@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
-                                   missing_local)
+                                   missing_local, missing_val_split)
 from data_pipeline.schema import ConfigError, build, load
 from train.export.config import ExportConfig
 from train.strategies.config import DDPConfig, StrategyConfig
@@ -26,6 +26,9 @@ class RunConfig:
     dir: str = "runs/default"
     """Run directory shared by all ranks (and all nodes): checkpoints, metrics, exports."""
     name: str = "scaletrain"
+    lock_stale_s: float = 300.0
+    """A run lock (RUN_DIR/run.lock) whose heartbeat is older than this is taken over with a warning
+    (a dead pid on the same host, or a requeue of the same SLURM job, at once)."""
 
 
 @dataclass
@@ -126,6 +129,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: float = 1800.0
+    """Seconds a collective waits for every rank (the process group's timeout); a rank that stops
+    responding then ends the job with a message naming the step and, where known, the rank."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,6 +147,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def env_world_size() -> int:
@@ -176,11 +187,14 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         (t.max_rollbacks < 0, f"trainer.max_rollbacks={t.max_rollbacks}: must be >= 0"),
         (t.spike_factor is not None and t.spike_factor <= 1,
          f"trainer.spike_factor={t.spike_factor}: must be > 1 (or null to turn spike skipping off)"),
+        (not cfg.run.lock_stale_s > 0, f"run.lock_stale_s={cfg.run.lock_stale_s}: must be > 0 (seconds)"),
+        (not cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s}: must be > 0 (seconds)"),
     ]
     p = [msg for bad, msg in rules if bad]
     if t.compile and cfg.strategy.compile_problem():
         p.append(cfg.strategy.compile_problem())
-    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * world_size):
+    if t.global_batch_size is not None and t.micro_batch_size >= 1 and \
+            t.global_batch_size % (t.micro_batch_size * world_size):
         per_step = t.micro_batch_size * world_size
         p.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
@@ -191,6 +205,12 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
         p.extend(chat_len_problems(cfg.data, t.seq_len))
+        if t.eval_every > 0:
+            p.extend(missing_val_split(cfg.data))
+        if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
+            from data_pipeline.remote_table import unreachable
+
+            p.extend(unreachable(cfg.data))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 

@@ -83,6 +83,56 @@ def init_distributed(device_request: str = "auto", need_group: bool = False,
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+_last_step: int | None = None
+
+
+def note_step(step: int) -> None:
+    """Remember the last step every rank completed, for `timeout_message`."""
+    global _last_step
+    _last_step = step
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A collective that gave up after the process group's timeout (gloo or nccl wording)."""
+    text = str(exc).lower()
+    collective = isinstance(exc, dist.DistError) or "gloo" in text or "nccl" in text
+    return isinstance(exc, RuntimeError) and collective and ("timed out" in text or "timeout" in text)
+
+
+def missing_ranks(wait_s: float = 5.0) -> list[int] | None:
+    """After a timeout, the ranks that do not answer a roll call through the rendezvous store.
+
+    Every rank that is still alive writes its key; the ones missing after `wait_s` are those that
+    stopped (SIGSTOP, a hang) or died. None when the store itself cannot be reached.
+    """
+    import time
+
+    try:
+        store = dist.distributed_c10d._get_default_store()  # the rendezvous store; no public accessor
+        rank, world = dist.get_rank(), dist.get_world_size()
+        prefix = f"scaletrain/rollcall/{_last_step}"
+        store.set(f"{prefix}/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        missing = list(range(world))
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"{prefix}/{r}"])]
+            time.sleep(0.1)
+        return missing
+    except Exception:  # noqa: BLE001 - the store may be gone with the launcher; "unknown" is the answer
+        return None
+
+
+def timeout_message(exc: BaseException, timeout_s: float) -> str:
+    """What the user sees when a rank stopped responding: the step, the rank where known, the fix."""
+    step = "before the first step" if _last_step is None else f"in step {_last_step + 1}"
+    missing = missing_ranks()
+    who = (f"rank(s) {', '.join(map(str, missing))} did not arrive" if missing
+           else "the rank that did not arrive is unknown")
+    return (f"a collective timed out after dist.timeout_s={timeout_s:g} s {step}: {who} (stopped, hung or "
+            f"dead). Nothing before the last checkpoint is lost: run the same command again to resume. "
+            f"({str(exc).splitlines()[0][:300]})")
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

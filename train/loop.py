@@ -18,12 +18,14 @@ import torch
 from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
+from data_pipeline.fsutil import atomic_write_text
 from train import dist as d
 from train import faults
 from train.checkpoint import Checkpointer, TrainState
 from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
 from train.guard import DivergedError, StepGuard, first_nonfinite, global_loss
+from train.lock import acquire_run_lock
 from train.metrics import MetricsFile
 from train.model import build_model, lm_loss, num_params
 from train.resume import candidates, check_changes, restore
@@ -41,11 +43,10 @@ log = logging.getLogger("scaletrain")
 
 def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     info = d.init_distributed(cfg.trainer.device,
-                              need_group=strategy_class(cfg.strategy.kind).needs_process_group)
+                              need_group=strategy_class(cfg.strategy.kind).needs_process_group,
+                              timeout_s=cfg.dist.timeout_s)
     run_dir = Path(cfg.run.dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    d.barrier()
+    lock = acquire_run_lock(run_dir, cfg.run.lock_stale_s, info.is_main)  # before anything is written
     accum = grad_accum_steps(cfg.trainer, info.world_size)
     t = cfg.trainer
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
@@ -76,12 +77,14 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(public_cfg))
     if info.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=info.is_main)
     metrics.truncate_after(state.step)
+    if resume_from is not None:  # marks where this attempt begins (the report draws it)
+        metrics.write({"step": state.step, "resumed_from": resume_from.name})
     tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                             config=public_cfg, resume=resume_from is not None)
-    stop = StopRequest(run_dir)
+    stop = StopRequest(run_dir, is_main=info.is_main, lock=lock)
     peak = peak_flops(info.device, cfg.tracking.peak_flops)
     straggler = StragglerMonitor(cfg.tracking.straggler_every, cfg.tracking.straggler_margin)
     progress = Progress(t.max_steps, initial_step=state.step, enabled=info.is_main and cfg.tracking.progress,
@@ -177,7 +180,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
             metrics.write({"step": state.step, **ev})
             tracker.log(ev, state.step)
 
-        stopped = d.any_rank(stop.local(), info.device)
+        stopped = stop.agree(state.step, info.device)
         last = state.step >= t.max_steps or (t.max_tokens is not None and state.tokens >= t.max_tokens)
         every = cfg.checkpoint.every_steps
         export_now = exporter.due(state.step, final=last)
@@ -202,6 +205,8 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     tracker.finish()
     d.barrier()
     d.shutdown()
+    if lock is not None:
+        lock.release()
     return state
 
 

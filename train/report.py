@@ -32,8 +32,10 @@ Series = list[tuple[int, float]]
 
 def load_records(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl records in step order; a later record of the same step and kind (a
-    resumed run replaying steps) replaces the earlier one. Unreadable lines are skipped with
-    a warning (a crash can leave a torn last line)."""
+    resumed run replaying steps) replaces the earlier one. The kind of a record that is neither a
+    training step nor an evaluation is its set of keys, so a checkpoint's and an export's timing
+    at one step both stay. Unreadable lines are skipped with a warning (a crash can leave a torn
+    last line)."""
     by_key: dict[tuple[int, str], dict[str, Any]] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -44,7 +46,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
         except (ValueError, KeyError, TypeError) as e:
             log.warning("%s line %d skipped (%s): %.80s", path, n, e, line)
             continue
-        kind = "train" if "loss" in rec else "eval" if "eval_loss" in rec else "other"
+        kind = "train" if "loss" in rec else "eval" if "eval_loss" in rec else ",".join(sorted(rec))
         by_key[(step, kind)] = rec
     return [by_key[k] for k in sorted(by_key)]
 
@@ -109,6 +111,11 @@ def plot_all(records: list[dict[str, Any]], out: Path) -> list[str]:
             ax.plot([p[0] for p in eval_loss], [p[1] for p in eval_loss], "o-", color="tab:red", label="eval loss")
         for step in _nonfinite_steps(records):
             ax.axvline(step, color="red", alpha=0.3, lw=1)
+        for n, (step, name) in enumerate(resumes(records)):
+            ax.axvline(step, color="black", ls="--", lw=1,
+                       label="interrupted; resumed from checkpoint" if n == 0 else None)
+            ax.annotate(f"resumed from {name}", (step, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize=8)
         ax.legend()
         _save(fig, out / "loss.png")
         written.append("loss.png")
@@ -145,6 +152,11 @@ def plot_all(records: list[dict[str, Any]], out: Path) -> list[str]:
     return written
 
 
+def resumes(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(step, checkpoint name) where a new attempt began: the loop logs `resumed_from` on resume."""
+    return [(int(r["step"]), str(r["resumed_from"])) for r in records if "resumed_from" in r]
+
+
 def _nonfinite_steps(records: list[dict[str, Any]]) -> list[int]:
     return [int(r["step"]) for r in records
             if "loss" in r and not (isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"]))]
@@ -169,6 +181,12 @@ def summarize(records: list[dict[str, Any]], run_dir: Path, images: list[str]) -
         ppl = series(records, "eval_ppl")
         rows.append(("final eval loss", f"{eval_loss[-1][1]:.4f} (step {eval_loss[-1][0]})"
                      + (f", ppl {ppl[-1][1]:.2f}" if ppl else "")))
+    if loss and eval_loss:  # the first train loss is the model's before any update when logged at step 1
+        (s0, start), (s1, end) = loss[0], eval_loss[-1]
+        rows.append(("start -> end", f"train loss {start:.4f} (step {s0}) -> eval loss {end:.4f} (step {s1}): "
+                     f"{end - start:+.2f} nats"))
+    for step, name in resumes(records):
+        rows.append(("resumed", f"at step {step} from {name}"))
     nonfinite = _nonfinite_steps(records)
     if nonfinite:
         rows.append(("non-finite losses", f"{len(nonfinite)} (first at step {nonfinite[0]})"))

@@ -2,7 +2,7 @@
 (single process or torchrun with 2 gloo ranks) and reading its results back."""
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,11 +11,37 @@ import time
 from pathlib import Path
 
 from data_pipeline.fsutil import free_port  # noqa: F401  (re-exported for tests)
+from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 # Small and fast: the tiny model on 32-token sequences, constant LR unless a test says otherwise.
 TINY = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1"]
+
+
+def compose_train(overrides: list[str]) -> dict:
+    """The resolved config `python -m train OVERRIDES` would see (Hydra compose of conf/train.yaml)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str]):
+    """`env` set in this process's environment for the block; the previous values restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -79,17 +105,11 @@ def wait_for(predicate, timeout: float = 120, proc: subprocess.Popen | None = No
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    """step -> training loss, as the run logged it."""
+    return {rec["step"]: rec["loss"] for rec in read_metrics(run_dir) if "loss" in rec}
 
 
 def logged_steps(run_dir: Path) -> int:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    if not (Path(run_dir) / "metrics.jsonl").exists():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    return max((rec.get("step", 0) for rec in read_metrics(run_dir)), default=0)
