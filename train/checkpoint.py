@@ -138,9 +138,8 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:  # OSError, torch's RuntimeError or DCP's wrapping one
             error = describe_error(e)
         # every rank's files are written (or, async, staged and being written), or all ranks stop
-        errors = [e for e in d.all_gather_object(error) if e]
-        if errors:
-            message = _failure_message(self.root, tmp, errors[0])
+        if d.any_rank(error is not None, self.info.device):  # a tensor all-reduce, like the barrier it replaces
+            message = _failure_message(self.root, tmp, error or "failed on another rank")
             d.barrier()
             if self.info.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
