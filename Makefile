@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# GPU users: `make setup TORCH_SPEC=` keeps the torch already in the venv.
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
 	$(PIP) install -q -e ".[test,slurm]"
+	@# DeepSpeed JIT-builds its CPU shared-memory comm op at the first engine start; build it once
+	@# here so that runs (and two ranks racing for its build lock) do not pay for it later.
+	-$(PY) -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()" >/dev/null 2>&1
 	touch $@
 
 setup: $(VENV)/.installed

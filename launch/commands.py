@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launch.config import LaunchConfig
 
-LAUNCH_KEYS = ("target", "dry_run", "launch", "hydra")
+LAUNCH_KEYS = ("target", "dry_run", "launch", "hydra", "format")
 """Override keys that belong to `python -m launch`, never passed to the trainer."""
 
 

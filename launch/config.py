@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.schema import minimums
+from launch.gpus import ALIASES, GPUS
 from train.config import Config, ConfigError, build, load_config
 
 TARGETS = ("local", "deepspeed", "slurm")
@@ -75,6 +76,8 @@ class LaunchConfig:
     require_shared_run_dir: bool = True
     """nnodes > 1: refuse a run.dir on node-local storage; false only if it is truly shared."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    gpu: str = "h100_80gb"
+    """GPU type the memory planner checks against (launch/gpus.py): h100_80gb, h200_141gb, a100_80gb..."""
 
     @property
     def procs(self) -> int:
@@ -170,6 +173,8 @@ def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "aut
             p.append(f"run.dir={run_dir!r} is not on storage all {lc.nnodes} nodes share ({why}): "
                      "every rank writes checkpoints there; choose a run.dir on a shared filesystem "
                      "(NFS, Lustre, GPFS), or set launch.require_shared_run_dir=false if it is shared")
+    if lc.gpu not in GPUS and lc.gpu not in ALIASES:
+        p.append(f"launch.gpu={lc.gpu!r}: unknown GPU type; use one of {', '.join(GPUS)}")
     if lc.max_requeues < 0:
         p.append(f"launch.max_requeues={lc.max_requeues}: must be >= 0")
     if target == "slurm":

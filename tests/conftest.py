@@ -90,3 +90,11 @@ def llama3_tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("llama3_tokenizer")
     build_llama3_tokenizer(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_base(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained: the base that the adapter tests fine-tune."""
+    from tests.helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("hf_base"), seed=7)

@@ -37,6 +37,14 @@ def test_every_group_option_composes_and_validates(group, option, tiny_hf, tmp_p
     overrides = [f"{group}={option}", f"run.dir={tmp_path}/run"]
     if (group, option) in REQUIRED:
         overrides.append(REQUIRED[(group, option)].format(tiny_hf=tiny_hf, shards=make_shards(tmp_path).root))
+    if (group, option) == ("adapter", "qlora"):  # a 4-bit NF4 base: CUDA and bitsandbytes only
+        overrides += ["model=hf_local", f"model.path={tiny_hf}"]
+        import torch
+
+        if not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="adapter=qlora needs a CUDA GPU"):
+                load_config(compose_train(overrides), world_size=2)
+            return
     cfg = load_config(compose_train(overrides), world_size=2)
     if group == "experiment":
         assert cfg.run.name == option

@@ -9,14 +9,19 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 
 from data_pipeline.config import WebDatasetConfig
 from data_pipeline.loader import WebDatasetLoader
 from data_pipeline.prepare import PrepareError
-from data_pipeline.testing import (LLAMA3_CHAT_TEMPLATE, build_llama3_tokenizer, make_shards,
-                                   prepare_chat, sample_conversations, write_jsonl)
+from data_pipeline.testing import (
+    LLAMA3_CHAT_TEMPLATE,
+    build_llama3_tokenizer,
+    make_shards,
+    prepare_chat,
+    sample_conversations,
+    write_jsonl,
+)
 from tests.helpers import TINY, losses, run_train
 
 MAX_LEN = 128
@@ -122,7 +127,7 @@ def tiny_model(tok):
 
 
 def test_loss_is_cross_entropy_over_assistant_tokens_only(corpus, tok, tiny_model):
-    from train.model import lm_loss
+    from train.loss import lm_loss
 
     batch = take(loader(corpus, rows=2), 1)[0]
     masks = {tuple(ids): mask for ids, mask in read_samples(corpus)}
@@ -145,7 +150,7 @@ def test_loss_is_cross_entropy_over_assistant_tokens_only(corpus, tok, tiny_mode
 
 
 def test_loss_equals_transformers_own_loss_with_assistant_labels(corpus, tok, tiny_model, records):
-    from train.model import lm_loss
+    from train.loss import lm_loss
 
     ids, mask = oracle(tok, records[0]["messages"])
     hf_labels = torch.tensor([[i if m else -100 for i, m in zip(ids, mask)]])  # HF shifts inside
@@ -233,7 +238,7 @@ BAD = {
 @pytest.mark.parametrize("reason", sorted(BAD))
 def test_bad_record_is_refused_with_file_and_line(tmp_path, llama3_tokenizer, reason):
     src = write_jsonl(tmp_path / "in.jsonl", [*sample_conversations(2), BAD[reason]])
-    with pytest.raises(PrepareError, match=rf"in\.jsonl:3: .*on_bad_record=skip"):
+    with pytest.raises(PrepareError, match=r"in\.jsonl:3: .*on_bad_record=skip"):
         prepare_chat(tmp_path / "out", src, llama3_tokenizer, on_bad_record="raise")
     assert not (tmp_path / "out").exists()
 
@@ -306,11 +311,12 @@ def test_max_len_truncate_and_skip_are_counted(tmp_path, llama3_tokenizer, tok):
 
 
 def test_trainer_refuses_chat_shards_longer_than_seq_len(corpus, tmp_path):
-    from data_pipeline.schema import ConfigError
-    from train.config import load_config
-    from omegaconf import OmegaConf
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from data_pipeline.schema import ConfigError
     from tests.helpers import REPO
+    from train.config import load_config
 
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         def cfg(seq_len):

@@ -6,6 +6,8 @@ they promise to (on a GPU that is a real difference; tests/test_strategy_feature
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -75,3 +77,35 @@ def test_zero3_offload_keeps_optimizer_state_on_cpu(info, tmp_path, strategy, ho
     states = [opt.optimizer.state[t] for t in opt.fp32_partitioned_groups_flat]
     assert states and {s["exp_avg"].device.type for s in states} == {home}
     assert {p.ds_tensor.device.type for p in engine.engine.module.parameters()} == {home}
+
+
+def _probe(strategy: str, *overrides: str) -> dict:
+    import subprocess
+
+    from tests.helpers import PY, REPO, child_env, free_port
+
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{free_port()}", str(REPO / "tests" / "gpu_probe.py"), strategy, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.parametrize("strategy,compiled", [("fsdp", True), ("ddp", True), ("zero3", False)])
+def test_compile_flex_bf16_nccl_really_on(strategy, compiled):
+    """Not just that it ran: the group is nccl, the blocks compute in bf16 inside compiled modules
+    (ZeRO-3 cannot be compiled: a config error), and attention went through FlexAttention with the
+    chunked loss."""
+    out = _probe(strategy, f"trainer.compile={str(compiled).lower()}", "model.attention=flex", "trainer.loss=chunked")
+    assert out["backend"] == "nccl" and out["device"].startswith("cuda")
+    assert out["attn_out_dtype"] == "torch.bfloat16"
+    assert (out["block_type"] == "OptimizedModule") == compiled  # torch.compile's wrapper around each block
+    assert out["attn_implementation"] == out["attention_kernel_called"] == "flex_attention"
+    assert out["loss"] == out["loss"]  # not NaN
+
+
+def test_flash_attention_really_on():
+    pytest.importorskip("flash_attn")
+    out = _probe("fsdp", "model.attention=flash")
+    assert out["attention_kernel_called"] == "flash_attention_2" and out["attn_out_dtype"] == "torch.bfloat16"

@@ -57,6 +57,8 @@ class TrainState:
     model_config: dict[str, Any] = field(default_factory=dict)
     tokenizer_dir: str | None = None
     config_digest: str = ""
+    adapter: dict[str, Any] | None = None
+    """Adapter runs: kind, base_model path, base_fingerprint, lora_config (train/adapters/lora.py)."""
     files: dict[str, int] = field(default_factory=dict)
     finite: bool = False
     """Every weight and optimizer tensor was checked finite before writing (absent = unchecked)."""

@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.config import (SyntheticDataConfig, WebDatasetConfig, chat_len_problems,
-                                   missing_local, missing_val_split)
+from data_pipeline.config import (
+    SyntheticDataConfig,
+    WebDatasetConfig,
+    chat_len_problems,
+    missing_local,
+    missing_val_split,
+)
 from data_pipeline.schema import ConfigError, build, load
+from train.adapters.config import AdapterConfig, adapter_problems
 from train.export.config import ExportConfig
 from train.strategies.config import DDPConfig, StrategyConfig
 from train.tracking.config import TrackingConfig
@@ -54,6 +60,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    attention: Literal["sdpa", "flex", "flash"] = "sdpa"
+    """Attention kernel. `sdpa`: torch SDPA with the block-diagonal mask of packed documents (portable);
+    `flex`: FlexAttention with a document block mask built once per batch; `flash`: flash-attn varlen
+    (CUDA, needs the flash-attn package)."""
 
 
 @dataclass
@@ -101,6 +111,9 @@ class TrainerConfig:
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto, cpu or cuda."""
+    loss: Literal["plain", "chunked", "fused"] = "chunked"
+    """`chunked`: cross-entropy a chunk of tokens at a time, fused with the output projection (never the
+    full-vocabulary fp32 logits); `plain`: full logits upcast to fp32; `fused`: Liger's kernel (CUDA)."""
     spike_factor: float | None = None
     """Skip a step whose loss exceeds this many times the median of recent losses (null = off).
     A step with a non-finite loss or gradient norm on any rank is always skipped."""
@@ -147,6 +160,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -200,8 +214,9 @@ def validate(cfg: Config, world_size: int) -> list[str]:
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
                  f"set trainer.global_batch_size to a multiple of {per_step} or change "
                  "trainer.micro_batch_size")
-    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export):
+    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export, cfg.adapter):
         p.extend(section.validate())
+    p.extend(adapter_problems(cfg.adapter, m.kind, cfg.strategy.kind, t.device, cfg.export.kind))
     if isinstance(cfg.data, WebDatasetConfig):
         p.extend(missing_local(cfg.data.urls, "data.urls"))
         p.extend(chat_len_problems(cfg.data, t.seq_len))

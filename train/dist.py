@@ -155,6 +155,15 @@ def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over ranks, in float64 (exact for token counts)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

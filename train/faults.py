@@ -43,8 +43,8 @@ def fail_enospc(point: str, value: object, path: object) -> None:
 
 
 def poison_loss(model: nn.Module, current_step: Callable[[], int]) -> None:
-    """If `nan@...` points are armed, make the logits (so the loss and every gradient) NaN in
-    training forwards of those steps, once per step number (a rollback replays it cleanly)."""
+    """If `nan@...` points are armed, make the hidden states (so the loss and every gradient) NaN in
+    training forwards of those steps (through the final norm's output), once per step number (a rollback replays it cleanly)."""
     spec = os.environ.get(ENV, "")
     if "nan@" not in spec:
         return
@@ -54,7 +54,9 @@ def poison_loss(model: nn.Module, current_step: Callable[[], int]) -> None:
         step = current_step()
         if module.training and step not in fired and (armed("nan", step) or armed("nan", f"{step}/{rank}")):
             fired.add(step)
-            output.logits = output.logits * float("nan")
+            return output * float("nan")
         return output
 
-    model.register_forward_hook(hook)
+    # The final norm's output feeds every loss mode (plain logits or the chunked/fused projection).
+    final_norm = [m for name, m in model.named_modules() if name.endswith("norm")][-1]
+    final_norm.register_forward_hook(hook)

@@ -21,15 +21,24 @@ from data_pipeline import build_loader
 from data_pipeline.fsutil import atomic_write_text
 from train import dist as d
 from train import faults
-from train.checkpoint import Checkpointer, TrainState
+from train.adapters.lora import (
+    adapter_info,
+    apply_adapter,
+    base_fingerprint,
+    check_resume_base,
+    quantized_base,
+)
+from train.checkpoint import Checkpointer, TrainState, load_train_state
 from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
-from train.guard import DivergedError, StepGuard, first_nonfinite, global_loss
+from train.guard import DivergedError, StepGuard, first_nonfinite
 from train.lock import acquire_run_lock
+from train.loss import token_loss_sum
 from train.metrics import MetricsFile
-from train.model import build_model, lm_loss, num_params
+from train.model import build_model, num_params
 from train.resume import candidates, check_changes, restore
 from train.signals import StopRequest
+from train.step import forward_backward, global_loss, next_micro_batches
 from train.strategies import build_strategy, strategy_class
 from train.strategies.base import Strategy
 from train.tracking import build_tracker
@@ -52,11 +61,13 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                           micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
                           pin_memory=info.device.type == "cuda")
-    model = build_model(cfg.model, loader.vocab_size, t.seed)
+    model = _build_model(cfg, loader.vocab_size, info)
     if loader.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data has {loader.vocab_size} token ids but the model's vocabulary has "
                          f"{model.config.vocab_size}: use a tokenizer that matches model.path, or set "
                          "model.vocab_size >= the data's vocabulary")
+    adapter = _adapter_info(cfg, model, info)
+    model = apply_adapter(model, cfg.adapter)  # before checkpointing and sharding (STYLE 2)
     n_params = num_params(model)
     flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
 
@@ -65,11 +76,12 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     found = candidates(ckpt_root, cfg, info)
     if found:
         check_changes(found[0], cfg, public_cfg, model.config.to_dict())  # refuses before any engine starts
+        check_resume_base(found[0], load_train_state(found[0]).adapter, adapter)
     faults.poison_loss(model, lambda: state.step + 1)  # SCALETRAIN_FAULT=nan@STEP only
     strategy = build_strategy(model, cfg, info, accum)
     state = TrainState(world_size=info.world_size, model_config=model.config.to_dict(),
                        strategy=strategy.describe(), tokenizer_dir=loader.tokenizer_dir,
-                       config_digest=_digest(raw_cfg))
+                       config_digest=_digest(raw_cfg), adapter=adapter)
     resume_from, saved = restore(found, strategy, loader, info)
     if resume_from is not None:
         state.step, state.tokens = saved.step, saved.tokens
@@ -136,13 +148,10 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     batches = iter(loader)
     window_t0, window_steps = time.perf_counter(), 0
     while state.step < t.max_steps and (t.max_tokens is None or state.tokens < t.max_tokens):
-        step_t0, data_wait, losses = time.perf_counter(), 0.0, []
-        for micro in range(accum):
-            wait_t0 = time.perf_counter()
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in next(batches).items()}
-            data_wait += time.perf_counter() - wait_t0
-            losses.append(strategy.forward_backward(batch, sync_grads=micro == accum - 1))
-        loss = global_loss(losses, info.device)  # the same on every rank: NaN anywhere is NaN everywhere
+        step_t0 = time.perf_counter()
+        micro_batches, data_wait = next_micro_batches(batches, accum, info.device)
+        loss_sum, num_tokens = forward_backward(strategy, micro_batches, info.device)
+        loss = global_loss(loss_sum, num_tokens, info.device)  # the same on every rank: NaN anywhere is NaN everywhere
         skip = guard.verdict(loss)
         grad_norm = strategy.step(skip=skip is not None)
         lr = strategy.lr()
@@ -231,17 +240,34 @@ def export(exporter: ExportHook, strategy: Strategy, model_cfg, ckpt_path: Path,
 
 
 def evaluate(strategy: Strategy, cfg: Config, info: d.DistInfo) -> dict[str, float]:
-    """Mean loss over `trainer.eval_batches` held-out micro-batches per rank, and perplexity."""
+    """Token-mean loss over `trainer.eval_batches` held-out micro-batches per rank, and perplexity."""
     t = cfg.trainer
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                           micro_batch_size=t.micro_batch_size, seq_len=t.seq_len, split="val")
-    losses = []
+    loss_sum, tokens = 0.0, 0
     with strategy.forward_context():
         for _, batch in zip(range(t.eval_batches), loader):
             batch = {k: v.to(info.device) for k, v in batch.items()}
-            losses.append(lm_loss(strategy.model, batch).item())
-    loss = d.mean_across_ranks([sum(losses) / max(1, len(losses))], info.device)[0]
+            loss_sum += token_loss_sum(strategy.model, batch, cfg.trainer.loss).sum.item()
+            tokens += int((batch["labels"] != -100).sum())
+    total, count = d.sum_across_ranks([loss_sum, float(tokens)], info.device)
+    loss = total / max(1.0, count)  # mean over every evaluated token, as in training
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _build_model(cfg: Config, vocab_size: int | None, info: d.DistInfo) -> torch.nn.Module:
+    if cfg.adapter.kind == "qlora":
+        torch.manual_seed(cfg.trainer.seed)  # the adapter's initialisation, identical on every rank
+        return quantized_base(cfg.model, info.device)
+    return build_model(cfg.model, vocab_size, cfg.trainer.seed)
+
+
+def _adapter_info(cfg: Config, model: torch.nn.Module, info: d.DistInfo) -> dict[str, Any] | None:
+    """Rank 0 fingerprints the base (file hashes) once; every rank records the same."""
+    if cfg.adapter.kind == "none":
+        return None
+    fingerprint = d.broadcast_object(base_fingerprint(cfg.model, model) if info.is_main else None)
+    return adapter_info(cfg.adapter, cfg.model, fingerprint)
 
 
 def _digest(raw_cfg: dict[str, Any]) -> str:

@@ -5,10 +5,10 @@ Parallelism is applied afterwards by a strategy (STYLE 2); this file knows nothi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from train.attention import set_attention
 from train.config import ModelConfig
 
 
@@ -40,14 +40,16 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, seed: int) -> nn.Modul
                              "set model.vocab_size")
         model = LlamaForCausalLM(hf_config(cfg, vocab))
     model.config.use_cache = False
-    # sdpa is exact on CPU and fast on GPU; set explicitly so every strategy uses the same kernel.
-    model.config._attn_implementation = "sdpa"
+    # Set explicitly (default sdpa: exact on CPU, fast on GPU) so every strategy uses the same kernel.
+    set_attention(model, cfg.attention)
     return model
 
 
 def decoder_stack(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of repeated blocks that FSDP shards, compile compiles and activation
-    checkpointing wraps."""
+    checkpointing wraps (through a peft wrapper too: PeftModel -> the transformers model)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -57,13 +59,6 @@ def decoder_stack(model: nn.Module) -> nn.ModuleList:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(decoder_stack(model))
-
-
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (labels are pre-shifted)."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1),
-                           ignore_index=-100)
 
 
 def num_params(model: nn.Module) -> int:

@@ -113,3 +113,14 @@ def logged_steps(run_dir: Path) -> int:
     if not (Path(run_dir) / "metrics.jsonl").exists():
         return 0
     return max((rec.get("step", 0) for rec in read_metrics(run_dir)), default=0)
+
+
+def save_tiny_llama(out: Path, seed: int = 7, vocab_size: int = 256) -> Path:
+    """A tiny random Llama saved with save_pretrained: a local 'pretrained' base for model=hf_local."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out)
+    return Path(out)

@@ -100,8 +100,8 @@ def _export(raw: dict[str, Any]) -> int:
 
 
 def _verify(path: str) -> int:
-    from train.export.files import ExportVerifyError, verify_dir
     from train.checkpoint_layout import LayoutError
+    from train.export.files import ExportVerifyError, verify_dir
 
     try:
         report = verify_dir(path)

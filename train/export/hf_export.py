@@ -19,7 +19,12 @@ from tqdm import tqdm
 
 from data_pipeline.fsutil import file_sha256
 from train import faults
-from train.export.adapter_checkpoint import Adapter, export_parts, merged_view, read_adapter
+from train.export.adapter_checkpoint import (
+    Adapter,
+    export_parts,
+    merged_view,
+    read_adapter,
+)
 from train.export.artifacts import (
     TORCH_DTYPES,
     find_tokenizer_dir,

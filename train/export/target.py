@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from train.export.files import META_NAME, read_meta
 from train.checkpoint_layout import LayoutError
+from train.export.files import META_NAME, read_meta
 
 _CHECKPOINT_ENTRY = re.compile(r"^(\.tmp-)?step_\d+$")
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
+from train.checkpoint_layout import read_text
 from train.export.weights import (
     CheckpointError,
     canonical_name,
     release_pages,
 )
-from train.checkpoint_layout import read_text
 
 
 def _safe_globals() -> list[Any]:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -37,8 +38,10 @@ class Strategy(Protocol):
     compute_dtype: torch.dtype
     """Precision of forward and backward (bf16 on GPU, fp32 on CPU unless trainer.dtype says)."""
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
-        """Loss of one micro-batch (detached), gradients accumulated; reduce only if sync_grads."""
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
+        """Sum of the token losses of one micro-batch (detached), gradients accumulated; reduce
+        only if sync_grads. `num_tokens` is the step's trained-token count over every
+        micro-batch and rank: the accumulated gradients are those of sum / num_tokens."""
 
     def step(self, skip: bool = False) -> float:
         """Clip, optimizer step, LR schedule step, zero grads; returns the global grad norm.
@@ -77,6 +80,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def token_scale(num_tokens: int, world_size: int) -> float:
+    """Factor on a micro-batch's summed token loss so that, after the engine averages gradients
+    over ranks (DDP, FSDP2, ZeRO all do), the step's gradient is that of the global token mean
+    (transformers' num_items_in_batch fix): a token weighs the same however the batch is split."""
+    return world_size / max(1, num_tokens)
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -139,8 +149,14 @@ class TorchOptim:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def _model_options(self) -> StateDictOptions:
+        """Only trainable parameters are checkpointed: a frozen base (adapter runs) is read from
+        its own files again, so load must not expect it."""
+        frozen = any(not p.requires_grad for p in self.model.parameters())
+        return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
     def save(self, path: Path) -> None:
-        dcp.save(get_model_state_dict(self.model), checkpoint_id=str(path / "model"))
+        dcp.save(get_model_state_dict(self.model, options=self._model_options()), checkpoint_id=str(path / "model"))
         dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(path / "optim"))
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
@@ -151,7 +167,8 @@ class TorchOptim:
         training collectives of the default group."""
         if self._ckpt_group is None and dist.is_initialized():
             self._ckpt_group = dist.new_group(backend="gloo")
-        futures = [dcp.async_save(get_model_state_dict(self.model), checkpoint_id=str(path / "model"),
+        futures = [dcp.async_save(get_model_state_dict(self.model, options=self._model_options()),
+                                  checkpoint_id=str(path / "model"),
                                   process_group=self._ckpt_group),
                    dcp.async_save(get_optimizer_state_dict(self.model, self.optimizer),
                                   checkpoint_id=str(path / "optim"), process_group=self._ckpt_group)]
@@ -160,9 +177,10 @@ class TorchOptim:
 
     def load(self, path: Path, saved_world_size: int) -> None:
         """DCP reshards by itself: the saved world size does not matter here."""
-        model_sd = get_model_state_dict(self.model)
+        options = self._model_options()
+        model_sd = get_model_state_dict(self.model, options=options)
         dcp.load(model_sd, checkpoint_id=str(path / "model"))
-        set_model_state_dict(self.model, model_sd)
+        set_model_state_dict(self.model, model_sd, options=options)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.load(optim_sd, checkpoint_id=str(path / "optim"))
         set_optimizer_state_dict(self.model, self.optimizer, optim_sd)

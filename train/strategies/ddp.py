@@ -9,8 +9,14 @@ from torch import nn
 
 from train.config import Config
 from train.dist import DistInfo
-from train.model import lm_loss
-from train.strategies.base import TorchOptim, autocast, compute_dtype, forward_only
+from train.loss import token_loss_sum
+from train.strategies.base import (
+    TorchOptim,
+    autocast,
+    compute_dtype,
+    forward_only,
+    token_scale,
+)
 from train.strategies.parallelize import apply_block_transforms, apply_ddp
 
 
@@ -18,8 +24,9 @@ class DDPStrategy:
     needs_process_group = False  # one process trains the plain model; torchrun's ranks get a group anyway
 
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
-        self.cfg, self.device, self.accum = cfg.strategy, info.device, accum
+        self.cfg, self.device, self.world_size = cfg.strategy, info.device, info.world_size
         self.compute_dtype = compute_dtype(cfg, info.device)
+        self.loss_kind = cfg.trainer.loss
         apply_block_transforms(model, cfg.trainer)
         self.model = apply_ddp(model, info)
         self.optim = TorchOptim(model, cfg)
@@ -27,12 +34,12 @@ class DDPStrategy:
         self.state_tensors = self.optim.state_tensors
         self.save_async = self.optim.save_async
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
         no_sync = getattr(self.model, "no_sync", None)
         with no_sync() if (no_sync is not None and not sync_grads) else contextlib.nullcontext():
             with autocast(self.device, self.compute_dtype):
-                loss = lm_loss(self.model, batch)
-            (loss / self.accum).backward()
+                loss = token_loss_sum(self.model, batch, self.loss_kind).sum
+            (loss * token_scale(num_tokens, self.world_size)).backward()
         return loss.detach()
 
     def forward_context(self) -> ContextManager[None]:

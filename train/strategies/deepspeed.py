@@ -25,9 +25,9 @@ from train import dist as d
 from train.config import Config
 from train.dist import DistInfo
 from train.guard import optimizer_tensors
-from train.model import lm_loss
+from train.loss import token_loss_sum
 from train.schedule import apply_optim_settings, build_scheduler
-from train.strategies.base import compute_dtype, forward_only, param_groups
+from train.strategies.base import compute_dtype, forward_only, param_groups, token_scale
 from train.strategies.parallelize import apply_block_transforms
 
 log = logging.getLogger("scaletrain")
@@ -78,15 +78,17 @@ class DeepSpeedStrategy:
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
         self.cfg, self.info, self.full_cfg = cfg.strategy, info, cfg
         self.compute_dtype = compute_dtype(cfg, info.device)
+        self.loss_kind = cfg.trainer.loss
         apply_block_transforms(model, cfg.trainer)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config(cfg, info, accum),
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.schedule, cfg.trainer.max_steps))
         self.model = self.engine
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
-        loss = lm_loss(self.engine, batch)
-        self.engine.backward(loss)
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
+        loss = token_loss_sum(self.engine, batch, self.loss_kind).sum
+        # scale_wrt_gas=False: token_scale already weighs the whole step, accumulation included
+        self.engine.backward(loss * token_scale(num_tokens, self.info.world_size), scale_wrt_gas=False)
         if not sync_grads:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         return loss.detach()
@@ -117,8 +119,12 @@ class DeepSpeedStrategy:
         return {"name": c.name, "kind": "deepspeed", "zero_stage": c.zero_stage,
                 "offload_optimizer": c.offload_optimizer, "offload_params": c.offload_params}
 
+    def _frozen(self) -> bool:
+        return any(not p.requires_grad for p in self.engine.module.parameters())
+
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path / NATIVE), tag=TAG)
+        """Trainable state only: a frozen base (adapter runs) is read from its own files again."""
+        self.engine.save_checkpoint(str(path / NATIVE), tag=TAG, exclude_frozen_parameters=self._frozen())
 
     def load(self, path: Path, saved_world_size: int) -> None:
         """ZeRO partitions depend on the world size: on another one, load DeepSpeed's universal
@@ -128,7 +134,8 @@ class DeepSpeedStrategy:
             source = _to_universal(path, self.info)
             self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
         load_path, _ = self.engine.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=not self._frozen())
         self.engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {source}")

@@ -8,8 +8,8 @@ from torch import nn
 
 from train.config import Config
 from train.dist import DistInfo
-from train.model import lm_loss
-from train.strategies.base import TorchOptim, compute_dtype, forward_only
+from train.loss import token_loss_sum
+from train.strategies.base import TorchOptim, compute_dtype, forward_only, token_scale
 from train.strategies.parallelize import apply_block_transforms, apply_fsdp
 
 
@@ -17,8 +17,9 @@ class FSDPStrategy:
     needs_process_group = True  # the device mesh needs one, even on a single process
 
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
-        self.cfg, self.accum = cfg.strategy, accum
+        self.cfg, self.world_size = cfg.strategy, info.world_size
         self.compute_dtype = compute_dtype(cfg, info.device)
+        self.loss_kind = cfg.trainer.loss
         apply_block_transforms(model, cfg.trainer)
         self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype)
         self.optim = TorchOptim(self.model, cfg)
@@ -26,10 +27,10 @@ class FSDPStrategy:
         self.state_tensors = self.optim.state_tensors
         self.save_async = self.optim.save_async
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
         self.model.set_requires_gradient_sync(sync_grads)
-        loss = lm_loss(self.model, batch)  # MixedPrecisionPolicy casts parameters to compute_dtype
-        (loss / self.accum).backward()
+        loss = token_loss_sum(self.model, batch, self.loss_kind).sum  # MixedPrecisionPolicy casts parameters
+        (loss * token_scale(num_tokens, self.world_size)).backward()
         return loss.detach()
 
     def forward_context(self) -> ContextManager[None]:
