@@ -36,7 +36,7 @@ def main(dcfg: DictConfig) -> None:
                         format=f"[%(asctime)s r{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # Engine deprecation chatter (DeepSpeed calls deprecated c10d names) would drown the log.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
     raw = OmegaConf.to_container(dcfg, resolve=True)
     try:
         cfg = load_config(raw)
@@ -45,15 +45,18 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     from data_pipeline.manifest import ManifestError
     from train import dist
+    from train.checkpoint import CheckpointWriteError
+    from train.guard import DivergedError
     from train.lock import RunLockError, release_all
     from train.loop import train
 
     try:
         train(cfg, raw)
-    except (RunLockError, ManifestError) as e:  # a clear message, no traceback
+    except (RunLockError, ManifestError, ConfigError, DivergedError, CheckpointWriteError) as e:  # no traceback
+        release_all()
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, (DivergedError, CheckpointWriteError)) else 2)
     except Exception as e:
         if not dist.is_timeout(e):
             raise

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data_pipeline.fsutil import atomic_write_text, fsync_dir
 from train import dist as d
@@ -32,7 +33,9 @@ from train.checkpoint_layout import (
     LayoutError,
     check_checkpoint,
     complete_checkpoints,
+    file_checksum,
     file_sizes,
+    read_latest,
     read_state,
     resume_candidates,
     step_dir_name,
@@ -40,7 +43,8 @@ from train.checkpoint_layout import (
 )
 
 log = logging.getLogger("scaletrain.checkpoint")
-__all__ = ["TrainState", "Checkpointer", "load_train_state", "load_rank_files", "resume_candidates",
+__all__ = ["TrainState", "Checkpointer", "CheckpointWriteError", "describe_error", "load_train_state",
+           "load_rank_files", "resume_candidates",
            "rng_state", "set_rng_state"]
 
 
@@ -56,6 +60,14 @@ class TrainState:
     adapter: dict[str, Any] | None = None
     """Adapter runs: kind, base_model path, base_fingerprint, lora_config (train/adapters/lora.py)."""
     files: dict[str, int] = field(default_factory=dict)
+    finite: bool = False
+    """Every weight and optimizer tensor was checked finite before writing (absent = unchecked)."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """xxh3 of every file when checkpoint.verify=true."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk...); the message names path and bytes."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,13 +112,16 @@ class Checkpointer:
     the end of training wait for it.
     """
 
-    def __init__(self, root: Path, info: d.DistInfo, config_yaml: str, keep_last: int) -> None:
+    def __init__(self, root: Path, info: d.DistInfo, config_yaml: str, keep_last: int,
+                 verify: bool = False) -> None:
         self.root, self.info, self.config_yaml, self.keep_last = root, info, config_yaml, keep_last
+        self.verify = verify
         self.pending: PendingSave | None = None
 
     def save(self, state: TrainState, strategy: Any, loader_state: dict[str, Any], blocking: bool) -> Path:
         """Collective: every rank calls it; returns the final checkpoint directory (which exists
-        once the save is complete: at once when blocking, after `wait` or `poll` otherwise)."""
+        once the save is complete: at once when blocking, after `wait` or `poll` otherwise).
+        The caller has checked that every weight and optimizer tensor is finite."""
         self.wait()
         final, tmp = self.root / step_dir_name(state.step), self.root / tmp_dir_name(state.step)
         if self.info.is_main:
@@ -116,11 +131,22 @@ class Checkpointer:
                 (tmp / sub).mkdir(parents=True)
         d.barrier()
         save_async = None if blocking else getattr(strategy, "save_async", None)
-        futures = save_async(tmp) if save_async else strategy.save(tmp)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{self.info.rank:05d}.pt")
-        torch.save(loader_state, tmp / "data" / f"rank_{self.info.rank:05d}.pt")
-        d.barrier()  # every rank's files are written (or, async, staged and being written)
-        self.pending = PendingSave(tmp, final, dataclasses.replace(state), list(futures or []))
+        futures, error = None, None
+        try:
+            futures = save_async(tmp) if save_async else strategy.save(tmp)
+            faults.fail_enospc("checkpoint.enospc", state.step, tmp / "rng")
+            torch.save(rng_state(), tmp / "rng" / f"rank_{self.info.rank:05d}.pt")
+            torch.save(loader_state, tmp / "data" / f"rank_{self.info.rank:05d}.pt")
+        except (Exception, CheckpointException) as e:  # OSError, torch's RuntimeError or DCP's wrapping one
+            error = describe_error(e)
+        # every rank's files are written (or, async, staged and being written), or all ranks stop
+        if d.any_rank(error is not None, self.info.device):  # a tensor all-reduce, like the barrier it replaces
+            message = _failure_message(self.root, tmp, error or "failed on another rank")
+            d.barrier()
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(message)
+        self.pending = PendingSave(tmp, final, dataclasses.replace(state, finite=True), list(futures or []))
         if futures:
             faults.hit("checkpoint.async_inflight", state.step)
         else:
@@ -148,21 +174,45 @@ class Checkpointer:
         try:
             for f in p.futures:
                 f.result()
-        except Exception as e:
-            log.error("checkpoint of step %d failed while writing (%s: %s); checkpoints/latest still names "
-                      "the previous one", p.state.step, type(e).__name__, e)
+        except (Exception, CheckpointException) as e:
+            log.error("%s", _failure_message(self.root, p.tmp, describe_error(e)))
             if self.info.is_main:
                 shutil.rmtree(p.tmp, ignore_errors=True)
             return
         if self.info.is_main:
             faults.hit("checkpoint.publish", p.state.step)
+            if self.verify:  # right after the write, while the files are likely still in the page cache
+                p.state.checksums = {rel: file_checksum(p.tmp / rel) for rel in file_sizes(p.tmp)}
             _publish(self.root, p.tmp, p.final, p.state, self.config_yaml)
             _retain(self.root, self.keep_last)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line per failure (DCP wraps each rank's exception with its whole traceback)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {describe_error(exc)}" for r, (exc, _) in e.failures.items())
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def _failure_message(root: Path, tmp: Path, error: str) -> str:
+    """What a failed checkpoint write tells the user: the path, the bytes a checkpoint needs
+    (the newest complete one's size) and the bytes free; `latest` is never touched."""
+    partial = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+    previous = next((p for p in complete_checkpoints(root) if check_checkpoint(p) is None), None)
+    needed = sum(read_state(previous).get("files", {}).values()) if previous else None
+    free = shutil.disk_usage(root).free
+    need = f"about {needed} bytes (the size of {previous.name})" if needed else f"more than {partial} bytes"
+    return (f"could not write checkpoint {tmp} ({error}). A checkpoint needs {need}; {free} bytes are free "
+            f"on the filesystem of {root}. The partial directory is removed and {root / LATEST} still names "
+            f"{read_latest(root) or 'no checkpoint'}: free space (or lower checkpoint.keep_last) and resume")
 
 
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml: str) -> None:
     atomic_write_text(tmp / CONFIG_FILE, config_yaml)
     state.files = file_sizes(tmp)
+    if state.checksums:
+        state.checksums[CONFIG_FILE] = file_checksum(tmp / CONFIG_FILE)
     atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=1, default=str))
     if final.exists():  # the same step saved again (e.g. stop signal right after a periodic save)
         shutil.rmtree(final)
@@ -173,9 +223,12 @@ def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml:
 
 
 def _retain(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints, and always the newest finite one."""
     valid = [p for p in complete_checkpoints(root) if check_checkpoint(p) is None]
+    newest_finite = next((p for p in valid if read_state(p).get("finite") is True), None)
     for old in valid[max(1, keep_last):]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != newest_finite:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(TMP_PREFIX + "step_*"):
         shutil.rmtree(stale, ignore_errors=True)
 

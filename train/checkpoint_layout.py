@@ -6,7 +6,7 @@
 
 The trainer writes it (train/checkpoint.py), the exporter reads it (train/export/) and the
 SLURM requeue check reads it (launch/finished.py). Torch-free and importing nothing else of
-the project. Every file here is read back as untrusted input: any bytes, a directory, a
+the project (xxhash for checksums). Every file here is read back as untrusted input: any bytes, a directory, a
 missing file give a reason string or `LayoutError`, never a traceback.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import logging
 import re
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 log = logging.getLogger("scaletrain.checkpoint")
 
@@ -85,18 +87,43 @@ def read_latest(root: Path) -> str | None:
     return name
 
 
-def check_checkpoint(path: Path) -> str | None:
-    """None when `path` is complete; otherwise what is wrong with it."""
+def check_checkpoint(path: Path, verify: bool = False) -> str | None:
+    """None when `path` is complete; otherwise what is wrong with it. With `verify`, also the
+    checksums that `checkpoint.verify=true` recorded (when the checkpoint has them)."""
     try:
-        files = read_state(path).get("files", {})
+        state = read_state(path)
     except LayoutError as e:
         return str(e)
-    for rel, size in files.items():
+    for rel, size in state.get("files", {}).items():
         f = path / rel
         if not f.is_file():
             return f"missing file {rel}"
         if f.stat().st_size != size:
-            return f"file {rel} has {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+            return f"file {f} has {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+    sums = state.get("checksums")
+    if verify and isinstance(sums, dict):
+        return check_checksums(path, sums)
+    return None
+
+
+def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
+    """xxh3-64 of a file: fast enough to run over every checkpoint file on each save."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_checksums(path: Path, sums: dict[str, Any]) -> str | None:
+    """None when every listed file of checkpoint `path` has its recorded checksum."""
+    for rel, want in sums.items():
+        try:
+            got = file_checksum(path / rel)
+        except OSError as e:
+            return f"cannot read {path / rel} to verify it: {e.strerror or e}"
+        if got != want:
+            return f"file {path / rel} fails its checksum (xxh3 {got}, recorded {want}): corrupt"
     return None
 
 

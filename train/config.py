@@ -114,6 +114,14 @@ class TrainerConfig:
     loss: Literal["plain", "chunked", "fused"] = "chunked"
     """`chunked`: cross-entropy a chunk of tokens at a time, fused with the output projection (never the
     full-vocabulary fp32 logits); `plain`: full logits upcast to fp32; `fused`: Liger's kernel (CUDA)."""
+    spike_factor: float | None = None
+    """Skip a step whose loss exceeds this many times the median of recent losses (null = off).
+    A step with a non-finite loss or gradient norm on any rank is always skipped."""
+    max_bad_steps: int = 5
+    """After this many skipped steps in a row, roll back to the newest finite checkpoint and
+    skip past the data that caused them."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed per run; one more stops the run with an error naming the bad steps."""
 
 
 @dataclass
@@ -128,6 +136,9 @@ class CheckpointConfig:
     async_save: bool = field(default=False, metadata={"key": "async"})
     """`checkpoint.async`: stage the state, write it in the background (DDP and FSDP2; DeepSpeed
     saves blocking). A checkpoint becomes `latest` only once its write has completed."""
+    verify: bool = False
+    """Record an xxhash of every checkpoint file; resume and export check it and fall back to
+    an older checkpoint on a mismatch."""
 
 
 @dataclass
@@ -186,6 +197,10 @@ def validate(cfg: Config, world_size: int) -> list[str]:
          f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
          f"model.num_key_value_heads={m.num_key_value_heads}"),
         (cfg.checkpoint.keep_last < 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last}: must be >= 1"),
+        (t.max_bad_steps < 1, f"trainer.max_bad_steps={t.max_bad_steps}: must be >= 1"),
+        (t.max_rollbacks < 0, f"trainer.max_rollbacks={t.max_rollbacks}: must be >= 0"),
+        (t.spike_factor is not None and t.spike_factor <= 1,
+         f"trainer.spike_factor={t.spike_factor}: must be > 1 (or null to turn spike skipping off)"),
         (not cfg.run.lock_stale_s > 0, f"run.lock_stale_s={cfg.run.lock_stale_s}: must be > 0 (seconds)"),
         (not cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s}: must be > 0 (seconds)"),
     ]

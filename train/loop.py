@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from data_pipeline import build_loader
 from data_pipeline.fsutil import atomic_write_text
 from train import dist as d
+from train import faults
 from train.adapters.lora import (
     adapter_info,
     apply_adapter,
@@ -27,20 +28,15 @@ from train.adapters.lora import (
     check_resume_base,
     quantized_base,
 )
-from train.checkpoint import (
-    Checkpointer,
-    TrainState,
-    load_rank_files,
-    load_train_state,
-    resume_candidates,
-    set_rng_state,
-)
+from train.checkpoint import Checkpointer, TrainState, load_train_state
 from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
+from train.guard import DivergedError, StepGuard, first_nonfinite
 from train.lock import acquire_run_lock
 from train.loss import token_loss_sum
 from train.metrics import MetricsFile
 from train.model import build_model, num_params
+from train.resume import candidates, check_changes, restore
 from train.signals import StopRequest
 from train.step import forward_backward, global_loss, next_micro_batches
 from train.strategies import build_strategy, strategy_class
@@ -75,19 +71,22 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     n_params = num_params(model)
     flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
 
-    resume_from, saved = _pick_resume(run_dir / "checkpoints", cfg, info)
-    if resume_from is not None:
-        check_resume_base(resume_from, saved.adapter, adapter)
+    public_cfg = redact(raw_cfg)
+    ckpt_root = run_dir / "checkpoints"
+    found = candidates(ckpt_root, cfg, info)
+    if found:
+        check_changes(found[0], cfg, public_cfg, model.config.to_dict())  # refuses before any engine starts
+        check_resume_base(found[0], load_train_state(found[0]).adapter, adapter)
+    faults.poison_loss(model, lambda: state.step + 1)  # SCALETRAIN_FAULT=nan@STEP only
     strategy = build_strategy(model, cfg, info, accum)
     state = TrainState(world_size=info.world_size, model_config=model.config.to_dict(),
                        strategy=strategy.describe(), tokenizer_dir=loader.tokenizer_dir,
                        config_digest=_digest(raw_cfg), adapter=adapter)
+    resume_from, saved = restore(found, strategy, loader, info)
     if resume_from is not None:
-        _restore(resume_from, saved, strategy, loader, info)
         state.step, state.tokens = saved.step, saved.tokens
         log.info("resumed from %s at step %d", resume_from, state.step)
 
-    public_cfg = redact(raw_cfg)
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(public_cfg))
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml", config_yaml)
@@ -108,18 +107,42 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
 
     exporter = ExportHook(cfg.export, run_dir, rank=info.rank)
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", info, config_yaml, cfg.checkpoint.keep_last)
+    checkpointer = Checkpointer(ckpt_root, info, config_yaml, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
     if cfg.checkpoint.async_save and not hasattr(strategy, "save_async"):
         log.warning("checkpoint.async=true: strategy %s saves blocking (only DDP and FSDP2 save in the "
                     "background)", cfg.strategy.name)
 
-    def checkpoint(blocking: bool) -> Path:
+    def checkpoint(blocking: bool) -> Path | None:
         t0 = time.perf_counter()
+        bad = first_nonfinite(strategy.state_tensors(), info.device)
+        if bad is not None:
+            log.error("not checkpointing step %d: %s holds NaN/inf", state.step, bad)
+            return None
         path = checkpointer.save(state, strategy, loader.state_dict(), blocking)
         timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}  # the stall
         metrics.write(timing)
         tracker.log(timing, state.step)
         return path
+
+    guard = StepGuard(t, verbose=info.is_main)
+
+    def roll_back() -> None:
+        """Back to the newest finite checkpoint; the loader keeps its place past the bad data."""
+        bad = guard.start_rollback()
+        checkpointer.wait()  # a checkpoint still being written is published first (or dropped)
+        older = [p for p in candidates(ckpt_root, cfg, info) if int(p.name[5:]) <= state.step]
+        path, saved = restore(older, strategy, None, info)
+        if path is None:
+            raise DivergedError(f"bad steps in a row ({bad}) and no finite checkpoint to roll back to: "
+                                "set checkpoint.every_steps so that there is one, or lower optim.lr")
+        if info.is_main:
+            log.warning("rolled back from step %d to %s after %s; the data since then is skipped",
+                        state.step, path.name, bad)
+        record = {"step": saved.step, "rollback": guard.rollbacks, "rolled_back_from": state.step,
+                  "skipped_tokens": state.tokens - saved.tokens}
+        metrics.write(record)
+        tracker.log(record, saved.step)
+        state.step, state.tokens = saved.step, saved.tokens
 
     tokens_per_step = t.micro_batch_size * t.seq_len * accum * info.world_size
     batches = iter(loader)
@@ -128,16 +151,18 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         step_t0 = time.perf_counter()
         micro_batches, data_wait = next_micro_batches(batches, accum, info.device)
         loss_sum, num_tokens = forward_backward(strategy, micro_batches, info.device)
-        grad_norm = strategy.step()
+        loss = global_loss(loss_sum, num_tokens, info.device)  # the same on every rank: NaN anywhere is NaN everywhere
+        skip = guard.verdict(loss)
+        grad_norm = strategy.step(skip=skip is not None)
         lr = strategy.lr()
         state.step += 1
         state.tokens += tokens_per_step
+        applied = guard.record(state.step, loss, grad_norm, skip)
         step_time = time.perf_counter() - step_t0
         window_steps += 1
         straggler.update(state.step, step_time, data_wait)  # every rank, every step (collective every N)
 
-        if state.step % t.log_every == 0 or state.step == t.max_steps:
-            loss = global_loss(loss_sum, num_tokens, info.device)
+        if state.step % t.log_every == 0 or state.step == t.max_steps or not applied:
             tokens_per_s = tokens_per_step * window_steps / (time.perf_counter() - window_t0)
             window_t0, window_steps = time.perf_counter(), 0
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -145,7 +170,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                       "samples_per_s": tokens_per_s / t.seq_len,
                       "step_time_s": step_time, "data_wait_s": data_wait,
                       "data_wait_frac": data_wait / step_time, "mem_peak_gb": _mem_peak_gb(info.device),
-                      **loader.metrics()}
+                      **loader.metrics(), **guard.metrics(), **({} if applied else {"skipped": True})}
             util = mfu(record["tokens_per_s"] / info.world_size, flops_tok, peak)
             if util is not None:
                 record["mfu"] = util
@@ -156,6 +181,9 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
             if info.is_main and progress.bar is None:  # on a terminal the bar shows these
                 log.info("step %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | wait %.1f%%",
                          state.step, loss, lr, grad_norm, record["tokens_per_s"], 100 * record["data_wait_frac"])
+        if not applied and guard.rollback_due():
+            roll_back()
+            continue
         if t.eval_every and state.step % t.eval_every == 0:
             ev = evaluate(strategy, cfg, info)
             metrics.write({"step": state.step, **ev})
@@ -168,8 +196,11 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end) or export_now:
             # in the background only when training goes on and nothing reads the checkpoint next
             ckpt_path = checkpoint(blocking=not cfg.checkpoint.async_save or stopped or last or export_now)
+            if ckpt_path is None and (last or stopped):
+                raise DivergedError(f"the weights at step {state.step} are not finite; nothing was saved "
+                                    "(the newest finite checkpoint is still in place)")
         checkpointer.poll()
-        if export_now:  # from the checkpoint just written, so it equals an offline export of it
+        if export_now and ckpt_path is not None:  # from the checkpoint just written: equals an offline export
             timing = export(exporter, strategy, model.config, ckpt_path, state.step, info, tracker)
             metrics.write(timing)
         if stopped:
@@ -237,28 +268,6 @@ def _adapter_info(cfg: Config, model: torch.nn.Module, info: d.DistInfo) -> dict
         return None
     fingerprint = d.broadcast_object(base_fingerprint(cfg.model, model) if info.is_main else None)
     return adapter_info(cfg.adapter, cfg.model, fingerprint)
-
-
-def _pick_resume(root: Path, cfg: Config, info: d.DistInfo) -> tuple[Path | None, TrainState | None]:
-    if not cfg.checkpoint.resume:
-        return None, None
-    candidates = d.broadcast_object([str(p) for p in resume_candidates(root)] if info.is_main else None)
-    if not candidates:
-        return None, None
-    path = Path(candidates[0])
-    return path, load_train_state(path)
-
-
-def _restore(path: Path, saved: TrainState, strategy: Strategy, loader, info: d.DistInfo) -> None:
-    strategy.load(path, saved.world_size)
-    rng, data_states = load_rank_files(path, info, saved.world_size)
-    set_rng_state(rng)
-    if saved.world_size == info.world_size:
-        loader.load_state_dict(data_states[0])
-    else:
-        log.warning("checkpoint %s was written by %d ranks; resuming on %d (resharded)",
-                    path, saved.world_size, info.world_size)
-        loader.load_elastic(data_states)
 
 
 def _digest(raw_cfg: dict[str, Any]) -> str:

@@ -93,7 +93,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not (p / STATE_FILE).exists():  # present but a directory or garbage: check_checkpoint names it
         raise CheckpointError(f"{p} has no {STATE_FILE}: it is not a complete checkpoint; "
                               "pass RUN_DIR/checkpoints/step_N (written by `python -m train`)")
-    problem = check_checkpoint(p)
+    problem = check_checkpoint(p, verify=True)  # checksums, when checkpoint.verify recorded them
     if problem:
         raise CheckpointError(f"{p} cannot be exported: {problem}; pass another RUN_DIR/checkpoints/step_N")
     state = read_state(p)

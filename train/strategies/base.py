@@ -8,6 +8,7 @@ strategy it has.
 from __future__ import annotations
 
 import contextlib
+import math
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterator, Protocol
@@ -25,7 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from train.config import Config, OptimConfig
-from train.schedule import build_scheduler
+from train.guard import optimizer_tensors
+from train.schedule import apply_optim_settings, build_scheduler
 
 
 class Strategy(Protocol):
@@ -41,8 +43,10 @@ class Strategy(Protocol):
         only if sync_grads. `num_tokens` is the step's trained-token count over every
         micro-batch and rank: the accumulated gradients are those of sum / num_tokens."""
 
-    def step(self) -> float:
-        """Clip, optimizer step, LR schedule step, zero grads; returns the global grad norm."""
+    def step(self, skip: bool = False) -> float:
+        """Clip, optimizer step, LR schedule step, zero grads; returns the global grad norm.
+        With `skip`, or when that norm is not finite, the grads are dropped and neither the
+        optimizer nor the schedule steps (the NaN guard, train/guard.py)."""
 
     def lr(self) -> float: ...
 
@@ -57,7 +61,12 @@ class Strategy(Protocol):
         """Collective: write this strategy's native state under `path` (a fresh directory)."""
 
     def load(self, path: Path, saved_world_size: int) -> None:
-        """Collective: restore what `save` wrote, resharding when `saved_world_size` differs."""
+        """Collective: restore what `save` wrote, resharding when `saved_world_size` differs.
+        Optimizer and schedule settings come from the current config, not the checkpoint."""
+
+    def state_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's weights and optimizer state (local shards): what a checkpoint saves,
+        checked for NaN/inf before it is written."""
 
     # Optional: `save_async(path) -> list[Future]` stages the state and writes it in the
     # background (checkpoint.async=true); engines without it save blocking.
@@ -116,20 +125,26 @@ class TorchOptim:
 
     def __init__(self, model: nn.Module, cfg: Config) -> None:
         o = cfg.optim
-        self.model, self.clip = model, cfg.trainer.grad_clip
+        self.model, self.clip, self.cfg = model, cfg.trainer.grad_clip, cfg
         self.optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self._ckpt_groups: list[dist.ProcessGroup] = []
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(norm)  # the same on every rank: grads are all-reduced (DDP) or a DTensor norm (FSDP)
+        if not skip and math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def state_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.model.named_parameters()
+        yield from optimizer_tensors(self.optimizer)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -171,3 +186,4 @@ class TorchOptim:
         dcp.load(optim_sd, checkpoint_id=str(path / "optim"))
         set_optimizer_state_dict(self.model, self.optimizer, optim_sd)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        apply_optim_settings(self.optimizer, self.scheduler, self.cfg)

@@ -7,6 +7,7 @@ accumulation boundary.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import deepspeed
 import torch
@@ -23,8 +24,9 @@ from torch import nn
 from train import dist as d
 from train.config import Config
 from train.dist import DistInfo
+from train.guard import optimizer_tensors
 from train.loss import token_loss_sum
-from train.schedule import build_scheduler
+from train.schedule import apply_optim_settings, build_scheduler
 from train.strategies.base import compute_dtype, forward_only, param_groups, token_scale
 from train.strategies.parallelize import apply_block_transforms
 
@@ -74,7 +76,7 @@ class DeepSpeedStrategy:
     needs_process_group = True  # deepspeed.initialize needs one, even on a single process
 
     def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
-        self.cfg, self.info = cfg.strategy, info
+        self.cfg, self.info, self.full_cfg = cfg.strategy, info, cfg
         self.compute_dtype = compute_dtype(cfg, info.device)
         self.loss_kind = cfg.trainer.loss
         apply_block_transforms(model, cfg.trainer)
@@ -91,11 +93,20 @@ class DeepSpeedStrategy:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         return loss.detach()
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
+        """A non-finite grad norm takes DeepSpeed's own overflow path (ZeRO 1-3, any precision):
+        grads dropped, no optimizer or scheduler step, `engine.skipped_steps` counted. `skip`
+        forces that path by reporting an infinite norm to it."""
         assert self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
+        with _forced_overflow(self.engine.optimizer) if skip else contextlib.nullcontext():
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def state_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.engine.module.named_parameters():
+            yield name, getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+        yield from optimizer_tensors(self.engine.optimizer.optimizer)  # fp32 master partitions + Adam state
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -128,6 +139,23 @@ class DeepSpeedStrategy:
         self.engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {source}")
+        apply_optim_settings(self.engine.optimizer, self.scheduler, self.full_cfg)
+
+
+@contextlib.contextmanager
+def _forced_overflow(zero_optimizer) -> Iterator[None]:
+    """Make this step's grad-norm computation report inf, so that DeepSpeed's ZeRO optimizer
+    takes its overflow branch (stage 1/2: `scaled_global_norm`, stage 3: `_get_norm_groups`).
+    Its counters, loss scaler and Adam state stay consistent because DeepSpeed itself skips."""
+    name = "_get_norm_groups" if hasattr(zero_optimizer, "_get_norm_groups") else "scaled_global_norm"
+    if not hasattr(zero_optimizer, name):
+        raise RuntimeError(f"cannot skip a step on {type(zero_optimizer).__name__}: no {name}")
+    inf = torch.tensor(float("inf"))
+    setattr(zero_optimizer, name, (lambda *a, **k: [inf]) if name == "_get_norm_groups" else (lambda *a, **k: inf))
+    try:
+        yield
+    finally:
+        delattr(zero_optimizer, name)  # the class's own method again
 
 
 def _to_universal(path: Path, info: DistInfo) -> Path:
