@@ -56,7 +56,7 @@ demo: setup
 	@echo "done: $(DEMO_DIR)/exports/step_00000200 (HF + GGUF), $(DEMO_DIR)/report/summary.md, W&B offline files in $(DEMO_DIR)/wandb"
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) outputs runs .pytest_cache
