@@ -11,9 +11,17 @@ from __future__ import annotations
 import sys
 
 import torch
+from dist_state_bytes import (
+    build_loader,
+    build_model,
+    build_strategy,
+    compose_config,
+    d,
+)
 
-from dist_state_bytes import build_loader, build_model, build_strategy, compose_config, d
 from train.loss import lm_loss, output_head
+from train.step import forward_backward as step_backward
+from train.step import global_loss
 
 CASES = {"ddp": [], "fsdp": ["model.tie_word_embeddings=true"], "zero3": []}
 
@@ -27,7 +35,8 @@ def run(name: str, kind: str, info) -> tuple[list[float], set[tuple[int, ...]]]:
     strategy = build_strategy(model, cfg, info, accum=1)
     batches = iter(build_loader(cfg.data, rank=info.rank, world_size=info.world_size, micro_batch_size=2,
                                 seq_len=32))
-    first = strategy.forward_backward(next(batches), sync_grads=True).item()
+    loss_sum, num_tokens = step_backward(strategy, [next(batches)], info.device)
+    first = global_loss(loss_sum, num_tokens, info.device)
     strategy.step()
     with torch.no_grad():
         second = lm_loss(strategy.model, next(batches), kind).item()

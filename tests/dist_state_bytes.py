@@ -26,6 +26,7 @@ from data_pipeline import build_loader  # noqa: E402
 from train import dist as d  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.model import build_model  # noqa: E402
+from train.step import forward_backward as step_backward
 from train.strategies import build_strategy  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def peak_grad_bytes(strategy, batch) -> int:
     hooks = [p.register_post_accumulate_grad_hook(lambda _p: peak.append(max(peak.pop(), grad_bytes(strategy))))
              for p in params if p.requires_grad]
     try:
-        strategy.forward_backward(batch, sync_grads=True)
+        step_backward(strategy, [batch], batch["input_ids"].device)
     finally:
         for h in hooks:
             h.remove()
@@ -152,7 +153,7 @@ def main() -> None:
         strategy = build_strategy(model, cfg, info, accum=1)
         batches = iter(build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                     micro_batch_size=2, seq_len=32))
-        strategy.forward_backward(next(batches), sync_grads=True)
+        step_backward(strategy, [next(batches)], info.device)
         strategy.step()
         mine = state_bytes(strategy, next(batches))
         every = [None] * info.world_size

@@ -21,6 +21,7 @@ from dist_state_bytes import (
 )
 
 from train.model import decoder_layers
+from train.step import forward_backward as step_backward
 
 
 def spy_attention(kernel: str, seen: dict[str, str]) -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     batch = next(iter(build_loader(cfg.data, rank=info.rank, world_size=info.world_size, micro_batch_size=2,
                                    seq_len=64)))
     batch = {k: v.to(info.device) for k, v in batch.items()}
-    loss = strategy.forward_backward(batch, sync_grads=True)
+    loss, _ = step_backward(strategy, [batch], info.device)
     strategy.step()
     if info.is_main:
         print(json.dumps({"backend": dist.get_backend(), "device": str(info.device),

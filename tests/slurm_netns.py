@@ -13,7 +13,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.slurm_cluster import Node, SlurmCluster, _real_memory_mb, boot, missing_reason
+from tests.slurm_cluster import (
+    Node,
+    SlurmCluster,
+    _real_memory_mb,
+    boot,
+    missing_reason,
+)
+
 
 def netns_missing_reason() -> str | None:
     """Why two namespaced nodes cannot start here, or None."""

@@ -8,8 +8,12 @@ import json
 import pytest
 import torch
 
-from train.export.peft_export import (AdapterExportError, LoraMergedWeights, SafetensorsWeights,
-                                      write_peft_adapter)
+from train.export.peft_export import (
+    AdapterExportError,
+    LoraMergedWeights,
+    SafetensorsWeights,
+    write_peft_adapter,
+)
 from train.export.verify import NonFiniteWeightsError
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -81,7 +81,15 @@ def make_bpe_tokenizer(out: Path, pattern: str | None = None, bos: str | None = 
     """A byte-level BPE built locally like a real family: `pattern=None` is GPT-2 style (ByteLevel's
     own regex), otherwise a Split(pattern) + ByteLevel(use_regex=false) as Llama 3 / Qwen2 ship;
     `bos` is prepended by a TemplateProcessing post-processor, as Llama 3's tokenizer does."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

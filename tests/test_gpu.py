@@ -16,6 +16,7 @@ from tests.helpers import TINY, losses, run_train
 from tests.helpers.inprocess import batch, build, one_rank_group
 from train.metrics import read_metrics
 from train.model import decoder_layers
+from train.step import forward_backward as step_backward
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -44,7 +45,7 @@ def test_blocks_compute_in_bf16_over_nccl(info, tmp_path, strategy):
     hooks = [layer.mlp.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
              for layer in decoder_layers(model)]
     try:
-        loss = engine.forward_backward(batch(info.device), sync_grads=True)
+        loss = step_backward(engine, [batch(info.device)], info.device)[0]
     finally:
         for h in hooks:
             h.remove()
@@ -61,7 +62,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("strategy,home", [("fsdp_offload", "cpu"), ("fsdp", "cuda")])
 def test_fsdp_offload_keeps_parameter_shards_on_cpu(info, tmp_path, strategy, home):
     model, engine = build(info, tmp_path, f"strategy={strategy}")
-    engine.forward_backward(batch(info.device), sync_grads=True)
+    step_backward(engine, [batch(info.device)], info.device)[0]
     engine.step()
     assert {_local(p).device.type for p in model.parameters()} == {home}
     states = [s["exp_avg"] for s in engine.optim.optimizer.state.values()]
@@ -71,7 +72,7 @@ def test_fsdp_offload_keeps_parameter_shards_on_cpu(info, tmp_path, strategy, ho
 @pytest.mark.parametrize("strategy,home", [("zero3_offload", "cpu"), ("zero3", "cuda")])
 def test_zero3_offload_keeps_optimizer_state_on_cpu(info, tmp_path, strategy, home):
     _, engine = build(info, tmp_path, f"strategy={strategy}")
-    engine.forward_backward(batch(info.device), sync_grads=True)
+    step_backward(engine, [batch(info.device)], info.device)[0]
     engine.step()
     opt = engine.engine.optimizer
     states = [opt.optimizer.state[t] for t in opt.fp32_partitioned_groups_flat]

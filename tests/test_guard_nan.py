@@ -3,9 +3,9 @@ data, finite checkpoints and export, and a clear error once the rollbacks are us
 from __future__ import annotations
 
 import json
-import subprocess
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest

@@ -15,7 +15,16 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import PY, REPO, TINY, child_env, kill_all, logged_steps, start_train, wait_for
+from tests.helpers import (
+    PY,
+    REPO,
+    TINY,
+    child_env,
+    kill_all,
+    logged_steps,
+    start_train,
+    wait_for,
+)
 from train import signals
 from train.lock import LOCK_NAME, RunLock
 from train.signals import StopRequest

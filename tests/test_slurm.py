@@ -7,9 +7,18 @@ import sys
 
 import pytest
 
-from tests.slurm_runs import (MAX_STEPS, REPO, RUN, assert_same_curve, child_env,  # noqa: F401
-                              run_launch, signal_at, stops_in,
-                              wait_done, wait_for_stop)
+from tests.slurm_runs import (  # noqa: F401
+    MAX_STEPS,
+    REPO,
+    RUN,
+    assert_same_curve,
+    child_env,
+    run_launch,
+    signal_at,
+    stops_in,
+    wait_done,
+    wait_for_stop,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers.inprocess import batch, build, one_rank_group
 from train.model import decoder_layers
+from train.step import forward_backward as step_backward
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def mlp_calls(model, strategy, device) -> list[int]:
     hooks = [layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(decoder_layers(model))]
     try:
-        strategy.forward_backward(batch(device), sync_grads=True)
+        step_backward(strategy, [batch(device)], device)
     finally:
         for h in hooks:
             h.remove()
@@ -60,7 +61,7 @@ def offload_facts(engine) -> dict:
 
 def test_zero3_offload_keeps_optimizer_state_and_parameters_on_cpu(info, tmp_path):
     _, strategy = build(info, tmp_path, "strategy=zero3_offload")
-    strategy.forward_backward(batch(info.device), sync_grads=True)
+    step_backward(strategy, [batch(info.device)], info.device)
     strategy.step()
     facts = offload_facts(strategy.engine)
     assert facts == {"config": (True, True), "flags": (True, True), "masters": {"cpu"}, "subgroups": {"cpu"},

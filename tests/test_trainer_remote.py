@@ -14,8 +14,19 @@ import pytest
 
 from data_pipeline.cache import ShardCache
 from data_pipeline.http_server import ShardServer
-from tests.helpers import (PY, REPO, TINY, child_env, free_port, kill_all, logged_steps, losses,
-                           run_train, start_train, wait_for)
+from tests.helpers import (
+    PY,
+    REPO,
+    TINY,
+    child_env,
+    free_port,
+    kill_all,
+    logged_steps,
+    losses,
+    run_train,
+    start_train,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 STEPS = 16   # 16 steps x 128 tokens: a little over one epoch of the 44-shard corpus (1,810 tokens)

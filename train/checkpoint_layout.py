@@ -99,7 +99,7 @@ def check_checkpoint(path: Path, verify: bool = False) -> str | None:
         if not f.is_file():
             return f"missing file {rel}"
         if f.stat().st_size != size:
-            return f"file {f} has {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
+            return f"file {rel} has {f.stat().st_size} bytes, expected {size} (truncated or corrupt)"
     sums = state.get("checksums")
     if verify and isinstance(sums, dict):
         return check_checksums(path, sums)

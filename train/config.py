@@ -244,7 +244,7 @@ def _check_run_dir(run_dir: str) -> list[str]:
 
 def load_config(raw: dict[str, Any], world_size: int | None = None) -> Config:
     """Turn a resolved config mapping into `Config`, raising one ConfigError with every problem."""
-    raw = {k: v for k, v in raw.items() if k not in ("hydra", "launch", "target", "dry_run")}
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "launch", "target", "dry_run", "format")}
     world = world_size if world_size is not None else env_world_size()
     return load(Config, raw, lambda cfg: validate(cfg, world))
 
