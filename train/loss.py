@@ -62,8 +62,16 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
     head = output_head(model)
     if kind not in ("chunked", "fused"):
         raise ValueError(f"trainer.loss={kind!r}: use plain, chunked or fused")
-    if hasattr(head.weight, "ds_id"):
+    if hasattr(head.weight, "ds_id") and head.weight.requires_grad:
         return TokenLoss(_module_chunks_sum(head, hidden, labels.reshape(-1)), tokens)
+    if hasattr(head.weight, "ds_id"):
+        # A frozen ZeRO-3 head (adapter runs): DeepSpeed does not gather it again for a recompute
+        # in backward, so gather it once here; only the hidden states need a gradient.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([head.weight]):
+            total = linear_cross_entropy_sum(hidden, head.weight, labels.reshape(-1))
+        return TokenLoss(total, tokens)
     with _full_weight(model, head) as weight:
         if kind == "fused":
             total = _liger_sum(hidden, weight, labels.reshape(-1))
