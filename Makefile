@@ -13,7 +13,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 export DS_BUILD_OPS := 0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -55,8 +55,15 @@ demo: setup
 	$(PY) -m train.sample $(DEMO_DIR)/exports/step_00000200 --prompt 'def main('
 	@echo "done: $(DEMO_DIR)/exports/step_00000200 (HF + GGUF), $(DEMO_DIR)/report/summary.md, W&B offline files in $(DEMO_DIR)/wandb"
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q --durations=25 tests
+
+# The unit tier only (in-process, no subprocesses): the edit-test loop, under 3 minutes on 2 cores.
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
+
+lint: setup
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) outputs runs .pytest_cache

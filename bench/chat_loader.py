@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.config import WebDatasetConfig  # noqa: E402
-from data_pipeline.loader import WebDatasetLoader  # noqa: E402
-from data_pipeline.manifest import MANIFEST_NAME, build_manifest, write_json_atomic  # noqa: E402
-from data_pipeline.rows import RowOrder  # noqa: E402
-from data_pipeline.shard_format import ShardWriter  # noqa: E402
+from data_pipeline.read.config import WebDatasetConfig  # noqa: E402
+from data_pipeline.read.loader import WebDatasetLoader  # noqa: E402
+from data_pipeline.read.rows import RowOrder  # noqa: E402
+from data_pipeline.shards.format import ShardWriter  # noqa: E402
+from data_pipeline.shards.manifest import MANIFEST_NAME, build_manifest, write_json_atomic  # noqa: E402
 
 
 def write(root: Path, docs: list[np.ndarray], masks: list[np.ndarray] | None, max_len: int) -> Path:

@@ -33,11 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline import build_loader  # noqa: E402
-from data_pipeline.config import WebDatasetConfig  # noqa: E402
-from data_pipeline.manifest import load_manifest  # noqa: E402
 from data_pipeline.prepare import prepare  # noqa: E402
-from data_pipeline.prepare_config import SourceConfig, load_prepare_config  # noqa: E402
-from data_pipeline.sources import resolve_source  # noqa: E402
+from data_pipeline.prepare.config import SourceConfig, load_prepare_config  # noqa: E402
+from data_pipeline.prepare.sources import resolve_source  # noqa: E402
+from data_pipeline.read.config import WebDatasetConfig  # noqa: E402
+from data_pipeline.shards.manifest import load_manifest  # noqa: E402
 
 
 def cpu_seconds() -> float:

@@ -2,7 +2,7 @@
 
     python bench/remote_streaming.py [--latency-ms 50] [--mbps 200] [--steps 60]
 
-A real HTTP server on 127.0.0.1 (data_pipeline/http_server.py) adds `--latency-ms` to every
+A real HTTP server on 127.0.0.1 (tests/support/http_server.py) adds `--latency-ms` to every
 request and caps each connection at `--mbps` megabytes/s. In one run:
 
   (a) time to first batch for corpora of 20, 200 and 2,000 shards (fresh cache each time):
@@ -33,10 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.config import WebDatasetConfig  # noqa: E402
-from data_pipeline.http_server import ShardServer  # noqa: E402
-from data_pipeline.loader import WebDatasetLoader  # noqa: E402
-from data_pipeline.testing import make_shards  # noqa: E402
+from data_pipeline.read.config import WebDatasetConfig  # noqa: E402
+from data_pipeline.read.loader import WebDatasetLoader  # noqa: E402
+from tests.support.data import make_shards  # noqa: E402
+from tests.support.http_server import ShardServer  # noqa: E402
 
 B, T = 8, 512
 BIG_SHARDS = 40

@@ -40,8 +40,8 @@ def baseline_worker(steps: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from data_pipeline.config import SyntheticDataConfig
-    from data_pipeline.synthetic import SyntheticLoader
+    from data_pipeline.read.config import SyntheticDataConfig
+    from data_pipeline.read.synthetic import SyntheticLoader
     from train.config import ModelConfig, OptimConfig, ScheduleConfig
     from train.model import build_model
     from train.schedule import build_scheduler

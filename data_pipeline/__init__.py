@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-from data_pipeline.config import SyntheticDataConfig, WebDatasetConfig
+from data_pipeline.read.config import SyntheticDataConfig, WebDatasetConfig
 
 if TYPE_CHECKING:  # torch is not imported here, so `python -m launch` stays quick
     import torch
@@ -44,12 +44,12 @@ def build_loader(cfg: SyntheticDataConfig | WebDatasetConfig, *, rank: int, worl
                  pin_memory: bool = False) -> Loader:
     """Build the loader for `cfg.kind` for one rank; `split` is `train` or `val`."""
     if cfg.kind == "synthetic":
-        from data_pipeline.synthetic import SyntheticLoader
+        from data_pipeline.read.synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, rank=rank, world_size=world_size,
                                micro_batch_size=micro_batch_size, seq_len=seq_len, split=split)
     if cfg.kind == "webdataset":
-        from data_pipeline.loader import WebDatasetLoader
+        from data_pipeline.read.loader import WebDatasetLoader
 
         return WebDatasetLoader(cfg, rank=rank, world_size=world_size,
                                 micro_batch_size=micro_batch_size, seq_len=seq_len, split=split,

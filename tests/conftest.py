@@ -4,7 +4,18 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import TINY, losses, run_train
-from tests.slurm_cluster import session_cluster
+from tests.support.slurm_cluster import session_cluster
+
+TIERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test carries the marker of its tier folder: `-m unit`, `-m "not system"`, ..."""
+    for item in items:
+        parts = item.path.parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -26,24 +37,24 @@ def reference_runs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """A running one-node SLURM cluster on localhost for the session (tests/slurm_cluster.py)."""
-    from tests.slurm_cluster import missing_reason, start_cluster
+    """A running one-node SLURM cluster on localhost for the session (tests/support/slurm_cluster.py)."""
+    from tests.support.slurm_cluster import missing_reason, start_cluster
 
     yield from session_cluster(tmp_path_factory, missing_reason, start_cluster, "slurm")
 
 
 @pytest.fixture(scope="session")
 def slurm_two_nodes(tmp_path_factory):
-    """Two SLURM nodes in network namespaces of their own, for the session (tests/slurm_netns.py)."""
-    from tests.slurm_netns import netns_missing_reason, start_two_node_cluster
+    """Two SLURM nodes in network namespaces of their own, for the session (tests/support/slurm_netns.py)."""
+    from tests.support.slurm_netns import netns_missing_reason, start_two_node_cluster
 
     yield from session_cluster(tmp_path_factory, netns_missing_reason, start_two_node_cluster, "slurm2")
 
 
 @pytest.fixture(scope="session")
 def launch_reference(tmp_path_factory) -> dict[int, float]:
-    """The launcher tests' uninterrupted reference curve, run once per session (tests/slurm_runs.py)."""
-    from tests.slurm_runs import reference_curve
+    """The launcher tests' uninterrupted reference curve, run once per session (tests/support/slurm_runs.py)."""
+    from tests.support.slurm_runs import reference_curve
 
     return reference_curve(tmp_path_factory.mktemp("launch-reference"))
 
@@ -52,8 +63,8 @@ def launch_reference(tmp_path_factory) -> dict[int, float]:
 def remote_corpus(tmp_path_factory):
     """44 tiny shards of 4 documents (about 10 KB each) and their prepare-style manifest,
     served by one HTTP server for the whole session (tests that need faults start their own)."""
-    from data_pipeline.http_server import ShardServer
-    from data_pipeline.testing import make_shards
+    from tests.support.data import make_shards
+    from tests.support.http_server import ShardServer
 
     shards = make_shards(tmp_path_factory.mktemp("remote"), sizes=(4,) * 44, min_len=5, max_len=15,
                          vocab_size=256, content="random")
@@ -85,7 +96,7 @@ def moto_s3():
 def llama3_tokenizer(tmp_path_factory):
     """Directory of a tiny Llama-3-style tokenizer (split pattern + byte-level BPE, special
     tokens, chat template with {% generation %} markers), built locally once per session."""
-    from data_pipeline.testing import build_llama3_tokenizer
+    from tests.support.data import build_llama3_tokenizer
 
     out = tmp_path_factory.mktemp("llama3_tokenizer")
     build_llama3_tokenizer(out)

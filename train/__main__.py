@@ -43,7 +43,7 @@ def main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from data_pipeline.manifest import ManifestError
+    from data_pipeline.shards.manifest import ManifestError
     from train import dist
     from train.checkpoint import CheckpointWriteError
     from train.guard import DivergedError

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipeline.config import (
+from data_pipeline.read.config import (
     SyntheticDataConfig,
     WebDatasetConfig,
     chat_len_problems,
@@ -223,7 +223,7 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         if t.eval_every > 0:
             p.extend(missing_val_split(cfg.data))
         if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
-            from data_pipeline.remote_table import unreachable
+            from data_pipeline.read.remote_table import unreachable
 
             p.extend(unreachable(cfg.data))
     p.extend(_check_run_dir(cfg.run.dir))

@@ -1,0 +1,3 @@
+from data_pipeline.prepare.pipeline import main
+
+main()

@@ -1,0 +1,239 @@
+"""`data=webdataset`: packed micro-batches from tokenized tar shards, exactly resumable.
+
+Rank r of W, in round k (its k-th micro-batch), takes the stream span of global batch number
+k*W + r (see order.py and batches.py). DataLoader worker i of K produces rounds i, i+K, ...,
+which the DataLoader hands back strictly in round order. The loader counts the rounds the
+trainer has *consumed* (not what workers prefetched), so its state is one stream position,
+identical on every rank:
+
+    position = base + consumed_rounds * W * B * T        (tokens of the global stream)
+
+`load_state_dict` and `load_elastic` (any old world size) both continue at that position:
+nothing is seen twice or skipped, and no partly packed buffer exists to lose.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.read.batches import ShardReader, Span, TokenSpans
+from data_pipeline.read.config import WebDatasetConfig
+from data_pipeline.read.order import GlobalOrder
+from data_pipeline.read.prefetch import Prefetcher
+from data_pipeline.read.rows import RowOrder, RowSpan, RowSpans
+from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
+
+STATE_VERSION = 1
+
+
+class _RankStream(IterableDataset):
+    """Rounds first_round, first_round + 1, ... of one rank, split over DataLoader workers."""
+
+    def __init__(self, spans: TokenSpans | RowSpans, *, base: int, first_round: int,
+                 rank: int, world_size: int, remote: WebDatasetConfig | None = None) -> None:
+        """remote: the settings of a remote corpus, whose shards a Prefetcher fetches."""
+        self.spans, self.base, self.first_round = spans, base, first_round
+        self.rank, self.world_size, self.remote = rank, world_size, remote
+
+    def __iter__(self) -> Iterator[Span | RowSpan]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        k = self.first_round + worker
+        fetch = None
+        if self.remote is not None:   # created here: in the worker process that reads
+            fetch = Prefetcher(self.spans, self.remote, round_pos=self._pos, stride=workers)
+        try:
+            while True:
+                if fetch is not None:
+                    fetch.advance(k)
+                yield self.spans.read(self._pos(k))
+                k += workers
+        finally:
+            self.spans.close()
+            if fetch is not None:
+                fetch.close()
+
+    def _pos(self, k: int) -> int:
+        return self.base + (k * self.world_size + self.rank) * self.spans.unit
+
+
+def _as_is(span: Span | RowSpan) -> Span | RowSpan:
+    """DataLoader collate_fn: keep numpy (its default would make shared-memory tensors)."""
+    return span
+
+
+def _spans(table: ShardTable, order: GlobalOrder, cfg: WebDatasetConfig, rows: int,
+           seq_len: int) -> TokenSpans | RowSpans:
+    """Text shards stream tokens; chat shards (with masks) come as whole conversations per row."""
+    reader = ShardReader(table)
+    if table.mask_offsets is None:
+        if not cfg.pack:
+            raise ValueError("data.pack=false pads one conversation per row, but these shards are "
+                             "text (no .mask members): prepare them with mode=chat, or set data.pack=true")
+        return TokenSpans(order, reader, rows, seq_len, cfg.on_error)
+    longest = int(table.lengths.max())
+    if longest > seq_len:
+        raise ValueError(f"chat shards hold a conversation of {longest} tokens > trainer.seq_len="
+                         f"{seq_len} (a conversation is never cut across rows): raise trainer.seq_len "
+                         f"or prepare again with chat.max_len<={seq_len}")
+    pad = (table.chat or {}).get("pad_token_id")
+    pad = pad if pad is not None else (table.eos_token_id if table.eos_token_id is not None else 0)
+    return RowSpans(RowOrder(order, seq_len, cfg.pack), reader, rows, seq_len, pad, cfg.on_error)
+
+
+class WebDatasetLoader:
+    """Follows `data_pipeline.Loader` for shards written by `python -m data_pipeline.prepare`
+    (or any tars of `.u16`/`.u32` token arrays; see shard_format.py).
+
+    Text shards: the stream position counts tokens. Chat shards (`.mask` members): batches of
+    whole conversations (rows.py) and the position counts rows; everything else (workers,
+    resume, elastic resume) is the same."""
+
+    def __init__(self, cfg: WebDatasetConfig, *, rank: int, world_size: int,
+                 micro_batch_size: int, seq_len: int, split: str = "train",
+                 pin_memory: bool = False) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside world_size={world_size}")
+        if micro_batch_size < 1 or seq_len < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} and seq_len={seq_len} must be >= 1")
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: use 'train' or 'val'")
+        self.cfg, self.split = cfg, split
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.table = build_table(cfg, split)
+        self.order = GlobalOrder(self.table, cfg.seed, cfg.shuffle_buffer, shuffle=cfg.shuffle)
+        self.vocab_size = self.table.vocab_size
+        self.tokenizer_dir = self.table.tokenizer_dir
+        self.eos_token_id = self.table.eos_token_id
+        self.data_fingerprint = self.table.fingerprint
+        self._spans = _spans(self.table, self.order, cfg, micro_batch_size, seq_len)
+        self.unit = "rows" if isinstance(self._spans, RowSpans) else "tokens"
+        self._base = 0
+        self._consumed = 0
+        self._generation = 0
+        self._masked_tokens = 0
+        self._repeated_tokens = 0
+        self._warned: set[str] = set()
+
+    @property
+    def position(self) -> int:
+        """Tokens (chat: rows) of the global stream consumed by all ranks together."""
+        return self._base + self._consumed * self.world_size * self._spans.unit
+
+    def _source(self) -> Iterator[Span | RowSpan]:
+        stream = _RankStream(self._spans, base=self._base, first_round=self._consumed,
+                             rank=self.rank, world_size=self.world_size,
+                             remote=self.cfg if self.table.remote else None)
+        if self.cfg.num_workers == 0:
+            yield from stream
+            return
+        it = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                             prefetch_factor=self.cfg.prefetch_factor, collate_fn=_as_is))
+        try:
+            yield from it
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            generation = self._generation
+            source = self._source()
+            try:
+                for span in source:
+                    if generation != self._generation:
+                        break
+                    self._consumed += 1
+                    self._note(span.notes)
+                    batch = self._spans.finish(span)
+                    if self.pin_memory:
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                    yield batch
+                    if generation != self._generation:
+                        break
+            finally:
+                source.close()
+
+    def _note(self, notes: dict[str, Any]) -> None:
+        self._masked_tokens += int(notes["masked_tokens"])
+        for msg in notes["bad"]:
+            if msg not in self._warned:
+                self._warned.add(msg)
+                warnings.warn(f"masked bad data (labels -100): {msg}", DataWarning, stacklevel=3)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "webdataset", "version": STATE_VERSION, "split": self.split,
+                "position": self.position, "rank": self.rank, "world_size": self.world_size,
+                "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
+                "seed": self.cfg.seed, "data_fingerprint": self.data_fingerprint,
+                **({"unit": "rows", "pack": self.cfg.pack} if self.unit == "rows" else {}),
+                "masked_tokens": self._masked_tokens, "repeated_tokens": self._repeated_tokens}
+
+    def _check(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "webdataset" or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a webdataset loader state (kind={state.get('kind')!r}, "
+                             f"version={state.get('version')!r}); was the run using another data=?")
+        if state.get("unit", "tokens") != self.unit:
+            raise ValueError(f"loader state counts {state.get('unit', 'tokens')} but these shards are "
+                             f"{'chat' if self.unit == 'rows' else 'text'} shards (counted in "
+                             f"{self.unit}): resume with the data the checkpoint was trained on")
+        if self.unit == "rows":
+            for key, mine in (("seq_len", self.seq_len), ("pack", self.cfg.pack)):
+                if state.get(key) != mine:  # rows are packed for one seq_len
+                    warnings.warn(f"loader state has {key}={state.get(key)!r} but this loader has "
+                                  f"{mine!r}: chat rows are packed differently, so the continuation "
+                                  "is not the uninterrupted order", DataWarning, stacklevel=3)
+        for key, mine in (("data_fingerprint", self.data_fingerprint), ("seed", self.cfg.seed)):
+            if state.get(key) != mine:
+                warnings.warn(f"loader state has {key}={state.get(key)!r} but this loader has "
+                              f"{mine!r}: the shards or seed changed since the checkpoint, so the "
+                              "continuation is not the uninterrupted order", DataWarning, stacklevel=3)
+
+    def _restart_at(self, position: int) -> None:
+        self._base, self._consumed = int(position), 0
+        self._generation += 1
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check(state)
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"loader state is from world_size={state['world_size']}, this run has "
+                             f"{self.world_size}: use load_elastic(states of every old rank)")
+        self._masked_tokens = int(state.get("masked_tokens", 0))
+        self._repeated_tokens = int(state.get("repeated_tokens", 0))
+        self._restart_at(state["position"])
+
+    def load_elastic(self, states: list[dict[str, Any]]) -> None:
+        """Continue from a run with another world size: every old rank's state, any order."""
+        if not states:
+            raise ValueError("load_elastic needs the loader states of every rank of the old run")
+        for s in states:
+            self._check(s)
+        old = {int(s["world_size"]) for s in states}
+        if len(old) != 1 or len(states) != old.pop():
+            raise ValueError(f"load_elastic got {len(states)} states with world sizes {sorted(old)}: "
+                             "pass the state of every rank of one run")
+        positions = [int(s["position"]) for s in states]
+        if len(set(positions)) > 1:
+            # Ranks of a lockstep run agree; if not, resume at the earliest so nothing is skipped.
+            self._repeated_tokens += max(positions) - min(positions)
+            warnings.warn(f"old ranks disagree on the stream position {sorted(set(positions))}; "
+                          f"resuming at the earliest, {max(positions) - min(positions)} tokens repeat",
+                          DataWarning, stacklevel=2)
+        self._masked_tokens = max(int(s.get("masked_tokens", 0)) for s in states)
+        self._restart_at(min(positions))
+
+    def metrics(self) -> dict[str, float]:
+        """Cheap counters: epochs and tokens of the global stream consumed, data problems."""
+        return {"data_epoch": self._spans.epoch_of(self.position),
+                f"data_{self.unit}": float(self.position),
+                "data_skipped_shards": float(len(self.table.skipped)),
+                "data_bad_samples": float(self.table.bad_samples),
+                "data_masked_tokens": float(self._masked_tokens),
+                "data_elastic_lost_tokens": 0.0,
+                "data_elastic_repeated_tokens": float(self._repeated_tokens)}
