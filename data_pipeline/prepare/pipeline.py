@@ -341,7 +341,7 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    @hydra.main(config_path="../../conf", config_name="prepare", version_base=None)
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="prepare", version_base=None)
     def _run(dcfg) -> None:
         try:
             prepare(load_prepare_config(OmegaConf.to_container(dcfg, resolve=True)))
