@@ -52,6 +52,9 @@ __all__ = ["TrainState", "Checkpointer", "CheckpointWriteError", "describe_error
 class TrainState:
     step: int = 0
     tokens: int = 0
+    """Real (non-pad) input tokens of every step so far, all ranks (padding is not counted)."""
+    trained_tokens: int = 0
+    """Tokens the loss was taken over (label != -100) so far, all ranks."""
     world_size: int = 1
     strategy: dict[str, Any] = field(default_factory=dict)
     model_config: dict[str, Any] = field(default_factory=dict)

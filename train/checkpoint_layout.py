@@ -36,6 +36,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(path: Path | str) -> int | None:
+    """The step a checkpoint directory (`step_00000100`) holds, or None for any other name."""
+    m = STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def tmp_dir_name(step: int) -> str:
     return TMP_PREFIX + step_dir_name(step)
 

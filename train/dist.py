@@ -164,6 +164,13 @@ def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed element-wise over ranks, in place and left on its device (no host read)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

@@ -98,11 +98,6 @@ class StepGuard:
                 "rollbacks": float(self.rollbacks)}
 
 
-def global_loss(losses: list[torch.Tensor], device: torch.device) -> float:
-    """Mean micro-batch loss over all ranks; NaN or inf on any rank makes it non-finite on all."""
-    return d.mean_across_ranks([torch.stack(losses).float().mean().item()], device)[0]
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
 

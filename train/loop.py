@@ -1,222 +1,220 @@
-"""The training loop: one function, the same for every strategy (STYLE 1).
+"""The training loop: one loop, the same for every strategy (docs/STYLE.md §1), in torchtitan's shape.
 
-Read top to bottom: set up -> resume -> for each step (accumulate micro-batches, step,
-log, evaluate, checkpoint, export, stop on request) -> final checkpoint and export.
+    run = setup(cfg, raw_cfg)              train/run.py: everything the loop uses, built once
+    while run.stop is None:
+        result = train_step(run, batches)  forward/backward, the guard's verdict, optimizer step
+        after_step(run, result)            log, roll back, evaluate, stop condition, checkpoint, export
+    finish(run)
+
+Per step the loop makes two small all-reduces and ONE host read (train/step.py): the step's
+counts (kept on the device), then [loss sum, stop flag]; the read feeds the NaN guard, which must
+judge every step before its update. Everything else is read only on logging steps. The strategy's
+own step reads its global grad norm (train/strategies/).
+
+Extension points (each a small addition):
+- another objective (DPO over paired batches): a class following `train.step.Objective` set as
+  `Run.objective` in `setup`; `train_step` and the guard do not change.
+- more counts per step (per-source token counts of a data mixture): extra keys returned by the
+  objective's `counts()`; they are summed over ranks in the same all-reduce and arrive in
+  `StepResult.counts`; `log_step` writes the keys it is given.
+- another reason to stop (a data source lost -> checkpoint and stop): one more branch in
+  `stop_reason`, returning `Stop(reason, complete=False, interrupted=True)`; `save_and_export`
+  then checkpoints that step and the loop ends.
+- set-up records (a `startup` metrics record of timed phases): `setup` builds `Run` in named
+  phases; time them there and write the record in `train()` after `setup` returns.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from data_pipeline import build_loader
-from data_pipeline.fsutil import atomic_write_text
 from train import dist as d
-from train import faults
-from train.adapters.lora import (
-    adapter_info,
-    apply_adapter,
-    base_fingerprint,
-    check_resume_base,
-    quantized_base,
-)
-from train.checkpoint import Checkpointer, TrainState, load_train_state
-from train.config import Config, grad_accum_steps
+from train.checkpoint import TrainState
+from train.checkpoint_layout import step_of
+from train.config import Config
 from train.export.hook import ExportHook
-from train.guard import DivergedError, StepGuard, first_nonfinite
-from train.lock import acquire_run_lock
+from train.guard import DivergedError, first_nonfinite
 from train.loss import token_loss_sum
-from train.metrics import MetricsFile
-from train.model import build_model, num_params
-from train.resume import candidates, check_changes, restore
-from train.signals import StopRequest
-from train.step import forward_backward, global_loss, next_micro_batches
-from train.strategies import build_strategy, strategy_class
+from train.resume import candidates, restore
+from train.run import Run, Stop, finish, setup
+from train.step import next_micro_batches, read_back, reduce_counts, reduce_loss_and_stop
 from train.strategies.base import Strategy
-from train.tracking import build_tracker
-from train.tracking.flops import mfu, model_flops_per_token, peak_flops
-from train.tracking.progress import Progress
-from train.tracking.redact import redact
-from train.tracking.straggler import StragglerMonitor
+from train.tracking.flops import mfu
 
 log = logging.getLogger("scaletrain")
 
 
 def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
-    info = d.init_distributed(cfg.trainer.device,
-                              need_group=strategy_class(cfg.strategy.kind).needs_process_group,
-                              timeout_s=cfg.dist.timeout_s)
-    run_dir = Path(cfg.run.dir)
-    lock = acquire_run_lock(run_dir, cfg.run.lock_stale_s, info.is_main)  # before anything is written
-    accum = grad_accum_steps(cfg.trainer, info.world_size)
-    t = cfg.trainer
-    loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
-                          micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
-                          pin_memory=info.device.type == "cuda")
-    model = _build_model(cfg, loader.vocab_size, info)
-    if loader.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the data has {loader.vocab_size} token ids but the model's vocabulary has "
-                         f"{model.config.vocab_size}: use a tokenizer that matches model.path, or set "
-                         "model.vocab_size >= the data's vocabulary")
-    adapter = _adapter_info(cfg, model, info)
-    model = apply_adapter(model, cfg.adapter)  # before checkpointing and sharding (STYLE 2)
-    n_params = num_params(model)
-    flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
+    run = setup(cfg, raw_cfg)
+    run.stop = stop_reason(run, requested=False)  # a resumed run may already be complete
+    while run.stop is None:
+        micro_batches, data_wait = next_micro_batches(run.batches, run.accum, run.info.device)
+        result = train_step(run, micro_batches, data_wait)
+        after_step(run, result)
+    finish(run)
+    return run.state
 
-    public_cfg = redact(raw_cfg)
-    ckpt_root = run_dir / "checkpoints"
-    found = candidates(ckpt_root, cfg, info)
-    if found:
-        check_changes(found[0], cfg, public_cfg, model.config.to_dict())  # refuses before any engine starts
-        check_resume_base(found[0], load_train_state(found[0]).adapter, adapter)
-    faults.poison_loss(model, lambda: state.step + 1)  # SCALETRAIN_FAULT=nan@STEP only
-    strategy = build_strategy(model, cfg, info, accum)
-    state = TrainState(world_size=info.world_size, model_config=model.config.to_dict(),
-                       strategy=strategy.describe(), tokenizer_dir=loader.tokenizer_dir,
-                       config_digest=_digest(raw_cfg), adapter=adapter)
-    resume_from, saved = restore(found, strategy, loader, info)
-    if resume_from is not None:
-        state.step, state.tokens = saved.step, saved.tokens
-        log.info("resumed from %s at step %d", resume_from, state.step)
 
-    config_yaml = OmegaConf.to_yaml(OmegaConf.create(public_cfg))
+@dataclass
+class StepResult:
+    """One step, as every rank sees it (identical on all ranks)."""
+    loss: float
+    """Global mean of the objective (token mean over the global batch)."""
+    grad_norm: float
+    lr: float
+    applied: bool
+    """The optimizer update was applied (False: the NaN guard skipped the step)."""
+    counts: dict[str, int]
+    """The step's global counts: `tokens` (real, non-pad), `trained_tokens`, and any an objective adds."""
+    stop_requested: bool
+    """Some rank was asked to stop (signal, STOP file, dead launcher, lost lock)."""
+    data_wait_s: float
+    step_time_s: float
+
+
+def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], data_wait: float) -> StepResult:
+    """Forward and backward over the step's micro-batches, the guard's verdict, the optimizer
+    step. Two all-reduces and one host read (train/step.py)."""
+    t0 = time.perf_counter() - data_wait
+    d.note_step(run.state.step)  # the last completed step, for a collective that times out
+    local = run.objective.counts(micro_batches)
+    counts = reduce_counts(local)  # collective 1, stays on the device
+    normaliser = counts[list(local).index(run.objective.normaliser)]
+    loss_sum = run.objective.forward_backward(run.strategy, micro_batches, normaliser)
+    packed = reduce_loss_and_stop(loss_sum, run.stop_request.local())  # collective 2
+    *totals, global_sum, stoppers = read_back(counts, packed)  # the one host read
+    step_counts = {k: int(v) for k, v in zip(local, totals)}
+    loss = global_sum / max(1, step_counts[run.objective.normaliser])
+    skip = run.guard.verdict(loss)  # every rank reaches the same verdict from the same values
+    grad_norm = run.strategy.step(skip=skip is not None)
+    applied = run.guard.record(run.state.step + 1, loss, grad_norm, skip)
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=run.strategy.lr(), applied=applied, counts=step_counts,
+                      stop_requested=stoppers > 0, data_wait_s=data_wait, step_time_s=time.perf_counter() - t0)
+
+
+def after_step(run: Run, result: StepResult) -> None:
+    """Account for the step, then the after-step work in its order."""
+    state, t = run.state, run.cfg.trainer
+    state.step += 1
+    state.tokens += result.counts["tokens"]
+    state.trained_tokens += result.counts["trained_tokens"]
+    run.window.steps += 1
+    run.window.tokens += result.counts["tokens"]
+    run.straggler.update(state.step, result.step_time_s, result.data_wait_s)  # collective every N steps
+    if state.step % t.log_every == 0 or state.step == t.max_steps or not result.applied:
+        log_step(run, result)
+    if not result.applied and run.guard.rollback_due():
+        roll_back(run)
+        return
+    if t.eval_every and state.step % t.eval_every == 0:
+        ev = evaluate(run.strategy, run.cfg, run.info)
+        run.metrics.write({"step": state.step, **ev})
+        run.tracker.log(ev, state.step)
+    run.stop = stop_reason(run, requested=result.stop_requested)
+    save_and_export(run)
+
+
+def stop_reason(run: Run, requested: bool) -> Stop | None:
+    """The stop condition, the only place it is written: None to go on."""
+    t, s = run.cfg.trainer, run.state
+    complete = s.step >= t.max_steps or (t.max_tokens is not None and s.tokens >= t.max_tokens)
+    if requested:
+        return Stop(f"stop requested ({run.stop_request.reason()})", complete=complete, interrupted=True)
+    if complete:
+        limit = "trainer.max_steps" if s.step >= t.max_steps else "trainer.max_tokens"
+        return Stop(f"{limit} reached", complete=True, interrupted=False)
+    return None
+
+
+def log_step(run: Run, result: StepResult) -> None:
+    """One metrics.jsonl record (+ tracker, progress bar or log line) covering the window since the last one."""
+    state, t, w = run.state, run.cfg.trainer, run.window
+    elapsed = time.perf_counter() - w.t0
+    tokens_per_s = w.tokens / elapsed
+    capacity = run.rows_per_step * t.seq_len * w.steps  # input positions of the window, padding included
+    record = {"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+              "tokens": state.tokens, "trained_tokens": state.trained_tokens, "tokens_per_s": tokens_per_s,
+              "padding_frac": 1.0 - w.tokens / capacity, "samples_per_s": run.rows_per_step * w.steps / elapsed,
+              "step_time_s": result.step_time_s, "data_wait_s": result.data_wait_s,
+              "data_wait_frac": result.data_wait_s / result.step_time_s, "mem_peak_gb": _mem_peak_gb(run.info.device),
+              **run.loader.metrics(), **run.guard.metrics(), **({} if result.applied else {"skipped": True})}
+    w.reset()
+    util = mfu(tokens_per_s / run.info.world_size, run.flops_per_token, run.peak_flops)  # real tokens only
+    if util is not None:
+        record["mfu"] = util
+    record.update(run.straggler.metrics())  # straggler/* figures on exchange steps
+    record.update(run.tracker.log(record, state.step))  # + alerts/* counters and sys/* memory
+    run.metrics.write(record)
+    run.progress.update(state.step, record)
+    if run.info.is_main and run.progress.bar is None:  # on a terminal the bar shows these
+        log.info("step %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | wait %.1f%%", state.step, result.loss,
+                 result.lr, result.grad_norm, tokens_per_s, 100 * record["data_wait_frac"])
+
+
+def save_and_export(run: Run) -> None:
+    """Checkpoint when due (every N steps, on a stop, at the end, before an export), then export."""
+    state, ckpt, stop = run.state, run.cfg.checkpoint, run.stop
+    complete = stop is not None and stop.complete
+    interrupted = stop is not None and stop.interrupted
+    export_now = run.exporter.due(state.step, final=complete)
+    path = None
+    if (ckpt.every_steps and state.step % ckpt.every_steps == 0) or interrupted or \
+            (complete and ckpt.at_end) or export_now:
+        # in the background only when training goes on and nothing reads the checkpoint next
+        path = checkpoint(run, blocking=not ckpt.async_save or stop is not None or export_now)
+        if path is None and stop is not None:
+            raise DivergedError(f"the weights at step {state.step} are not finite; nothing was saved "
+                                "(the newest finite checkpoint is still in place)")
+    run.checkpointer.poll()
+    if export_now and path is not None:  # from the checkpoint just written: equals an offline export
+        run.metrics.write(export(run.exporter, run.strategy, run.model_config, path, state.step, run.info,
+                                 run.tracker))
+    if interrupted:
+        log.warning("%s: checkpointed step %d, exiting", stop.reason, state.step)
+        if run.info.is_main:
+            run.stop_request.clear()
+
+
+def checkpoint(run: Run, blocking: bool) -> Path | None:
+    """Save the current step, unless a weight or optimizer tensor is not finite (then None)."""
+    t0 = time.perf_counter()
+    bad = first_nonfinite(run.strategy.state_tensors(), run.info.device)
+    if bad is not None:
+        log.error("not checkpointing step %d: %s holds NaN/inf", run.state.step, bad)
+        return None
+    path = run.checkpointer.save(run.state, run.strategy, run.loader.state_dict(), blocking)
+    timing = {"step": run.state.step, "checkpoint_time_s": time.perf_counter() - t0}  # the stall
+    run.metrics.write(timing)
+    run.tracker.log(timing, run.state.step)
+    return path
+
+
+def roll_back(run: Run) -> None:
+    """Back to the newest finite checkpoint; the loader keeps its place past the bad data."""
+    state, info = run.state, run.info
+    bad = run.guard.start_rollback()
+    run.checkpointer.wait()  # a checkpoint still being written is published first (or dropped)
+    older = [p for p in candidates(run.checkpointer.root, run.cfg, info) if step_of(p) <= state.step]
+    path, saved = restore(older, run.strategy, None, info)
+    if path is None:
+        raise DivergedError(f"bad steps in a row ({bad}) and no finite checkpoint to roll back to: "
+                            "set checkpoint.every_steps so that there is one, or lower optim.lr")
     if info.is_main:
-        atomic_write_text(run_dir / "config.yaml", config_yaml)
-    metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=info.is_main)
-    metrics.truncate_after(state.step)
-    if resume_from is not None:  # marks where this attempt begins (the report draws it)
-        metrics.write({"step": state.step, "resumed_from": resume_from.name})
-    tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
-                            config=public_cfg, resume=resume_from is not None)
-    stop = StopRequest(run_dir, is_main=info.is_main, lock=lock)
-    peak = peak_flops(info.device, cfg.tracking.peak_flops)
-    straggler = StragglerMonitor(cfg.tracking.straggler_every, cfg.tracking.straggler_margin)
-    progress = Progress(t.max_steps, initial_step=state.step, enabled=info.is_main and cfg.tracking.progress,
-                        every_s=cfg.tracking.progress_every_s)
-    log.info("model %s: %.2fM params | strategy %s | world %d | accum %d | global batch %d",
-             cfg.model.name, n_params / 1e6, cfg.strategy.name, info.world_size, accum,
-             t.micro_batch_size * accum * info.world_size)
-
-    exporter = ExportHook(cfg.export, run_dir, rank=info.rank)
-
-    checkpointer = Checkpointer(ckpt_root, info, config_yaml, cfg.checkpoint.keep_last, cfg.checkpoint.verify)
-    if cfg.checkpoint.async_save and not hasattr(strategy, "save_async"):
-        log.warning("checkpoint.async=true: strategy %s saves blocking (only DDP and FSDP2 save in the "
-                    "background)", cfg.strategy.name)
-
-    def checkpoint(blocking: bool) -> Path | None:
-        t0 = time.perf_counter()
-        bad = first_nonfinite(strategy.state_tensors(), info.device)
-        if bad is not None:
-            log.error("not checkpointing step %d: %s holds NaN/inf", state.step, bad)
-            return None
-        path = checkpointer.save(state, strategy, loader.state_dict(), blocking)
-        timing = {"step": state.step, "checkpoint_time_s": time.perf_counter() - t0}  # the stall
-        metrics.write(timing)
-        tracker.log(timing, state.step)
-        return path
-
-    guard = StepGuard(t, verbose=info.is_main)
-
-    def roll_back() -> None:
-        """Back to the newest finite checkpoint; the loader keeps its place past the bad data."""
-        bad = guard.start_rollback()
-        checkpointer.wait()  # a checkpoint still being written is published first (or dropped)
-        older = [p for p in candidates(ckpt_root, cfg, info) if int(p.name[5:]) <= state.step]
-        path, saved = restore(older, strategy, None, info)
-        if path is None:
-            raise DivergedError(f"bad steps in a row ({bad}) and no finite checkpoint to roll back to: "
-                                "set checkpoint.every_steps so that there is one, or lower optim.lr")
-        if info.is_main:
-            log.warning("rolled back from step %d to %s after %s; the data since then is skipped",
-                        state.step, path.name, bad)
-        record = {"step": saved.step, "rollback": guard.rollbacks, "rolled_back_from": state.step,
-                  "skipped_tokens": state.tokens - saved.tokens}
-        metrics.write(record)
-        tracker.log(record, saved.step)
-        state.step, state.tokens = saved.step, saved.tokens
-
-    tokens_per_step = t.micro_batch_size * t.seq_len * accum * info.world_size
-    batches = iter(loader)
-    window_t0, window_steps = time.perf_counter(), 0
-    while state.step < t.max_steps and (t.max_tokens is None or state.tokens < t.max_tokens):
-        step_t0 = time.perf_counter()
-        micro_batches, data_wait = next_micro_batches(batches, accum, info.device)
-        loss_sum, num_tokens = forward_backward(strategy, micro_batches, info.device)
-        loss = global_loss(loss_sum, num_tokens, info.device)  # the same on every rank: NaN anywhere is NaN everywhere
-        skip = guard.verdict(loss)
-        grad_norm = strategy.step(skip=skip is not None)
-        lr = strategy.lr()
-        state.step += 1
-        state.tokens += tokens_per_step
-        applied = guard.record(state.step, loss, grad_norm, skip)
-        step_time = time.perf_counter() - step_t0
-        window_steps += 1
-        straggler.update(state.step, step_time, data_wait)  # every rank, every step (collective every N)
-
-        if state.step % t.log_every == 0 or state.step == t.max_steps or not applied:
-            tokens_per_s = tokens_per_step * window_steps / (time.perf_counter() - window_t0)
-            window_t0, window_steps = time.perf_counter(), 0
-            record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": state.tokens, "tokens_per_s": tokens_per_s,
-                      "samples_per_s": tokens_per_s / t.seq_len,
-                      "step_time_s": step_time, "data_wait_s": data_wait,
-                      "data_wait_frac": data_wait / step_time, "mem_peak_gb": _mem_peak_gb(info.device),
-                      **loader.metrics(), **guard.metrics(), **({} if applied else {"skipped": True})}
-            util = mfu(record["tokens_per_s"] / info.world_size, flops_tok, peak)
-            if util is not None:
-                record["mfu"] = util
-            record.update(straggler.metrics())  # straggler/* figures on exchange steps
-            record.update(tracker.log(record, state.step))  # + alerts/* counters and sys/* memory
-            metrics.write(record)
-            progress.update(state.step, record)
-            if info.is_main and progress.bar is None:  # on a terminal the bar shows these
-                log.info("step %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | wait %.1f%%",
-                         state.step, loss, lr, grad_norm, record["tokens_per_s"], 100 * record["data_wait_frac"])
-        if not applied and guard.rollback_due():
-            roll_back()
-            continue
-        if t.eval_every and state.step % t.eval_every == 0:
-            ev = evaluate(strategy, cfg, info)
-            metrics.write({"step": state.step, **ev})
-            tracker.log(ev, state.step)
-
-        stopped = stop.agree(state.step, info.device)
-        last = state.step >= t.max_steps or (t.max_tokens is not None and state.tokens >= t.max_tokens)
-        every = cfg.checkpoint.every_steps
-        export_now = exporter.due(state.step, final=last)
-        if (every and state.step % every == 0) or stopped or (last and cfg.checkpoint.at_end) or export_now:
-            # in the background only when training goes on and nothing reads the checkpoint next
-            ckpt_path = checkpoint(blocking=not cfg.checkpoint.async_save or stopped or last or export_now)
-            if ckpt_path is None and (last or stopped):
-                raise DivergedError(f"the weights at step {state.step} are not finite; nothing was saved "
-                                    "(the newest finite checkpoint is still in place)")
-        checkpointer.poll()
-        if export_now and ckpt_path is not None:  # from the checkpoint just written: equals an offline export
-            timing = export(exporter, strategy, model.config, ckpt_path, state.step, info, tracker)
-            metrics.write(timing)
-        if stopped:
-            log.warning("stop requested (%s): checkpointed step %d, exiting", stop.reason(), state.step)
-            if info.is_main:
-                stop.clear()
-            break
-
-    checkpointer.wait()
-    progress.close()
-    tracker.finish()
-    d.barrier()
-    d.shutdown()
-    if lock is not None:
-        lock.release()
-    return state
+        log.warning("rolled back from step %d to %s after %s; the data since then is skipped",
+                    state.step, path.name, bad)
+    record = {"step": saved.step, "rollback": run.guard.rollbacks, "rolled_back_from": state.step,
+              "skipped_tokens": state.tokens - saved.tokens}
+    run.metrics.write(record)
+    run.tracker.log(record, saved.step)
+    state.step, state.tokens, state.trained_tokens = saved.step, saved.tokens, saved.trained_tokens
 
 
 def export(exporter: ExportHook, strategy: Strategy, model_cfg, ckpt_path: Path, step: int,
@@ -253,25 +251,6 @@ def evaluate(strategy: Strategy, cfg: Config, info: d.DistInfo) -> dict[str, flo
     total, count = d.sum_across_ranks([loss_sum, float(tokens)], info.device)
     loss = total / max(1.0, count)  # mean over every evaluated token, as in training
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def _build_model(cfg: Config, vocab_size: int | None, info: d.DistInfo) -> torch.nn.Module:
-    if cfg.adapter.kind == "qlora":
-        torch.manual_seed(cfg.trainer.seed)  # the adapter's initialisation, identical on every rank
-        return quantized_base(cfg.model, info.device)
-    return build_model(cfg.model, vocab_size, cfg.trainer.seed)
-
-
-def _adapter_info(cfg: Config, model: torch.nn.Module, info: d.DistInfo) -> dict[str, Any] | None:
-    """Rank 0 fingerprints the base (file hashes) once; every rank records the same."""
-    if cfg.adapter.kind == "none":
-        return None
-    fingerprint = d.broadcast_object(base_fingerprint(cfg.model, model) if info.is_main else None)
-    return adapter_info(cfg.adapter, cfg.model, fingerprint)
-
-
-def _digest(raw_cfg: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(raw_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _mem_peak_gb(device: torch.device) -> float:

@@ -1,8 +1,8 @@
 """Graceful stop: SIGTERM / SIGUSR1 / a first Ctrl-C, a RUN_DIR/STOP file, a dead launcher, or a lost
 run lock end the run at the next step boundary; every rank checkpoints that step and exits.
 
-The handlers only set a flag; `agree` combines the ranks' answers in the one all-reduce the loop
-already makes per step, so every rank checkpoints the same step. Only rank 0 looks at the STOP file,
+The handlers only set a flag; the loop sends each rank's `local()` answer in the all-reduce it
+already makes per step (train/step.py), so every rank checkpoints the same step. Only rank 0 looks at the STOP file,
 and at most every `STOP_CHECK_S` seconds (a stat on a shared filesystem per step per rank adds up).
 The STOP file works across nodes without forwarding signals through torchrun (which dies on
 SIGUSR1); the SLURM script touches it. A STOP file older than this process was left over from an
@@ -21,10 +21,6 @@ import os
 import signal
 import time
 from pathlib import Path
-
-import torch
-
-from train import dist as d
 
 log = logging.getLogger("scaletrain")
 
@@ -80,12 +76,6 @@ class StopRequest:
             self._next_check = time.monotonic() + STOP_CHECK_S
             self.file_seen = self.stop_file.exists()
         return self.file_seen
-
-    def agree(self, step: int, device: torch.device) -> bool:
-        """True on every rank when any rank wants to stop (one tiny all-reduce); `step` has just
-        completed, so a collective that later times out can say where the job was."""
-        d.note_step(step)
-        return d.any_rank(self.local(), device)
 
     def reason(self) -> str:
         if self.signal_name:

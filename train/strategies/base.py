@@ -82,10 +82,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def token_scale(num_tokens: int, world_size: int) -> float:
+def token_scale(num_tokens: int | torch.Tensor, world_size: int) -> float | torch.Tensor:
     """Factor on a micro-batch's summed token loss so that, after the engine averages gradients
     over ranks (DDP, FSDP2, ZeRO all do), the step's gradient is that of the global token mean
     (transformers' num_items_in_batch fix): a token weighs the same however the batch is split."""
+    if isinstance(num_tokens, torch.Tensor):  # the loop's device count: no host sync
+        return world_size / num_tokens.clamp(min=1)
     return world_size / max(1, num_tokens)
 
 
