@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from train.checkpoint_layout import (
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     LATEST,
     LayoutError,
@@ -22,7 +23,7 @@ from train.checkpoint_layout import (
 
 def progress(run_dir: Path) -> tuple[bool, str]:
     """(finished, why): finished when the latest checkpoint reached trainer.max_steps or max_tokens."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     name = read_latest(root)
     if name is None:
         latest = root / LATEST

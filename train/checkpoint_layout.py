@@ -21,6 +21,8 @@ import xxhash
 
 log = logging.getLogger("scaletrain.checkpoint")
 
+CHECKPOINTS_DIR = "checkpoints"
+"""RUN_DIR/checkpoints holds the step directories and `latest`."""
 STEP_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
 LATEST = "latest"
@@ -40,6 +42,11 @@ def step_of(path: Path | str) -> int | None:
     """The step a checkpoint directory (`step_00000100`) holds, or None for any other name."""
     m = STEP_RE.match(Path(path).name)
     return int(m.group(1)) if m else None
+
+
+def is_step_entry(name: str) -> bool:
+    """A checkpoint directory's name, complete (step_N) or being written (.tmp-step_N)."""
+    return STEP_RE.match(name.removeprefix(TMP_PREFIX)) is not None
 
 
 def tmp_dir_name(step: int) -> str:

@@ -30,6 +30,7 @@ from train.adapters.lora import (
     quantized_base,
 )
 from train.checkpoint import Checkpointer, TrainState, load_train_state
+from train.checkpoint_layout import CHECKPOINTS_DIR
 from train.config import Config, grad_accum_steps
 from train.export.hook import ExportHook
 from train.guard import StepGuard
@@ -127,7 +128,7 @@ def setup(cfg: Config, raw_cfg: dict[str, Any]) -> Run:
     flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
 
     public_cfg = redact(raw_cfg)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / CHECKPOINTS_DIR
     found = candidates(ckpt_root, cfg, info)
     if found:
         check_changes(found[0], cfg, public_cfg, model.config.to_dict())  # refuses before any engine starts

@@ -5,6 +5,7 @@ non-logging step; and its twin: the losses are those of the host-side math the l
 still judges every step (an injected NaN step is skipped)."""
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections import Counter
@@ -63,7 +64,10 @@ def counted_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     run_dir = tmp_path_factory.mktemp("syncs")
     raw = compose_train([*OVERRIDES, f"run.dir={run_dir}"])
-    steps = []
+    steps, messages = [], []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("scaletrain").addHandler(handler)
     try:
         with patched_environ({"SCALETRAIN_FAULT": f"nan@{NAN_STEP}"}), one_rank_group("cpu"):
             run = setup(load_config(raw, world_size=1), raw)
@@ -78,14 +82,15 @@ def counted_run(tmp_path_factory):
                 steps.append((dict(counter.counts), result))
             finish(run)
     finally:
+        logging.getLogger("scaletrain").removeHandler(handler)
         mp.undo()
         for s, h in handlers.items():
             signal.signal(s, h)
-    return raw, steps
+    return raw, steps, messages, run_dir
 
 
 def test_two_all_reduces_and_one_host_read_per_step(counted_run):
-    _, steps = counted_run
+    _, steps, _, _ = counted_run
     assert len(steps) == STEPS
     for i, (counts, result) in enumerate(steps, start=1):
         logging_step = i % LOG_EVERY == 0 or not result.applied
@@ -104,7 +109,7 @@ def test_same_losses_as_the_host_side_math_and_the_guard_still_judges(counted_ru
     from train.guard import StepGuard
     from train.step import forward_backward, global_loss, next_micro_batches
 
-    raw, steps = counted_run
+    raw, steps, _, _ = counted_run
     assert [r.applied for _, r in steps] == [i != NAN_STEP for i in range(1, STEPS + 1)], "the NaN step is skipped"
     assert all(r.counts == {"trained_tokens": 4 * 32, "tokens": 4 * 32} for _, r in steps)
     cfg = load_config(raw, world_size=1)
@@ -122,3 +127,13 @@ def test_same_losses_as_the_host_side_math_and_the_guard_still_judges(counted_ru
             assert guard.verdict(loss) is None
             grad_norm = strategy.step(skip=False)
             assert result.loss == loss and result.grad_norm == grad_norm, (i, result, loss, grad_norm)
+
+
+def test_one_voice_per_event_the_guard_not_the_loss_alert(counted_run):
+    from train.metrics import read_metrics
+
+    _, _, messages, run_dir = counted_run
+    assert any(f"skipped step {NAN_STEP} on every rank: loss is nan" in m for m in messages), messages
+    assert not any("loss is nan at step" in m for m in messages), messages  # the tracker's old alert
+    record = next(r for r in read_metrics(run_dir) if r.get("step") == NAN_STEP and "loss" in r)
+    assert record["skipped"] and record["alerts/loss_nonfinite"] == 1  # still counted

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from train.checkpoint_layout import STATE_FILE
 from train.export.checkpoint_reader import Checkpoint
 from train.export.weights import CheckpointError
 
@@ -40,7 +41,7 @@ def read_adapter(ckpt: Checkpoint) -> Adapter | None:
     info = ckpt.state.get("adapter")
     if not info:
         return None
-    state_file = ckpt.path / "trainer_state.json"
+    state_file = ckpt.path / STATE_FILE
     if not isinstance(info, dict) or not isinstance(info.get("lora_config"), dict) or not info.get("base_model"):
         raise CheckpointError(f"{state_file}: 'adapter' must be a mapping with base_model and lora_config; "
                               "the file is corrupt or from another version")

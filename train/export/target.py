@@ -7,13 +7,10 @@ checkpoints the export is made from. The training hook's RUN_DIR/exports/step_N 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from train.checkpoint_layout import LayoutError
+from train.checkpoint_layout import CHECKPOINTS_DIR, LATEST, STATE_FILE, LayoutError, is_step_entry
 from train.export.files import META_NAME, read_meta
-
-_CHECKPOINT_ENTRY = re.compile(r"^(\.tmp-)?step_\d+$")
 
 
 class ExportTargetError(ValueError):
@@ -50,9 +47,9 @@ def check_target(out: Path, checkpoint: Path) -> None:
 def _checkpoints_ancestor(path: Path) -> Path | None:
     """The checkpoint or run checkpoints/ directory `path` is in (or is), if any."""
     for anc in (path, *path.parents):
-        if (anc / "trainer_state.json").is_file():
+        if (anc / STATE_FILE).is_file():
             return anc
-        if anc.name == "checkpoints" and anc.is_dir() and (
-                (anc / "latest").exists() or any(_CHECKPOINT_ENTRY.match(p.name) for p in anc.iterdir())):
+        if anc.name == CHECKPOINTS_DIR and anc.is_dir() and (
+                (anc / LATEST).exists() or any(is_step_entry(p.name) for p in anc.iterdir())):
             return anc
     return None

@@ -30,11 +30,16 @@ class LossMonitor:
         self.counts = {"nonfinite": 0, "spike": 0}
         self._last_report: dict[str, int] = {}
 
-    def check(self, step: int, loss: float | None) -> LossAlert | None:
-        """The alert to raise for this step's loss, or None."""
+    def check(self, step: int, loss: float | None, judged: bool = False) -> LossAlert | None:
+        """The alert to raise for this step's loss, or None. `judged`: the NaN guard skipped this
+        step and has already said why (train/guard.py): the event is counted, not announced
+        again (one voice per event), and the loss stays out of the spike history."""
         if loss is None:  # metrics.jsonl stores a NaN loss as null
             loss = float("nan")
         loss = float(loss)
+        if judged:
+            self.counts["nonfinite" if not math.isfinite(loss) else "spike"] += 1
+            return None
         if not math.isfinite(loss):
             return self._event("nonfinite", step, f"loss is {loss} at step {step}",
                                f"Training loss became {loss} at step {step}. Check the LR, data and "

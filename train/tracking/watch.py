@@ -22,7 +22,7 @@ class Watch:
         extra: dict[str, Any] = {}
         alert = None
         if self.monitor is not None:
-            alert = self.monitor.check(step, metrics["loss"])
+            alert = self.monitor.check(step, metrics["loss"], judged=bool(metrics.get("skipped")))
             extra.update(self.monitor.metrics())
         if self.system:
             extra.update(memory_metrics())
