@@ -45,10 +45,11 @@ def baseline_worker(steps: int) -> None:
     from train.config import ModelConfig, OptimConfig, ScheduleConfig
     from train.model import build_model
     from train.schedule import build_scheduler
-    from train.strategies.base import adamw
+    from train.strategies.base import param_groups
 
     model = build_model(ModelConfig(**MODEL), 256, seed=0)
-    opt = adamw(model, OptimConfig())
+    o = OptimConfig()
+    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps)  # as TorchOptim
     sched = build_scheduler(opt, ScheduleConfig(), steps)
     batches = iter(SyntheticLoader(SyntheticDataConfig(), rank=0, world_size=1, micro_batch_size=MICRO, seq_len=SEQ))
     times = []

@@ -1,6 +1,6 @@
 """Build the plain model: a Llama-style decoder from config, or a local HF checkpoint.
 
-Parallelism is applied afterwards by a strategy (STYLE 2); this file knows nothing of it.
+Parallelism is applied afterwards by a strategy (docs/STYLE.md §2); this file knows nothing of it.
 """
 from __future__ import annotations
 

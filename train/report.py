@@ -172,7 +172,10 @@ def summarize(records: list[dict[str, Any]], run_dir: Path, images: list[str]) -
     rows.append(("steps logged", f"{min(steps)} .. {max(steps)} ({len(records)} records)"))
     tokens = series(records, "tokens")
     if tokens:
-        rows.append(("tokens trained", f"{tokens[-1][1]:,.0f}"))
+        rows.append(("tokens seen (padding excluded)", f"{tokens[-1][1]:,.0f}"))
+    trained = series(records, "trained_tokens")
+    if trained:
+        rows.append(("tokens trained on (labels != -100)", f"{trained[-1][1]:,.0f}"))
     if loss:
         best = min(loss, key=lambda p: p[1])
         rows += [("final loss", f"{loss[-1][1]:.4f} (step {loss[-1][0]})"),
@@ -194,6 +197,7 @@ def summarize(records: list[dict[str, Any]], run_dir: Path, images: list[str]) -
         rows.append(("tokens/s (median, first window excluded)", f"{statistics.median(v for _, v in steady):,.0f}"))
     for key, label, fmt in (("step_time_s", "step time (median)", "{:.3f} s"),
                             ("data_wait_frac", "data wait share (mean)", "{:.1%}"),
+                            ("padding_frac", "padding share (mean)", "{:.1%}"),
                             ("mfu", "MFU (median)", "{:.1%}"),
                             ("checkpoint_time_s", "checkpoint time (mean)", "{:.2f} s"),
                             ("export_time_s", "export time (mean)", "{:.2f} s")):

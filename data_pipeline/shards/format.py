@@ -34,7 +34,7 @@ INDEX_SUFFIX = ".idx.npy"
 
 
 def ext_for_vocab(vocab_size: int) -> str:
-    """`u16` for vocabularies up to 65,535 ids, `u32` above (the DESIGN.md contract)."""
+    """`u16` for vocabularies up to 65,535 ids, `u32` above (docs/DESIGN.md "Data contracts")."""
     return "u16" if vocab_size <= 65535 else "u32"
 
 

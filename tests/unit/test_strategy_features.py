@@ -1,4 +1,4 @@
-"""Twins of the "the curve is unchanged" tests: prove that a feature really ran (STYLE 12).
+"""Twins of the "the curve is unchanged" tests: prove that a feature really ran (docs/STYLE.md §12).
 
 The parity tests show that activation checkpointing and ZeRO-3 offload keep the loss curve; a
 feature silently switched off would pass them too. Here each strategy is built in this process

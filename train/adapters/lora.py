@@ -1,6 +1,6 @@
 """Apply a peft adapter to the plain model, and tie its checkpoints to the base they trained on.
 
-`apply_adapter` runs on the plain model before activation checkpointing and sharding (STYLE 2),
+`apply_adapter` runs on the plain model before activation checkpointing and sharding (docs/STYLE.md §2),
 so every strategy sees an ordinary module whose frozen base parameters have
 requires_grad=False: only the adapter reaches the optimizer, the clipping and the checkpoint.
 A checkpoint records the base's path and a fingerprint of its weights (`adapter_info`);

@@ -1,6 +1,6 @@
 """A checkpoint that trained an adapter, and what `export.adapter` makes of it.
 
-Contract with the trainer (provisional until the LoRA trainer writes it; DESIGN.md "Fine-tuning"):
+Contract with the trainer (provisional until the LoRA trainer writes it; docs/DESIGN.md "Fine-tuning"):
 trainer_state.json has `"adapter": {"kind": "lora", "base_model": DIR, "lora_config": {...}}`, where
 DIR is the Hugging Face base model (safetensors) and lora_config holds peft LoraConfig fields; the
 checkpoint's weights (any strategy's reader) hold the adapter parameters under peft's names

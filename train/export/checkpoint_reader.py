@@ -1,6 +1,6 @@
 """Open a saved training checkpoint of any strategy and read its fp32 weights one tensor at a time.
 
-The checkpoint layout is the trainer's contract (DESIGN.md, "Checkpoints"): trainer_state.json,
+The checkpoint layout is the trainer's contract (docs/DESIGN.md "Checkpoints"): trainer_state.json,
 config.yaml, and either model/ (torch.distributed.checkpoint, DDP and FSDP) or deepspeed/
 (DeepSpeed ZeRO-1/2/3, with or without offload). Readers never materialise the whole model:
 `WeightSource.load(name)` returns one full tensor and the caller writes it out before asking
