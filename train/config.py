@@ -89,7 +89,8 @@ class TrainerConfig:
     max_steps: int = 100
     """Optimizer steps to run."""
     max_tokens: int | None = None
-    """Stop once this many tokens (global) have been trained on, if reached before max_steps."""
+    """Stop once this many real input tokens (global, padding excluded: metrics' `tokens`) have
+    been seen, if reached before max_steps."""
     micro_batch_size: int = 2
     """Sequences per rank per forward/backward."""
     grad_accum_steps: int = 1
