@@ -65,7 +65,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
 
 @dataclass
 class StepResult:
-    """One step, as every rank sees it (identical on all ranks)."""
+    """One step; everything but the timings is identical on every rank."""
     loss: float
     """Global mean of the objective (token mean over the global batch)."""
     grad_norm: float
