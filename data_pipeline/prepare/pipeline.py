@@ -35,6 +35,7 @@ from data_pipeline.prepare.config import (
     load_prepare_config,
 )
 from data_pipeline.prepare.publish import remote_manifest_if_current, upload
+from data_pipeline.prepare.report import PrepareError, check_yield, print_report
 from data_pipeline.prepare.sources import (
     Source,
     check_source,
@@ -55,10 +56,6 @@ from data_pipeline.shards.manifest import (
 from data_pipeline.storage.backends import is_remote
 
 FORMAT_VERSION = 1
-
-
-class PrepareError(ValueError):
-    """Bad input found while reading (on_bad_record=raise)."""
 
 
 def _tokenizer_fingerprint(cfg: PrepareConfig) -> dict:
@@ -87,10 +84,14 @@ def fingerprint(cfg: PrepareConfig, sources: list[Source], template: str | None 
 
 def _record_error(reason: str, where: str, detail: str, mode: str = "text") -> PrepareError:
     what = f"{where}: {detail}" if mode == "chat" else enc.describe(reason, where, detail)
+    if reason in chat.FATAL_REASONS:
+        return PrepareError(what)
     return PrepareError(f"{what} (set on_bad_record=skip to skip such records and count them)")
 
 
 def _is_record_error(reason: str, cfg: PrepareConfig) -> bool:
+    if reason in chat.FATAL_REASONS:
+        return True
     errors = CHAT_RECORD_ERRORS if cfg.mode == "chat" else enc.RECORD_ERRORS
     return reason in errors and cfg.on_bad_record == "raise"
 
@@ -150,7 +151,9 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
     read, skipped, written = collections.Counter(), collections.Counter(), collections.Counter()
     tokens = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)
-    replaced = truncated = trained = pieced = 0
+    replaced = truncated = trained = pieced = split_convs = 0
+    ignored: collections.Counter = collections.Counter()
+    ignored_at: dict[str, str] = {}
     pieces_exact = True
     fn, reasons = (chat.encode, chat.CHAT_SKIP_REASONS) if cfg.mode == "chat" else \
         (enc.encode, enc.SKIP_REASONS)
@@ -170,6 +173,10 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
         pieces_exact &= task_out.pieces_exact
         truncated += task_out.truncated
         trained += task_out.trained
+        split_convs += task_out.split
+        for name, where in task_out.ignored:
+            ignored[name] += 1
+            ignored_at.setdefault(name, where)
         for is_val, data, *mask in task_out.docs:
             split = "val" if is_val else "train"
             writers[split].write(data, *mask)
@@ -186,7 +193,8 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
               "utf8_replaced": replaced, "tokens": dict(tokens),
               "seconds": round(time.time() - t0, 3)}
     if cfg.mode == "chat":
-        report.update(truncated=truncated, trained_tokens=trained)
+        report.update(truncated=truncated, trained_tokens=trained, split_conversations=split_convs,
+                      ignored_fields={k: [n, ignored_at[k]] for k, n in sorted(ignored.items())})
     else:  # chat records are not counted per source
         report["written_per_source"] = {sources[i].label: written[i] for i in range(len(sources))}
     return report
@@ -229,7 +237,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _print_report(out, manifest)
+    print_report(out, manifest)
     return manifest
 
 
@@ -243,7 +251,7 @@ def _prepare_remote(cfg: PrepareConfig, sources: list[Source], fp: str, template
     with tempfile.TemporaryDirectory(prefix="scaletrain-prepare-") as tmp:
         manifest = _build(cfg, sources, fp, Path(tmp), template)
         upload(Path(tmp), cfg.out, cfg.storage)
-    _print_report(cfg.out.rstrip("/"), manifest)
+    print_report(cfg.out.rstrip("/"), manifest)
     return manifest
 
 
@@ -279,7 +287,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
                                 cfg.split.val_fraction, cfg.split.seed)
     writers = {split: ShardWriter(tmp, split, ext, cfg.shard.max_bytes) for split in ("train", "val")}
     report = _encode_all(sources, cfg, settings, writers)
-    _check_yield(report, sources)
+    check_yield(report, [x.label for x in sources], cfg)
     records = {split: w.close() for split, w in writers.items()}
     report["documents_written"] = {s: sum(r.samples for r in recs) for s, recs in records.items()}
     report["shards"] = {s: len(recs) for s, recs in records.items()}
@@ -296,45 +304,6 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
                               index_bundle=write_index_bundle(tmp, records))
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return manifest
-
-
-def _check_yield(report: dict, sources: list[Source]) -> None:
-    """An input that gives no document is an error naming it (not an empty manifest that fails later)."""
-    if "written_per_source" in report:
-        empty = [label for label, n in report["written_per_source"].items() if n == 0]
-    else:  # chat: all inputs together
-        empty = [] if sum(report["tokens"].values()) else [s.label for s in sources]
-    if not empty:
-        return
-    skipped = ", ".join(f"{k}={v}" for k, v in report["skipped"].items() if v) or "none"
-    seen = "; ".join(f"{k}: {', '.join(v)}" for k, v in report["skipped_examples"].items())
-    raise PrepareError(f"{' and '.join(empty)} gave no documents ({report['documents_read']} records read, "
-                       f"skipped {skipped}{'; e.g. ' + seen if seen else ''}): point source.path at text, "
-                       "JSONL, Parquet or a datasets directory that holds documents")
-
-
-def _print_report(out: Path | str, m: dict) -> None:
-    r, sp = m["report"], m["splits"]
-    secs = max(r["seconds"], 1e-9)
-    skipped = " ".join(f"{k}={v}" for k, v in r["skipped"].items())
-    lines = [f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
-             f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)",
-             f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}"]
-    if m.get("mode") == "chat":
-        lines.append(f"  chat: truncated to max_len={m['chat']['max_len']}: {r['truncated']}, trained "
-                     f"tokens: {r['trained_tokens']:,}")
-    lines += [f"  skipped as {k}: {', '.join(w)}{' ...' if r['skipped'][k] > len(w) else ''}"
-              for k, w in r.get("skipped_examples", {}).items()]
-    if r.get("pieced_documents"):
-        lines.append(f"  {r['pieced_documents']} documents over {enc.PIECE_CHARS:,} characters tokenized in pieces"
-                     + ("" if r["pieces_exact"] else " (this tokenizer splits words differently at a cut: "
-                        "tokens may differ there)"))
-    lines += [f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
-              f"{len(sp['train']['shards'])} shards",
-              f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
-              f"{len(sp['val']['shards'])} shards",
-              f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})"]
-    print("\n".join(lines))
 
 
 def main() -> None:
