@@ -25,7 +25,8 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("messages", "sharegpt", "prompt_completion", "instruction")
 CHAT_RECORD_ERRORS = ("bad_json", "missing_field", "bad_messages", "unknown_role", "not_text",
-                      "empty_assistant")
+                      "empty_assistant", "history_changed")
+"""Reasons that on_bad_record=raise turns into an error naming file and line."""
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "observation": "tool",
                   "function_call": "assistant"}
