@@ -12,8 +12,13 @@ in the training process (num_workers=0, so the figure is the per-core cost):
   (c) chat, data.pack=false: one conversation per row, padded.
 
 Also timed: packing one epoch's rows (RowOrder, once per epoch per worker). Figures are
-target tokens per second (non -100 labels) and rows per second; ends with one JSON line,
-ratios first.
+target tokens per second (non -100 labels) and rows per second.
+
+Prepare side (`--prepare-convs`, 0 = skip): conversations per second of one tokenizer process
+(`chat.encode` on JSONL records, as prepare's workers run it) with a Llama-3-style template, masks
+found by incremental rendering (`chat.masks=render`, the stock template) against HF's
+`{% generation %}` marker masks (`chat.masks=markers`); both give the same shards (checked here).
+Ends with one JSON line, ratios first.
 """
 from __future__ import annotations
 
@@ -77,12 +82,42 @@ def measure(root: Path, batch: int, seq_len: int, seconds: float, pack: bool = T
             "target_fraction": targets / (n * batch * seq_len)}
 
 
+def prepare_throughput(n: int, tmp: Path, repeat: int = 2) -> dict:
+    """Conversations/s of chat.encode with render masks and with marker masks (best of `repeat`)."""
+    from data_pipeline.prepare import chat
+    from data_pipeline.prepare.chat_records import RecordFields
+    from tests.support.chat_templates import build_family_tokenizer, family_conversations
+
+    build_family_tokenizer(tmp / "tok", "llama3", marked=True)
+    recs = family_conversations("llama3", n, seed=0)
+    payloads = [(0, json.dumps(r).encode().decode("latin-1"), f"bench:{i}") for i, r in enumerate(recs)]
+    fields = RecordFields("messages", "prompt", "completion", ["instruction", "input"], "output", "system")
+    rates, docs = {}, {}
+    for masks in ("markers", "render"):
+        chat.init(chat.ChatSettings(str(tmp / "tok"), "<u2", ["raw_jsonl"], fields, "assistant", 1 << 16,
+                                    "truncate", "replace", 0.0, 0, masks, "split"))
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = [chat.encode(payloads[i:i + 64]) for i in range(0, n, 64)]
+            best = min(best, time.perf_counter() - t0)
+        rates[masks] = n / best
+        docs[masks] = [d for o in out for d in o.docs]
+    assert docs["render"] == docs["markers"], "render and marker masks differ"
+    turns = sum(m["role"] == "assistant" for r in recs for m in r["messages"])
+    return {"prepare_render_convs_per_s": round(rates["render"], 1),
+            "prepare_markers_convs_per_s": round(rates["markers"], 1),
+            "prepare_render_vs_markers": round(rates["render"] / rates["markers"], 3),
+            "prepare_convs": n, "prepare_assistant_turns_per_conv": round(turns / n, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--prepare-convs", type=int, default=2000)
     args = ap.parse_args()
     docs, masks = corpus(args.docs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,16 +131,22 @@ def main() -> None:
         t0 = time.perf_counter()
         rows = RowOrder(ld.order, args.seq_len, True).rows_in(0)
         plan_s = time.perf_counter() - t0
+        prep = prepare_throughput(args.prepare_convs, Path(tmp)) if args.prepare_convs else {}
     for k, v in r.items():
         print(f"{k:12s} {v['batches_per_s']:8.1f} batches/s {v['rows_per_s']:9.1f} rows/s "
               f"{v['target_tokens_per_s'] / 1e6:7.2f} M target tok/s  target fraction {v['target_fraction']:.3f}")
     print(f"packing one epoch: {args.docs} conversations -> {rows} rows in {plan_s * 1e3:.0f} ms")
-    print(json.dumps({
+    if prep:
+        print(f"prepare, one process: {prep['prepare_render_convs_per_s']:,.0f} conversations/s with render "
+              f"masks, {prep['prepare_markers_convs_per_s']:,.0f} with marker masks "
+              f"({prep['prepare_assistant_turns_per_conv']} assistant turns per conversation)")
+    print(json.dumps({**({"prepare_render_vs_markers": prep["prepare_render_vs_markers"]} if prep else {}),
         "chat_pack_vs_text_batches": round(r["chat_pack"]["batches_per_s"] / r["text"]["batches_per_s"], 3),
         "chat_nopack_vs_text_batches": round(r["chat_nopack"]["batches_per_s"] / r["text"]["batches_per_s"], 3),
         "chat_pack_row_fill": round(sum(len(d) for d in docs) / (rows * args.seq_len), 3),
         "epoch_plan_ms": round(plan_s * 1e3, 1), "docs": args.docs, "batch": args.batch,
-        "seq_len": args.seq_len, **{f"{k}_batches_per_s": round(v["batches_per_s"], 1) for k, v in r.items()}}))
+        "seq_len": args.seq_len, **{f"{k}_batches_per_s": round(v["batches_per_s"], 1) for k, v in r.items()},
+        **prep}))
 
 
 if __name__ == "__main__":
