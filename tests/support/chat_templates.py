@@ -174,3 +174,25 @@ def family_conversations(family: str, n: int, seed: int = 0) -> list[dict]:
             msgs = [{"role": "system", "content": f"system prompt {i}: be brief"}, *msgs]
         r["messages"] = msgs
     return recs
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.support.chat_templates FAMILY DIR`: DIR/tokenizer (tiny, FAMILY's stock template)
+    and DIR/sharegpt.jsonl (200 ShareGPT conversations), for trying `prepare mode=chat` on a stock template."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in FAMILIES:
+        sys.exit(f"usage: python -m tests.support.chat_templates {{{','.join(FAMILIES)}}} DIR")
+    out = Path(args[1])
+    build_family_tokenizer(out / "tokenizer", args[0])
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    lines = [json.dumps({"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in r["messages"]]})
+             for r in family_conversations(args[0], 200)]
+    (out / "sharegpt.jsonl").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}/tokenizer ({args[0]} stock template) and {out}/sharegpt.jsonl")
+
+
+if __name__ == "__main__":
+    main()
