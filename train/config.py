@@ -79,11 +79,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cosine", "constant"] = "cosine"
-    """`cosine` (linear warmup then cosine decay) or `constant` (linear warmup then flat)."""
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    """`cosine` (linear warmup then cosine decay), `linear` (linear warmup then linear decay, the
+    transformers/TRL default) or `constant` (linear warmup then flat)."""
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's steps (as TRL/axolotl's warmup_ratio; for trainer.epochs
+    runs, whose step count is known only at start-up); use it or warmup_steps, not both."""
     min_lr_ratio: float = 0.1
-    """Final LR as a fraction of optim.lr (cosine)."""
+    """Final LR as a fraction of optim.lr (cosine, linear)."""
 
 
 @dataclass
@@ -214,6 +218,11 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         (t.spike_factor is not None and t.spike_factor <= 1,
          f"trainer.spike_factor={t.spike_factor}: must be > 1 (or null to turn spike skipping off)"),
         (not cfg.run.lock_stale_s > 0, f"run.lock_stale_s={cfg.run.lock_stale_s}: must be > 0 (seconds)"),
+        (cfg.schedule.warmup_steps > 0 and cfg.schedule.warmup_ratio > 0,
+         f"schedule.warmup_steps={cfg.schedule.warmup_steps} and schedule.warmup_ratio="
+         f"{cfg.schedule.warmup_ratio} are both set: use one (set the other to 0)"),
+        (not 0 <= cfg.schedule.warmup_ratio < 1, f"schedule.warmup_ratio={cfg.schedule.warmup_ratio}: "
+         "must be in [0, 1)"),
         (not cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s}: must be > 0 (seconds)"),
     ]
     p = [msg for bad, msg in rules if bad]
