@@ -104,10 +104,12 @@ class MixSpans:
 
     def _rows(self, pos: int) -> list[tuple[int, int]]:
         """(source, position in it) of global rows pos .. pos + B - 1."""
+        done = (self.schedule.before(pos) - self._before_start).tolist()  # rows of each source read
         out = []
         for i in range(pos, pos + self.unit):
             s = self.schedule.source(i)
-            out.append((s, self.position(s, i)))
+            out.append((s, self.bases[s] + done[s] * self.sources[s].unit))
+            done[s] += 1
         return out
 
     def read(self, pos: int) -> MixSpan:

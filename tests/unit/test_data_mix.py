@@ -149,3 +149,15 @@ def test_epochs_of_a_mix_sum_the_sources_epochs(ab):
     units, unit, counted = load(mix_cfg(a, b), b=1, t=8).epoch_units(1.0)
     assert unit == "rows" and units == math.ceil(a.total_tokens / 8 + b.total_tokens / 8)
     assert f"a: 1 x {a.total_tokens:,} tokens / 8" in counted and f"bee: 1 x {b.total_tokens:,}" in counted
+
+
+def test_mix_bench_smoke():
+    import importlib.util
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("chat_loader_bench", REPO / "bench" / "chat_loader.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.mix_bench(30, 2, 640, 0.05)
+    assert set(r) == {"text", "chat"} and all(v["mix3_batches_per_s"] > 0 for v in r.values())
