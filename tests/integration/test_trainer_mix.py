@@ -20,6 +20,9 @@ def test_epochs_run_the_steps_the_manifest_gives_and_end_on_the_epoch(tmp_path):
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["data_epoch"] == 2.0 and records[3]["data_epoch"] == 1.0  # each token twice
+    from launch.finished import progress  # the sbatch requeue check reads the derived step count
+
+    assert progress(tmp_path / "run") == (True, "step_00000008: step 8 of 8")
 
 
 def test_mix_sigkill_resumes_exactly(tmp_path):
