@@ -161,3 +161,36 @@ def test_mix_bench_smoke():
     spec.loader.exec_module(bench)
     r = bench.mix_bench(30, 2, 640, 0.05)
     assert set(r) == {"text", "chat"} and all(v["mix3_batches_per_s"] > 0 for v in r.values())
+
+
+def _chat_shards(root, lo, n, seed):
+    """Chat shards (tokens + masks, pad id 0) whose token ids lie in [lo, lo + 50)."""
+    import numpy as np
+
+    from data_pipeline.shards.format import ShardWriter
+    from data_pipeline.shards.manifest import MANIFEST_NAME, build_manifest, write_json_atomic
+
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(root, "train", "u16", 1 << 30)
+    for _ in range(n):
+        k = int(rng.integers(3, 12))
+        w.write(rng.integers(lo, lo + 50, k).astype(np.uint16), np.ones(k, np.uint8))
+    chat = {"max_len": 16, "mask_ext": "mask", "pad_token_id": 0, "train_on": "assistant", "on_long": "skip"}
+    write_json_atomic(root / MANIFEST_NAME, build_manifest(splits={"train": w.close()}, ext="u16", vocab_size=512,
+                                                           eos_token_id=0, tokenizer=None, fingerprint="t", chat=chat))
+    return root
+
+
+def test_chat_mix_counts_real_tokens_per_source(tmp_path):
+    a, b = _chat_shards(tmp_path / "ca", 100, 30, 0), _chat_shards(tmp_path / "cb", 300, 20, 1)
+    cfg = WebDatasetConfig(mix=[MixSource(urls=str(a), weight=0.7), MixSource(urls=str(b), weight=0.3)],
+                           num_workers=0)
+    ld = load(cfg, b=2, t=16)
+    counted = {"ca": 0, "cb": 0}
+    for batch in islice(iter(ld), 40):
+        ids = batch["input_ids"]
+        counted["ca"] += int(((ids >= 100) & (ids < 150)).sum())
+        counted["cb"] += int(((ids >= 300) & (ids < 350)).sum())
+    m = ld.metrics()
+    assert m["data/tokens/ca"] == counted["ca"] and m["data/tokens/cb"] == counted["cb"]
+    assert m["data/epoch/ca"] > 1 and m["data_rows"] == 80
