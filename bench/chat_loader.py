@@ -1,6 +1,7 @@
 """Chat batches against text batches: what whole-conversation rows and the stored mask cost.
 
     python bench/chat_loader.py [--docs 20000] [--batch 8] [--seq-len 2048] [--seconds 3]
+    python bench/chat_loader.py --mix [same options]: data.mix of 3 sources against one (mix_bench)
 
 One synthetic corpus (random token ids, conversation lengths 50..600 tokens, assistant runs
 in the mask) is written twice with the same writer as prepare: as text shards (tokens only)
@@ -149,5 +150,56 @@ def main() -> None:
         **prep}))
 
 
+# --- data.mix: 3 sources against one (`python bench/chat_loader.py --mix`) ----------------------
+
+def mix_bench(n_docs: int, batch: int, seq_len: int, seconds: float) -> dict:
+    """Batches per second of a 3-source data.mix (weights 0.5/0.3/0.2) against one source holding
+    the same documents, for text and for packed chat shards, in the training process. A mix reads
+    one row per source lookup (read/mix.py), the single source one span per micro-batch."""
+    from data_pipeline import build_loader
+    from data_pipeline.read.config import MixSource
+
+    def rate(cfg: WebDatasetConfig) -> float:
+        it = iter(build_loader(cfg, rank=0, world_size=1, micro_batch_size=batch, seq_len=seq_len))
+        next(it)  # plans the first epoch(s)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            next(it)
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+    docs, masks = corpus(n_docs)
+    thirds = [slice(0, n_docs // 3), slice(n_docs // 3, 2 * n_docs // 3), slice(2 * n_docs // 3, n_docs)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, mk in (("text", None), ("chat", masks)):
+            one = write(Path(tmp) / f"{kind}_one", docs, mk, seq_len)
+            parts = [write(Path(tmp) / f"{kind}_{i}", docs[s], None if mk is None else mk[s], seq_len)
+                     for i, s in enumerate(thirds)]
+            single = rate(WebDatasetConfig(urls=str(one), num_workers=0))
+            mixed = rate(WebDatasetConfig(num_workers=0, mix=[MixSource(urls=str(p), weight=w)
+                                                              for p, w in zip(parts, (0.5, 0.3, 0.2))]))
+            out[kind] = {"one_batches_per_s": round(single, 1), "mix3_batches_per_s": round(mixed, 1)}
+    return out
+
+
+def mix_main() -> None:
+    ap = argparse.ArgumentParser(description="data.mix of 3 sources against one")
+    ap.add_argument("--mix", action="store_true")
+    ap.add_argument("--docs", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    r = mix_bench(args.docs, args.batch, args.seq_len, args.seconds)
+    for kind, v in r.items():
+        print(f"{kind:5s} one source {v['one_batches_per_s']:8.1f} batches/s   "
+              f"mix of 3 {v['mix3_batches_per_s']:8.1f} batches/s")
+    print(json.dumps({**{f"{k}_mix3_vs_one": round(v["mix3_batches_per_s"] / v["one_batches_per_s"], 3)
+                         for k, v in r.items()},
+                      "docs": args.docs, "batch": args.batch, "seq_len": args.seq_len,
+                      **{f"{k}_{m}": x for k, v in r.items() for m, x in v.items()}}))
+
+
 if __name__ == "__main__":
-    main()
+    mix_main() if "--mix" in sys.argv else main()

@@ -17,6 +17,8 @@ from data_pipeline.read.config import (
     chat_len_problems,
     missing_local,
     missing_val_split,
+    mix_kind_problems,
+    source_configs,
 )
 from data_pipeline.schema import ConfigError, build, load
 from train.adapters.config import AdapterConfig, adapter_problems
@@ -77,17 +79,24 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cosine", "constant"] = "cosine"
-    """`cosine` (linear warmup then cosine decay) or `constant` (linear warmup then flat)."""
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    """`cosine` (linear warmup then cosine decay), `linear` (linear warmup then linear decay, the
+    transformers/TRL default) or `constant` (linear warmup then flat)."""
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's steps (as TRL/axolotl's warmup_ratio; for trainer.epochs
+    runs, whose step count is known only at start-up); use it or warmup_steps, not both."""
     min_lr_ratio: float = 0.1
-    """Final LR as a fraction of optim.lr (cosine)."""
+    """Final LR as a fraction of optim.lr (cosine, linear)."""
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 100
-    """Optimizer steps to run."""
+    max_steps: int | None = None
+    """Optimizer steps to run; null = derived from `trainer.epochs`, or 100 when that is null too."""
+    epochs: float | None = None
+    """Passes over the data instead of `max_steps` (e.g. 3, or 0.5): the step count comes from the
+    manifests' token (packed text) or row (chat) counts and the global batch; the log says how."""
     max_tokens: int | None = None
     """Stop once this many tokens (global) have been trained on, if reached before max_steps."""
     micro_batch_size: int = 2
@@ -179,7 +188,14 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     t, m = cfg.trainer, cfg.model
     llama = m.kind == "llama"
     rules = [
-        (t.max_steps < 1, f"trainer.max_steps={t.max_steps}: must be >= 1"),
+        (t.max_steps is not None and t.epochs is not None,
+         f"trainer.max_steps={t.max_steps} and trainer.epochs={t.epochs} are both set: train for a step "
+         "count or for epochs, not both (set trainer.max_steps=null or trainer.epochs=null)"),
+        (t.max_steps is not None and t.max_steps < 1, f"trainer.max_steps={t.max_steps}: must be >= 1"),
+        (t.epochs is not None and not t.epochs > 0, f"trainer.epochs={t.epochs}: must be > 0"),
+        (t.epochs is not None and not isinstance(cfg.data, WebDatasetConfig),
+         f"trainer.epochs={t.epochs} needs prepared data (data=webdataset or data=mix): data={cfg.data.kind} "
+         "has no epochs; set trainer.max_steps instead"),
         (t.micro_batch_size < 1, f"trainer.micro_batch_size={t.micro_batch_size}: must be >= 1"),
         (t.grad_accum_steps < 1, f"trainer.grad_accum_steps={t.grad_accum_steps}: must be >= 1"),
         (t.seq_len < 2, f"trainer.seq_len={t.seq_len}: must be >= 2"),
@@ -202,6 +218,11 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         (t.spike_factor is not None and t.spike_factor <= 1,
          f"trainer.spike_factor={t.spike_factor}: must be > 1 (or null to turn spike skipping off)"),
         (not cfg.run.lock_stale_s > 0, f"run.lock_stale_s={cfg.run.lock_stale_s}: must be > 0 (seconds)"),
+        (cfg.schedule.warmup_steps > 0 and cfg.schedule.warmup_ratio > 0,
+         f"schedule.warmup_steps={cfg.schedule.warmup_steps} and schedule.warmup_ratio="
+         f"{cfg.schedule.warmup_ratio} are both set: use one (set the other to 0)"),
+        (not 0 <= cfg.schedule.warmup_ratio < 1, f"schedule.warmup_ratio={cfg.schedule.warmup_ratio}: "
+         "must be in [0, 1)"),
         (not cfg.dist.timeout_s > 0, f"dist.timeout_s={cfg.dist.timeout_s}: must be > 0 (seconds)"),
     ]
     p = [msg for bad, msg in rules if bad]
@@ -218,14 +239,19 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.extend(section.validate())
     p.extend(adapter_problems(cfg.adapter, m.kind, cfg.strategy.kind, t.device, cfg.export.kind))
     if isinstance(cfg.data, WebDatasetConfig):
-        p.extend(missing_local(cfg.data.urls, "data.urls"))
-        p.extend(chat_len_problems(cfg.data, t.seq_len))
-        if t.eval_every > 0:
-            p.extend(missing_val_split(cfg.data))
+        mix = bool(cfg.data.mix)
+        for i, (_, _, source) in enumerate(source_configs(cfg.data)):
+            key = f"data.mix[{i}].urls" if mix else "data.urls"
+            p.extend(missing_local(source.urls, key))
+            p.extend(chat_len_problems(source, t.seq_len))
+            if t.eval_every > 0:
+                p.extend(missing_val_split(source))
+        p.extend(mix_kind_problems(cfg.data))
         if not p:  # one HEAD of a remote manifest, only once the settings themselves are sound
             from data_pipeline.read.remote_table import unreachable
 
-            p.extend(unreachable(cfg.data))
+            for _, _, source in source_configs(cfg.data):
+                p.extend(unreachable(source))
     p.extend(_check_run_dir(cfg.run.dir))
     return p
 
@@ -246,7 +272,14 @@ def load_config(raw: dict[str, Any], world_size: int | None = None) -> Config:
     """Turn a resolved config mapping into `Config`, raising one ConfigError with every problem."""
     raw = {k: v for k, v in raw.items() if k not in ("hydra", "launch", "target", "dry_run", "format")}
     world = world_size if world_size is not None else env_world_size()
-    return load(Config, raw, lambda cfg: validate(cfg, world))
+    cfg = load(Config, raw, lambda cfg: validate(cfg, world))
+    if cfg.trainer.max_steps is None and cfg.trainer.epochs is None:
+        cfg.trainer.max_steps = DEFAULT_MAX_STEPS
+    return cfg
+
+
+DEFAULT_MAX_STEPS = 100
+"""`trainer.max_steps` when neither it nor `trainer.epochs` is set."""
 
 
 def grad_accum_steps(cfg: TrainerConfig, world_size: int) -> int:

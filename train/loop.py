@@ -30,6 +30,7 @@ from train.adapters.lora import (
 )
 from train.checkpoint import Checkpointer, TrainState, load_train_state
 from train.config import Config, grad_accum_steps
+from train.epochs import resolve_max_steps
 from train.export.hook import ExportHook
 from train.guard import DivergedError, StepGuard, first_nonfinite
 from train.lock import acquire_run_lock
@@ -61,6 +62,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     loader = build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                           micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
                           pin_memory=info.device.type == "cuda")
+    t.max_steps = raw_cfg["trainer"]["max_steps"] = resolve_max_steps(t, loader, info.world_size, accum)
     model = _build_model(cfg, loader.vocab_size, info)
     if loader.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data has {loader.vocab_size} token ids but the model's vocabulary has "

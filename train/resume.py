@@ -33,7 +33,7 @@ from train.strategies.base import Strategy
 log = logging.getLogger("scaletrain")
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings")
-NEW_WINS = ("optim.", "schedule.", "trainer.max_steps", "trainer.max_tokens")
+NEW_WINS = ("optim.", "schedule.", "trainer.max_steps", "trainer.max_tokens", "trainer.epochs")
 DATA_KEYS = ("data.", "trainer.seq_len", "trainer.micro_batch_size", "trainer.grad_accum_steps",
              "trainer.global_batch_size")
 DCP_KINDS = {"ddp", "fsdp"}  # both write torch.distributed.checkpoint model/ and optim/
