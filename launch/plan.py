@@ -112,8 +112,9 @@ def alternatives(shape: Shape, base: Setup, gpu: GPU, global_batch: int) -> list
                 total = breakdown(shape, s)["total"]
                 if total <= gpu.memory_bytes:
                     sec = step_seconds(shape, shape.params, s, gpu)
+                    host = host_bytes(shape, s, total - FRAMEWORK_RESERVE)["peak"]
                     found.append({"strategy": strategy, "micro_batch_size": mb, "activation_checkpointing": ckpt,
-                                  "total_bytes": total, "est_step_s": round(sec, 4),
+                                  "total_bytes": total, "host_bytes_per_node": host, "est_step_s": round(sec, 4),
                                   "tokens_per_s_per_gpu": round(per_rank * s.seq_len / sec)})
     return sorted(found, key=lambda r: (r["est_step_s"], r["total_bytes"]))
 
@@ -165,7 +166,8 @@ def render(result: dict[str, Any], top: int = 8) -> str:
     for alt in result["alternatives"][:top]:
         lines.append(f"  strategy={alt['strategy']:<14} trainer.micro_batch_size={alt['micro_batch_size']:<3} "
                      f"trainer.activation_checkpointing={str(alt['activation_checkpointing']).lower():<6}"
-                     f"{g(alt['total_bytes'])}  ~{alt['tokens_per_s_per_gpu']} tokens/s/GPU")
+                     f"{g(alt['total_bytes'])}  ~{alt['tokens_per_s_per_gpu']} tokens/s/GPU  "
+                     f"host {alt['host_bytes_per_node'] / GiB:.0f} GiB/node")
     return "\n".join(lines)
 
 
