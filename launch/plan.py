@@ -53,7 +53,7 @@ def logits_bytes(shape: Shape, s: Setup) -> int:
     tokens, v, h = s.micro_batch * s.seq_len, shape.vocab, shape.hidden
     if s.loss == "plain":
         return tokens * v * (a + 12)
-    chunk = max(1, CHUNK_LOGITS // v) * v
+    chunk = min(tokens, max(1, CHUNK_LOGITS // v)) * v  # a micro-batch smaller than a chunk is one chunk
     head_trains = s.adapter.kind == "none" or "lm_head" in (*s.adapter.modules_to_save, *s.adapter.target_modules)
     return chunk * (8 + a) + (4 * v * h if head_trains else 0) + a * tokens * h
 
