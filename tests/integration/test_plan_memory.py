@@ -9,6 +9,7 @@ host bytes too, so its per-rank peak minus its CPU baseline is what the run shou
 """
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -78,3 +79,14 @@ def test_planner_matches_measured_peak(model_dir, tmp_path):
               f"planned {planned / 2**20:.0f} MiB, bf16 files {weights / 2**20:.0f} MiB")
     print(report)
     assert delta == pytest.approx(planned, rel=0.15), report
+
+
+def test_bench_startup_smoke(tmp_path):
+    """bench/startup.py --smoke: one tiny 2-rank case end to end, its JSON line last, ratios first."""
+    proc = subprocess.run([PY, "bench/startup.py", "--smoke", f"--cache={tmp_path}"], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(out) == ["ratios", "rows"] and list(out["ratios"]) == ["smoke/fsdp/lora/today"]
+    row = out["rows"][0]
+    assert row["peak_over_baseline_mib"] > 100 and row["planned_mib"] >= 0 and row["wall_s"] > 0
