@@ -61,7 +61,7 @@ def run(raw: dict[str, Any], overrides: list[str], planning: bool = False) -> in
     fmt = raw.pop("format", "table")
     if fmt not in ("table", "json"):
         raise ConfigError([f"format={fmt!r}: use format=table or format=json"])
-    req = load_launch(raw)
+    req = load_launch(raw, planning=planning)
     if planning:
         return show_plan(req, fmt)
     warn_if_too_big(req)
