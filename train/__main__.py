@@ -55,11 +55,12 @@ def main(dcfg: DictConfig) -> None:
         train(cfg, raw)
     except DataSourceStop as e:  # every rank stopped at the same step, after its checkpoint
         release_all()
-        report_for_launcher(str(e))
+        report_for_launcher(str(e))  # torchrun's failure summary shows it as the root cause
         logging.shutdown()
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.stdout.flush()
+        os._exit(1)  # at once, on every rank: no DataLoader teardown for torchrun to SIGTERM, nothing printed after
     except (RunLockError, ManifestError, ConfigError, DivergedError, CheckpointWriteError) as e:  # no traceback
         release_all()
         if rank == 0:
