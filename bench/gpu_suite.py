@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def run_case(case: Case, args: argparse.Namespace, out: Path) -> None:
         case.result = {"skipped": why}
         return
     run_dir = out / case.name.replace(" ", "_")
+    shutil.rmtree(run_dir, ignore_errors=True)  # this suite's own case directory: each case starts fresh
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "train",
            *base_overrides(args.smoke, args.steps), *case.overrides, f"run.dir={run_dir}", "checkpoint.resume=false"]
     if not any(o.startswith("checkpoint.every_steps") for o in case.overrides):

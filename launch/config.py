@@ -173,6 +173,11 @@ def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "aut
             p.append(f"launch.rdzv_endpoint={lc.rdzv_endpoint!r}: expected HOST:PORT")
     if target == "deepspeed" and lc.nnodes > 1:
         p.extend(_check_hosts(lc))
+    elif lc.hostfile:  # never silently ignored: missing, or given where nothing reads it
+        p.extend(_check_hosts(lc) or [
+            f"launch.hostfile={lc.hostfile!r} is read only by target=deepspeed with launch.nnodes > 1 (this is "
+            f"target={target}, launch.nnodes={lc.nnodes}): set launch.nnodes to its number of hosts, or drop "
+            "launch.hostfile"])
     if lc.nnodes > 1 and lc.require_shared_run_dir:
         why = node_local_reason(run_dir)
         if why:

@@ -6,6 +6,8 @@ problem (unknown keys, wrong types, bad values, impossible combinations) into on
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +255,47 @@ def validate(cfg: Config, world_size: int) -> list[str]:
             for _, _, source in source_configs(cfg.data):
                 p.extend(unreachable(source))
     p.extend(_check_run_dir(cfg.run.dir))
+    p.extend(_fresh_start_problems(cfg))
+    if m.kind == "hf_local" and m.path:
+        p.extend(_context_problems(Path(m.path), t.seq_len))
     return p
+
+
+def _context_problems(path: Path, seq_len: int) -> list[str]:
+    """trainer.seq_len beyond an hf_local model's max_position_embeddings trains positions the model
+    never saw (and RoPE tables it never had): an error, unless its config.json sets rope_scaling."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return []  # a missing config.json is reported above; the loader reports an unreadable one
+    sub = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit = sub.get("max_position_embeddings") if isinstance(sub, dict) else None
+    if not isinstance(limit, int) or seq_len <= limit:
+        return []
+    scaling = sub.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling:
+        logging.getLogger("scaletrain").warning(
+            "trainer.seq_len=%d exceeds max_position_embeddings=%d of %s; its rope_scaling %s extends the "
+            "context", seq_len, limit, path / "config.json", scaling)
+        return []
+    return [f"trainer.seq_len={seq_len} exceeds max_position_embeddings={limit} of model.path={str(path)!r} "
+            f"(its config.json): set trainer.seq_len<={limit}, or use a model whose config.json sets rope_scaling "
+            "for longer contexts"]
+
+
+def _fresh_start_problems(cfg: Config) -> list[str]:
+    """checkpoint.resume=false on a run.dir that holds checkpoints would start over on top of them:
+    retention and the new run's own step numbers would replace them, and metrics.jsonl with them."""
+    if cfg.checkpoint.resume:
+        return []
+    from train.checkpoint_layout import complete_checkpoints
+
+    found = complete_checkpoints(Path(cfg.run.dir) / "checkpoints")
+    if not found:
+        return []
+    return [f"checkpoint.resume=false but run.dir={cfg.run.dir!r} holds the checkpoints of an earlier run "
+            f"({len(found)}, newest {found[0].name}): a run directory belongs to one run. Start the new run "
+            "with a new run.dir, or resume this one (checkpoint.resume=true)"]
 
 
 def _check_run_dir(run_dir: str) -> list[str]:

@@ -28,8 +28,10 @@ from train.adapters.lora import (
     check_resume_base,
     quantized_base,
 )
+from train.adapters.targets import check_targets
 from train.checkpoint import Checkpointer, TrainState, load_train_state
 from train.config import Config, grad_accum_steps
+from train.data_loss import DataSourceStop, fetch_step, stop_message
 from train.epochs import resolve_max_steps
 from train.export.hook import ExportHook
 from train.guard import DivergedError, StepGuard, first_nonfinite
@@ -39,7 +41,7 @@ from train.metrics import MetricsFile
 from train.model import build_model, num_params
 from train.resume import candidates, check_changes, restore
 from train.signals import StopRequest
-from train.step import forward_backward, global_loss, next_micro_batches
+from train.step import forward_backward, global_loss
 from train.strategies import build_strategy, strategy_class
 from train.strategies.base import Strategy
 from train.tracking import build_tracker
@@ -68,6 +70,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         raise ValueError(f"the data has {loader.vocab_size} token ids but the model's vocabulary has "
                          f"{model.config.vocab_size}: use a tokenizer that matches model.path, or set "
                          "model.vocab_size >= the data's vocabulary")
+    check_targets(model, cfg.adapter)  # every adapter.target_modules / modules_to_save entry matches a module
     adapter = _adapter_info(cfg, model, info)
     model = apply_adapter(model, cfg.adapter)  # before checkpointing and sharding (STYLE 2)
     n_params = num_params(model)
@@ -86,7 +89,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                        config_digest=_digest(raw_cfg), adapter=adapter)
     resume_from, saved = restore(found, strategy, loader, info)
     if resume_from is not None:
-        state.step, state.tokens = saved.step, saved.tokens
+        state.step, state.tokens, state.run_id = saved.step, saved.tokens, saved.run_id
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(public_cfg))
@@ -151,7 +154,9 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     window_t0, window_steps = time.perf_counter(), 0
     while state.step < t.max_steps and (t.max_tokens is None or state.tokens < t.max_tokens):
         step_t0 = time.perf_counter()
-        micro_batches, data_wait = next_micro_batches(batches, accum, info.device)
+        micro_batches, data_wait, lost = fetch_step(batches, loader, accum, info.device)  # all ranks agree
+        if lost is not None:  # the source is gone: checkpoint the last completed step, stop with one line
+            raise DataSourceStop(stop_message(lost, state.step, checkpoint(blocking=True) if state.step else None))
         loss_sum, num_tokens = forward_backward(strategy, micro_batches, info.device)
         loss = global_loss(loss_sum, num_tokens, info.device)  # the same on every rank: NaN anywhere is NaN everywhere
         skip = guard.verdict(loss)

@@ -310,6 +310,10 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
+    from data_pipeline.overrides import exit_on_bad_override
+
+    exit_on_bad_override("prepare: error: ")
+
     @hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="prepare", version_base=None)
     def _run(dcfg) -> None:
         try:
