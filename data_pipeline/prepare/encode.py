@@ -54,6 +54,7 @@ class Encoded:
     """The tokenizer gives the same ids for a text cut at a single space as for the whole text."""
     truncated: int = 0             # chat: conversations cut to chat.max_len
     trained: int = 0               # chat: tokens marked as targets
+    diverged: int = 0              # preference: prompt tokens not a prefix of prompt + completion
 
 
 _state: dict = {}

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.read.batches import ShardReader, Span, TokenSpans
 from data_pipeline.read.config import WebDatasetConfig
 from data_pipeline.read.order import GlobalOrder
+from data_pipeline.read.pairs import PairSpans, pair_spans
 from data_pipeline.read.prefetch import Prefetcher
 from data_pipeline.read.rows import RowOrder, RowSpan, RowSpans
 from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
@@ -66,8 +67,10 @@ def _as_is(span: Span | RowSpan) -> Span | RowSpan:
 
 
 def _spans(table: ShardTable, order: GlobalOrder, cfg: WebDatasetConfig, rows: int,
-           seq_len: int) -> TokenSpans | RowSpans:
+           seq_len: int) -> TokenSpans | RowSpans | PairSpans:
     """Text shards stream tokens; chat shards (with masks) come as whole conversations per row."""
+    if table.pairs:  # preference pairs for objective=dpo
+        return pair_spans(table, order, rows, seq_len, cfg.on_error)
     reader = ShardReader(table)
     if table.mask_offsets is None:
         if not cfg.pack:
@@ -112,7 +115,8 @@ class WebDatasetLoader:
         self.eos_token_id = self.table.eos_token_id
         self.data_fingerprint = self.table.fingerprint
         self._spans = _spans(self.table, self.order, cfg, micro_batch_size, seq_len)
-        self.unit = "rows" if isinstance(self._spans, RowSpans) else "tokens"
+        self.unit = getattr(self._spans, "unit_name", "rows" if isinstance(self._spans, RowSpans) else "tokens")
+        self.pairs = self.unit == "pairs"
         self._base = 0
         self._consumed = 0
         self._generation = 0
