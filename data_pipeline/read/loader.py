@@ -177,6 +177,7 @@ class WebDatasetLoader:
                 "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
                 "seed": self.cfg.seed, "data_fingerprint": self.data_fingerprint,
                 **({"unit": "rows", "pack": self.cfg.pack} if self.unit == "rows" else {}),
+                **({"unit": "pairs"} if self.pairs else {}),
                 "masked_tokens": self._masked_tokens, "repeated_tokens": self._repeated_tokens}
 
     def _check(self, state: dict[str, Any]) -> None:

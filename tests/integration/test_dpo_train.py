@@ -70,3 +70,47 @@ def test_losses_equal_trl_dpo_trainer(pairs_dir, tmp_path, lora):
     # relative; log_softmax on TRL's own batch gives our log-probs to 1e-7 (see BENCHMARKS/README).
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=0)
     assert ours[-1] < ours[0] - 1e-3  # it learned
+
+
+MULTI = ["trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.max_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(pairs_dir, tmp_path_factory) -> dict[int, float]:
+    """1 rank, accumulation 2, reference=model: the baseline of the tests below."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    run_train(dpo_args(pairs_dir, run, *MULTI, "objective.reference=model"))
+    return losses(run)
+
+
+@pytest.mark.parametrize("strategy,reference", [("ddp", "model"), ("fsdp", "model"), ("zero2", "auto"),
+                                                ("zero3", "precompute")])
+def test_two_ranks_match_one_rank_with_accumulation(pairs_dir, tmp_path, one_rank, strategy, reference):
+    """Each strategy on 2 ranks, with its own reference kind (a frozen copy sharded like the policy,
+    or the precomputed table, whose pass is collective under ZeRO-3)."""
+    run_train(dpo_args(pairs_dir, tmp_path / "run", *MULTI, f"strategy={strategy}",
+                       f"objective.reference={reference}"), nproc=2)
+    got = losses(tmp_path / "run")
+    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(one_rank)]),
+                               torch.tensor([one_rank[s] for s in sorted(one_rank)]), rtol=1e-4, atol=0)
+
+
+def test_precompute_matches_model_and_resumes_after_sigkill(pairs_dir, tmp_path, one_rank):
+    from tests.helpers import kill_all, logged_steps, start_train, wait_for
+
+    args = dpo_args(pairs_dir, tmp_path, *MULTI, "trainer.max_steps=6", "objective.reference=precompute",
+                    "checkpoint.every_steps=2")
+    proc = start_train(args)
+    wait_for(lambda: logged_steps(tmp_path) >= 3, proc=proc, what="step 3", timeout=240)
+    kill_all(proc)
+    assert (tmp_path / "reference_logps" / "train.npy").is_file()
+    assert (tmp_path / "checkpoints" / "latest").exists()
+    out = run_train(args)
+    assert "resumed from" in out.stderr + out.stdout, (out.stdout + out.stderr)[:3000]
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 7))
+    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(one_rank)]),
+                               torch.tensor([one_rank[s] for s in sorted(one_rank)]), rtol=1e-5, atol=0)
+    uninterrupted = tmp_path.parent / "straight"
+    run_train(dpo_args(pairs_dir, uninterrupted, *MULTI, "trainer.max_steps=6", "objective.reference=precompute"))
+    assert got == losses(uninterrupted)
