@@ -19,7 +19,8 @@ def group_options() -> list[tuple[str, str]]:
 
 # Settings a group option needs from the user (paths on their machine) before it can validate.
 REQUIRED = {("model", "hf_local"): "model.path={tiny_hf}", ("data", "webdataset"): "data.urls={shards}",
-            ("experiment", "demo"): "data.urls={shards}"}
+            ("experiment", "demo"): "data.urls={shards}",
+            ("objective", "dpo"): "data=webdataset data.urls={shards}"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def tiny_hf(tmp_path_factory) -> Path:
 def test_every_group_option_composes_and_validates(group, option, tiny_hf, tmp_path):
     overrides = [f"{group}={option}", f"run.dir={tmp_path}/run"]
     if (group, option) in REQUIRED:
-        overrides.append(REQUIRED[(group, option)].format(tiny_hf=tiny_hf, shards=make_shards(tmp_path).root))
+        overrides += REQUIRED[(group, option)].format(tiny_hf=tiny_hf, shards=make_shards(tmp_path).root).split()
     if (group, option) == ("adapter", "qlora"):  # a 4-bit NF4 base: CUDA and bitsandbytes only
         overrides += ["model=hf_local", f"model.path={tiny_hf}"]
         import torch
