@@ -25,6 +25,7 @@ from data_pipeline.read.config import (
 from data_pipeline.schema import ConfigError, build, load
 from train.adapters.config import AdapterConfig, adapter_problems
 from train.export.config import ExportConfig
+from train.objectives.config import ObjectiveConfig
 from train.strategies.config import DDPConfig, StrategyConfig
 from train.tracking.config import TrackingConfig
 
@@ -173,6 +174,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def env_world_size() -> int:
@@ -237,7 +239,10 @@ def validate(cfg: Config, world_size: int) -> list[str]:
                  f"trainer.micro_batch_size x world size = {t.micro_batch_size} x {world_size}: "
                  f"set trainer.global_batch_size to a multiple of {per_step} or change "
                  "trainer.micro_batch_size")
-    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export, cfg.adapter):
+    if cfg.objective.kind == "dpo" and not isinstance(cfg.data, WebDatasetConfig):
+        p.append("objective=dpo reads preference pairs: set data=webdataset data.urls=DIR (the output "
+                 "of `python -m data_pipeline.prepare mode=preference`)")
+    for section in (cfg.strategy, cfg.data, cfg.tracking, cfg.export, cfg.adapter, cfg.objective):
         p.extend(section.validate())
     p.extend(adapter_problems(cfg.adapter, m.kind, cfg.strategy.kind, t.device, cfg.export.kind))
     if isinstance(cfg.data, WebDatasetConfig):

@@ -39,6 +39,8 @@ from train.lock import acquire_run_lock
 from train.loss import token_loss_sum
 from train.metrics import MetricsFile
 from train.model import build_model, num_params
+from train.objectives.build import build_objective, evaluate_pairs
+from train.objectives.build import setup as setup_objective
 from train.resume import candidates, check_changes, restore
 from train.signals import StopRequest
 from train.step import forward_backward, global_loss
@@ -72,6 +74,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                          "model.vocab_size >= the data's vocabulary")
     check_targets(model, cfg.adapter)  # every adapter.target_modules / modules_to_save entry matches a module
     adapter = _adapter_info(cfg, model, info)
+    objective = build_objective(cfg, model, info, loader)  # a DPO reference copy: of the plain model
     model = apply_adapter(model, cfg.adapter)  # before checkpointing and sharding (STYLE 2)
     n_params = num_params(model)
     flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
@@ -87,6 +90,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     state = TrainState(world_size=info.world_size, model_config=model.config.to_dict(),
                        strategy=strategy.describe(), tokenizer_dir=loader.tokenizer_dir,
                        config_digest=_digest(raw_cfg), adapter=adapter)
+    setup_objective(objective, strategy, cfg, info, run_dir, trained=bool(found))  # before restore
     resume_from, saved = restore(found, strategy, loader, info)
     if resume_from is not None:
         state.step, state.tokens, state.run_id = saved.step, saved.tokens, saved.run_id
@@ -157,7 +161,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         micro_batches, data_wait, lost = fetch_step(batches, loader, accum, info.device)  # all ranks agree
         if lost is not None:  # the source is gone: checkpoint the last completed step, stop with one line
             raise DataSourceStop(stop_message(lost, state.step, checkpoint(blocking=True) if state.step else None))
-        loss_sum, num_tokens = forward_backward(strategy, micro_batches, info.device)
+        loss_sum, num_tokens = forward_backward(strategy, micro_batches, info.device, objective)
         loss = global_loss(loss_sum, num_tokens, info.device)  # the same on every rank: NaN anywhere is NaN everywhere
         skip = guard.verdict(loss)
         grad_norm = strategy.step(skip=skip is not None)
@@ -177,7 +181,8 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                       "samples_per_s": tokens_per_s / t.seq_len,
                       "step_time_s": step_time, "data_wait_s": data_wait,
                       "data_wait_frac": data_wait / step_time, "mem_peak_gb": _mem_peak_gb(info.device),
-                      **loader.metrics(), **guard.metrics(), **({} if applied else {"skipped": True})}
+                      **loader.metrics(), **guard.metrics(), **({} if applied else {"skipped": True}),
+                      **objective.metrics(info.device)}  # DPO: rewards/*, logps/* (collective)
             util = mfu(record["tokens_per_s"] / info.world_size, flops_tok, peak)
             if util is not None:
                 record["mfu"] = util
@@ -192,7 +197,8 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
             roll_back()
             continue
         if t.eval_every and state.step % t.eval_every == 0:
-            ev = evaluate(strategy, cfg, info)
+            ev = evaluate_pairs(objective, strategy, cfg, info) if objective.kind == "dpo" else \
+                evaluate(strategy, cfg, info)
             metrics.write({"step": state.step, **ev})
             tracker.log(ev, state.step)
 

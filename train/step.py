@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from train import dist as d
+from train.objectives import Objective
 from train.strategies.base import Strategy
 
 
@@ -30,13 +31,18 @@ def next_micro_batches(batches: Iterator[dict[str, Any]], accum: int,
 
 
 def forward_backward(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
-                     device: torch.device) -> tuple[torch.Tensor, int]:
+                     device: torch.device, objective: Objective | None = None) -> tuple[torch.Tensor, int]:
     """Accumulate the step's gradients; returns this rank's token-loss sum (detached) and the
-    global trained-token count (one all-reduce)."""
-    local = torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).sum().item()
+    global trained-token count (one all-reduce). With an `objective`, its loss sum and its
+    weight (DPO: pairs) replace the token loss and the token count."""
+    weight = objective.weight if objective is not None else (lambda b: (b["labels"] != -100).sum())
+    if objective is not None:
+        objective.begin_step()
+    local = torch.stack([weight(b) for b in micro_batches]).sum().item()
     num_tokens = int(round(d.sum_across_ranks([float(local)], device)[0]))
     last = len(micro_batches) - 1
-    sums = [strategy.forward_backward(b, sync_grads=i == last, num_tokens=num_tokens)
+    extra = {"loss_fn": objective.loss_sum} if objective is not None else {}
+    sums = [strategy.forward_backward(b, sync_grads=i == last, num_tokens=num_tokens, **extra)
             for i, b in enumerate(micro_batches)]
     return torch.stack(sums).sum(), num_tokens
 

@@ -136,11 +136,25 @@ class PrepareLimits:
 
 
 @dataclass
+class PreferenceConfig:
+    """How `mode=preference` bounds its pairs (see prepare/preference.py)."""
+
+    max_len: int = 2048
+    """Tokens of prompt + completion at most, for each of chosen and rejected; must be <=
+    trainer.seq_len of the runs that read them."""
+    on_long: Literal["truncate", "skip"] = "truncate"
+    """A longer pair has its completions cut (TRL's keep_start; skipped if the prompt alone fills
+    max_len) or is skipped; both are counted in the closing report."""
+
+
+@dataclass
 class PrepareConfig:
-    mode: Literal["text", "chat"] = "text"
+    mode: Literal["text", "chat", "preference"] = "text"
     """`text`: documents + EOS, every token trained. `chat`: conversations rendered with the
     tokenizer's chat template, with a per-token label mask (settings under `chat`)."""
     chat: ChatConfig = field(default_factory=ChatConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """`mode=preference`: pairs (prompt, chosen, rejected) for objective=dpo."""
     source: SourceConfig = field(default_factory=SourceConfig)
     sources: list[dict] = field(default_factory=list)
     """Several weighted sources ({path, weight, format, text_field, ...}); replaces `source`."""
@@ -228,6 +242,13 @@ def validate(cfg: PrepareConfig) -> list[str]:
         p.extend(_chat_problems(cfg))
     if not 0 <= cfg.prepare.max_dropped_frac <= 1:
         p.append(f"prepare.max_dropped_frac={cfg.prepare.max_dropped_frac}: must be in [0, 1] (1 = never fail)")
+
+    if cfg.mode == "preference":
+        if cfg.preference.max_len < 2:
+            p.append(f"preference.max_len={cfg.preference.max_len}: must be >= 2")
+        if not t.path:
+            p.append("mode=preference needs tokenizer.path=DIR: the tokenizer (and chat template) of "
+                     "the model being tuned, usually the SFT run's export")
     if cfg.num_proc < 0 or cfg.batch_docs < 1:
         p.append(f"num_proc={cfg.num_proc}, batch_docs={cfg.batch_docs}: need num_proc >= 0, batch_docs >= 1")
     if not cfg.out:

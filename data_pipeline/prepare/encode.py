@@ -57,6 +57,8 @@ class Encoded:
     split: int = 0                 # chat: conversations trained in several samples (chat_masks.py)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # chat: (field left out, where)
 
+    diverged: int = 0              # preference: prompt tokens not a prefix of prompt + completion
+
 
 _state: dict = {}
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from data_pipeline.prepare import chat, chat_prepare
+from data_pipeline.prepare import chat, chat_prepare, preference
 from data_pipeline.prepare import encode as enc
 from data_pipeline.prepare.chat_records import CHAT_RECORD_ERRORS
 from data_pipeline.prepare.config import (
@@ -79,11 +79,13 @@ def fingerprint(cfg: PrepareConfig, sources: list[Source], template: str | None 
             "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record}
     if template is not None:  # text outputs keep their fingerprint (no rebuild after upgrades)
         blob["chat"] = chat.fingerprint(cfg.chat, template)
+    if cfg.mode == "preference":
+        blob.update(preference.fingerprint(cfg))
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def _record_error(reason: str, where: str, detail: str, mode: str = "text") -> PrepareError:
-    what = f"{where}: {detail}" if mode == "chat" else enc.describe(reason, where, detail)
+    what = f"{where}: {detail}" if mode in ("chat", "preference") else enc.describe(reason, where, detail)
     if reason in chat.FATAL_REASONS:
         return PrepareError(what)
     return PrepareError(f"{what} (set on_bad_record=skip to skip such records and count them)")
@@ -92,7 +94,7 @@ def _record_error(reason: str, where: str, detail: str, mode: str = "text") -> P
 def _is_record_error(reason: str, cfg: PrepareConfig) -> bool:
     if reason in chat.FATAL_REASONS:
         return True
-    errors = CHAT_RECORD_ERRORS if cfg.mode == "chat" else enc.RECORD_ERRORS
+    errors = {"chat": CHAT_RECORD_ERRORS, "preference": preference.RECORD_ERRORS}.get(cfg.mode, enc.RECORD_ERRORS)
     return reason in errors and cfg.on_bad_record == "raise"
 
 
@@ -124,7 +126,8 @@ def _tasks(records: Iterable, size: int, counts: collections.Counter) -> Iterato
 def _bounded_map(fn: Callable, tasks: Iterator, settings, procs: int) -> Iterator:
     """fn over tasks in order on `procs` processes, at most 2 x procs tasks in flight
     (Executor.map would read the whole corpus into its queue first)."""
-    init = chat.init if isinstance(settings, chat.ChatSettings) else enc.init
+    init = chat.init if isinstance(settings, chat.ChatSettings) else \
+        preference.init if isinstance(settings, preference.PreferenceSettings) else enc.init
     if procs == 1:
         init(settings)
         yield from map(fn, tasks)
@@ -155,8 +158,10 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
     ignored: collections.Counter = collections.Counter()
     ignored_at: dict[str, str] = {}
     pieces_exact = True
-    fn, reasons = (chat.encode, chat.CHAT_SKIP_REASONS) if cfg.mode == "chat" else \
-        (enc.encode, enc.SKIP_REASONS)
+    fn, reasons = {"chat": (chat.encode, chat.CHAT_SKIP_REASONS),
+                   "preference": (preference.encode, preference.SKIP_REASONS)}.get(
+        cfg.mode, (enc.encode, enc.SKIP_REASONS))
+    diverged = 0
     t0 = time.time()
     bar = tqdm(unit="doc", desc="tokenize", disable=not cfg.progress, dynamic_ncols=True)
     tasks = _tasks(iter_mixed(sources, cfg.mix), cfg.batch_docs, read)
@@ -177,6 +182,7 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
         for name, where in task_out.ignored:
             ignored[name] += 1
             ignored_at.setdefault(name, where)
+        diverged += task_out.diverged
         for is_val, data, *mask in task_out.docs:
             split = "val" if is_val else "train"
             writers[split].write(data, *mask)
@@ -195,6 +201,8 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
     if cfg.mode == "chat":
         report.update(truncated=truncated, trained_tokens=trained, split_conversations=split_convs,
                       ignored_fields={k: [n, ignored_at[k]] for k, n in sorted(ignored.items())})
+    elif cfg.mode == "preference":
+        report.update(truncated=truncated, completion_tokens=trained, diverged=diverged)
     else:  # chat records are not counted per source
         report["written_per_source"] = {sources[i].label: written[i] for i in range(len(sources))}
     return report
@@ -218,6 +226,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.mode == "chat":
         chat_prepare.mark_sources(sources, keys)
         template = chat_prepare.resolve_template(cfg)
+    if cfg.mode == "preference":
+        preference.mark_sources(sources, keys)
     for s, k in zip(sources, keys):
         check_source(s, k)
     fp = fingerprint(cfg, sources, template)
@@ -281,6 +291,8 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
     ext = ext_for_vocab(vocab)
     if template is not None:
         settings = chat_prepare.settings(cfg, sources, tok_dir, TOKEN_EXTS[ext].str)
+    elif cfg.mode == "preference":
+        settings = preference.settings(cfg, sources, tok_dir, TOKEN_EXTS[ext].str)
     else:
         settings = enc.Settings(str(tok_dir / "tokenizer.json"), tok.eos_token_id, TOKEN_EXTS[ext].str,
                                 [(s.kind, s.text_field) for s in sources], cfg.on_bad_utf8,
@@ -296,12 +308,14 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
                     "tokenizer": asdict(cfg.tokenizer), "shard": asdict(cfg.shard),
                     "split": asdict(cfg.split), "mix": asdict(cfg.mix),
                     "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record,
-                    "mode": cfg.mode, "chat": asdict(cfg.chat) if template is not None else None}
+                    "mode": cfg.mode, "chat": asdict(cfg.chat) if template is not None else None,
+                    **({"preference": asdict(cfg.preference)} if cfg.mode == "preference" else {})}
     manifest = build_manifest(splits=records, ext=ext, vocab_size=vocab,
                               eos_token_id=tok.eos_token_id, tokenizer=tok_info, fingerprint=fp,
                               settings=settings_out, report=report,
                               chat=chat_prepare.manifest_entry(cfg, tok) if template is not None else None,
-                              index_bundle=write_index_bundle(tmp, records))
+                              index_bundle=write_index_bundle(tmp, records),
+                              preference=preference.manifest_entry(cfg, tok) if cfg.mode == "preference" else None)
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return manifest
 

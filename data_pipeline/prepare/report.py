@@ -38,13 +38,27 @@ CHAT_FIXES = {
     "truncated_away": "chat.max_len=N: raise it (with trainer.seq_len >= N) so that the assistant turns fit",
 }
 """Per skip reason: the setting (or action) that fixes it, printed with every count."""
+PREFERENCE_FIXES = {
+    **FIXES,
+    "missing_field": "each record needs `chosen` and `rejected` (and `prompt`, unless the prompt is "
+                     "their common prefix of messages): rename those fields",
+    "bad_messages": "conversational `prompt`/`chosen`/`rejected` must be lists of {role, content} messages",
+    "not_text": "`prompt`, `chosen` and `rejected` must be strings or lists of messages",
+    "empty_completion": "a pair with an empty chosen or rejected completion has nothing to compare: drop it",
+    "prompt_has_reply": "an implicit-prompt pair whose shared prefix ends with an assistant reply: give an "
+                        "explicit `prompt`",
+    "identical": "chosen and rejected are the same: nothing to prefer; drop those pairs",
+    "template_error": "chat.template=PATH_OR_JINJA sets a template that renders these conversations",
+    "too_long": "preference.max_len=N (with trainer.seq_len >= N) or preference.on_long=truncate keeps them",
+    "truncated_away": "preference.max_len=N: raise it so that the completions fit after the prompt",
+}
 
 
 def _skip_lines(report: dict, mode: str) -> list[str]:
     """One line per skip reason seen: count, examples, and the setting that fixes it."""
-    fixes = CHAT_FIXES if mode == "chat" else FIXES
+    fixes = {"chat": CHAT_FIXES, "preference": PREFERENCE_FIXES}.get(mode, FIXES)
     ex = report["skipped_examples"]
-    return [f"  {k}: {n} (e.g. {', '.join(ex.get(k, [])[:3])}): {fixes[k]}"
+    return [f"  {k}: {n} (e.g. {', '.join(ex.get(k, [])[:3])}): {fixes.get(k, 'see the records named')}"
             for k, n in report["skipped"].items() if n]
 
 
@@ -87,6 +101,10 @@ def print_report(out: Path | str, m: dict) -> None:
                      f"{r.get('split_conversations', 0)}; trained tokens: {r['trained_tokens']:,}")
         lines += [f"  field {k} left out of the template: {n} records (e.g. {where})"
                   for k, (n, where) in r.get("ignored_fields", {}).items()]
+    if m.get("mode") == "preference":
+        lines.append(f"  preference: truncated to max_len={m['preference']['max_len']}: {r['truncated']}, "
+                     f"prompt not a prefix of prompt + completion (completion starts where they "
+                     f"diverge): {r['diverged']}")
     lines += _skip_lines(r, m.get("mode", "text"))
     if r.get("pieced_documents"):
         lines.append(f"  {r['pieced_documents']} documents over {enc.PIECE_CHARS:,} characters tokenized in pieces"

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.read.batches import ShardReader, Span, TokenSpans
 from data_pipeline.read.config import WebDatasetConfig
 from data_pipeline.read.order import GlobalOrder
+from data_pipeline.read.pairs import PairSpans, pair_spans
 from data_pipeline.read.prefetch import PlannedSpans, Prefetcher
 from data_pipeline.read.rows import RowOrder, RowSpan, RowSpans
 from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
@@ -92,8 +93,10 @@ def epoch_units(spans: TokenSpans | RowSpans, epochs: float) -> int:
 
 
 def make_spans(table: ShardTable, order: GlobalOrder, cfg: WebDatasetConfig, rows: int,
-               seq_len: int) -> TokenSpans | RowSpans:
+               seq_len: int) -> TokenSpans | RowSpans | PairSpans:
     """Text shards stream tokens; chat shards (with masks) come as whole conversations per row."""
+    if table.pairs:  # preference pairs for objective=dpo
+        return pair_spans(table, order, rows, seq_len, cfg.on_error)
     reader = ShardReader(table)
     if table.mask_offsets is None:
         if not cfg.pack:
@@ -138,7 +141,8 @@ class WebDatasetLoader:
         self.eos_token_id = self.table.eos_token_id
         self.data_fingerprint = self.table.fingerprint
         self._spans = make_spans(self.table, self.order, cfg, micro_batch_size, seq_len)
-        self.unit = "rows" if isinstance(self._spans, RowSpans) else "tokens"
+        self.unit = getattr(self._spans, "unit_name", "rows" if isinstance(self._spans, RowSpans) else "tokens")
+        self.pairs = self.unit == "pairs"
         self._base = 0
         self._consumed = 0
         self._generation = 0
@@ -189,6 +193,7 @@ class WebDatasetLoader:
                 "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
                 "seed": self.cfg.seed, "data_fingerprint": self.data_fingerprint,
                 **({"unit": "rows", "pack": self.cfg.pack} if self.unit == "rows" else {}),
+                **({"unit": "pairs"} if self.pairs else {}),
                 "masked_tokens": self._masked_tokens, "repeated_tokens": self._repeated_tokens}
 
     def _check(self, state: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from data_pipeline.read.prefetch import cache_limit_problem
 from data_pipeline.read.table import ShardTable, assemble, table_vocab
 from data_pipeline.schema import ConfigError
 from data_pipeline.shards.format import TOKEN_EXTS
-from data_pipeline.shards.manifest import MANIFEST_NAME, SPLITS, ManifestError, load_index, load_manifest
+from data_pipeline.shards.manifest import MANIFEST_NAME, SPLITS, ManifestError, has_masks, load_index, load_manifest
 from data_pipeline.storage.backends import StorageConfig, is_remote, join, probe, retrying, store_for
 from data_pipeline.storage.cache import cache_dir_problem, cache_key, default_cache_dir
 
@@ -130,7 +130,7 @@ def remote_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     entries = [by_url[u] for u in shard_urls]
     itemsize = TOKEN_EXTS[manifest["sample_ext"]].itemsize
     idxs = []
-    columns = 3 if manifest.get("mode") == "chat" else 2   # chat: + mask offsets (shard_format.py)
+    columns = 3 if has_masks(manifest) else 2   # chat: + mask offsets (shard_format.py)
     for u, e, idx in zip(shard_urls, entries, _indexes(entries, root, manifest, cfg)):
         if load_index(idx, e["samples"], e["tokens"], e["bytes"], columns) is None:
             raise ValueError(f"the index of {u} does not match {murl}: rerun prepare (force=true)")
@@ -143,7 +143,8 @@ def remote_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     table = assemble(shard_urls, shard_urls, idxs, [itemsize] * len(idxs), vocab, eos,
                       _tokenizer(manifest, root, cfg), [], 0)
     if table.mask_offsets is not None:
-        table.chat = dict(manifest.get("chat") or {})
+        table.chat = dict(manifest.get("chat") or manifest.get("preference") or {})
+        table.pairs = manifest.get("mode") == "preference"
     table.remote = True
     table.sizes = np.array([e["bytes"] for e in entries], dtype=np.int64)
     table.sha256 = [e["sha256"] for e in entries]

@@ -22,7 +22,8 @@ REQUIRED = {("model", "hf_local"): "model.path={tiny_hf}", ("data", "webdataset"
             ("experiment", "demo"): "data.urls={shards}",
             ("data", "mix"): "data.mix=[{{urls: '{shards}', weight: 0.7}}, {{urls: '{shards}', weight: 0.3, name: b}}]",
             ("experiment", "sft_lora"): ("model.path={tiny_hf}", "data.urls={shards}"),
-            ("experiment", "sft_full"): ("model.path={tiny_hf}", "data.urls={shards}")}
+            ("experiment", "sft_full"): ("model.path={tiny_hf}", "data.urls={shards}"),
+            ("objective", "dpo"): ("data=webdataset", "data.urls={shards}")}
 
 
 @pytest.fixture(scope="module")

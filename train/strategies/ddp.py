@@ -11,6 +11,7 @@ from train.config import Config
 from train.dist import DistInfo
 from train.loss import token_loss_sum
 from train.strategies.base import (
+    LossFn,
     TorchOptim,
     autocast,
     compute_dtype,
@@ -34,11 +35,12 @@ class DDPStrategy:
         self.state_tensors = self.optim.state_tensors
         self.save_async = self.optim.save_async
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
+                         loss_fn: LossFn | None = None) -> torch.Tensor:
         no_sync = getattr(self.model, "no_sync", None)
         with no_sync() if (no_sync is not None and not sync_grads) else contextlib.nullcontext():
             with autocast(self.device, self.compute_dtype):
-                loss = token_loss_sum(self.model, batch, self.loss_kind).sum
+                loss = loss_fn(self.model, batch) if loss_fn else token_loss_sum(self.model, batch, self.loss_kind).sum
             (loss * token_scale(num_tokens, self.world_size)).backward()
         return loss.detach()
 

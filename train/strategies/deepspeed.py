@@ -27,7 +27,7 @@ from train.dist import DistInfo
 from train.guard import optimizer_tensors
 from train.loss import token_loss_sum
 from train.schedule import apply_optim_settings, build_scheduler
-from train.strategies.base import compute_dtype, forward_only, param_groups, token_scale
+from train.strategies.base import LossFn, compute_dtype, forward_only, param_groups, token_scale
 from train.strategies.parallelize import apply_block_transforms
 
 log = logging.getLogger("scaletrain")
@@ -85,8 +85,9 @@ class DeepSpeedStrategy:
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.schedule, cfg.trainer.max_steps))
         self.model = self.engine
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
-        loss = token_loss_sum(self.engine, batch, self.loss_kind).sum
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
+                         loss_fn: LossFn | None = None) -> torch.Tensor:
+        loss = loss_fn(self.engine, batch) if loss_fn else token_loss_sum(self.engine, batch, self.loss_kind).sum
         # scale_wrt_gas=False: token_scale already weighs the whole step, accumulation included
         self.engine.backward(loss * token_scale(num_tokens, self.info.world_size), scale_wrt_gas=False)
         if not sync_grads:

@@ -9,7 +9,7 @@ from torch import nn
 from train.config import Config
 from train.dist import DistInfo
 from train.loss import token_loss_sum
-from train.strategies.base import TorchOptim, compute_dtype, forward_only, token_scale
+from train.strategies.base import LossFn, TorchOptim, compute_dtype, forward_only, token_scale
 from train.strategies.parallelize import apply_block_transforms, apply_fsdp
 
 
@@ -27,9 +27,11 @@ class FSDPStrategy:
         self.state_tensors = self.optim.state_tensors
         self.save_async = self.optim.save_async
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
+                         loss_fn: LossFn | None = None) -> torch.Tensor:
         self.model.set_requires_gradient_sync(sync_grads)
-        loss = token_loss_sum(self.model, batch, self.loss_kind).sum  # MixedPrecisionPolicy casts parameters
+        # MixedPrecisionPolicy casts parameters
+        loss = loss_fn(self.model, batch) if loss_fn else token_loss_sum(self.model, batch, self.loss_kind).sum
         (loss * token_scale(num_tokens, self.world_size)).backward()
         return loss.detach()
 
