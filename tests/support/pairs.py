@@ -38,7 +38,9 @@ def prepare_pairs(out: Path, source: Path, tokenizer_dir: Path, **overrides) -> 
     from data_pipeline.prepare.config import load_prepare_config
 
     raw: dict = {"mode": "preference", "source": {"path": str(source)}, "out": str(out), "num_proc": 1,
-                 "progress": False, "tokenizer": {"path": str(tokenizer_dir)}}
+                 "progress": False, "tokenizer": {"path": str(tokenizer_dir)},
+                 # the tests' small files drop a large share on purpose (each bad case counted)
+                 "prepare": {"max_dropped_frac": 1.0}}
     for key, value in overrides.items():
         node = raw
         *parents, leaf = key.split(".")
