@@ -13,7 +13,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 export DS_BUILD_OPS := 0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup setup-offline wheelhouse demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Air-gapped clusters (README): wheels of scaletrain and every runtime dependency except torch and
+# its CUDA libraries, for the node's Python (PYVER) and platform; carry the folder to the node.
+PYVER ?= $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+PLATFORM ?= manylinux_2_28_x86_64
+WHEELHOUSE ?= wheelhouse
+wheelhouse: setup
+	$(PY) scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(PYVER) --platform $(PLATFORM)
+
+# On the node, no network: install into the environment of PYTHON, which already has its torch;
+# the constraint pins that torch, so pip can neither replace nor upgrade it.
+setup-offline:
+	@test -d "$(WHEELHOUSE)" || { echo "error: WHEELHOUSE=$(WHEELHOUSE) is not a folder: make wheelhouse first"; exit 2; }
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "error: $(PYTHON) has no torch: install the site's torch first (or point PYTHON at its environment)"; exit 2; }
+	pin=$$(mktemp) && $(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $$pin && \
+	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) --only-binary=:all: -c $$pin scaletrain; \
+	rc=$$?; rm -f $$pin; exit $$rc
+	cd / && $(PYTHON) -c "import torch, train.loop as t; print('scaletrain installed offline on torch', torch.__version__, 'at', t.__file__)"
 
 TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node 2
 DEMO_DIR := runs/demo
