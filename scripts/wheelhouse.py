@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -76,7 +77,7 @@ def build_own_wheel(dest: Path) -> Path:
 def build_pure(requirement: str, dest: Path, constraints: Path) -> Path:
     """A wheel from the sdist of `requirement`; refuses anything that is not pure Python."""
     before = set(dest.glob("*.whl"))
-    env = {**__import__("os").environ, "DS_BUILD_OPS": "0"}  # DeepSpeed: ops JIT-build at run time
+    env = {**os.environ, "DS_BUILD_OPS": "0"}  # DeepSpeed: ops JIT-build at run time
     proc = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-c", str(constraints), "-w", str(dest),
                 requirement], env=env)
     built = sorted(set(dest.glob("*.whl")) - before)
@@ -96,7 +97,8 @@ def platforms(target: str) -> list[str]:
         return ["--platform", target]
     glibc, arch = int(m.group(1)), m.group(2)
     tags = [f"manylinux_2_{v}_{arch}" for v in range(glibc, 4, -1)]
-    tags += [t for v, t in ((17, "manylinux2014"), (12, "manylinux2010"), (5, "manylinux1")) if glibc >= v for t in [f"{t}_{arch}"]]
+    tags += [f"{legacy}_{arch}" for v, legacy in ((17, "manylinux2014"), (12, "manylinux2010"), (5, "manylinux1"))
+             if glibc >= v]
     return [flag for tag in tags for flag in ("--platform", tag)]
 
 

@@ -91,7 +91,8 @@ print(json.dumps({"modules": len(mods), "train": train.__file__, "hydra": hydra.
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["modules"] > 50
     assert seen["train"].startswith(str(site)) and seen["hydra"].startswith(str(site))
-    assert seen["torch"].startswith(sysconfig.get_paths()["purelib"])  # torch from the environment it had
+    assert seen["torch"].startswith(str(tmp_path / "torch_only"))  # torch as it was, through the .pth
+    assert str(Path(seen["torch"]).resolve()).startswith(sysconfig.get_paths()["purelib"])
 
     run = subprocess.run([str(py), "-m", "train", "trainer.max_steps=2", f"run.dir={work / 'run'}"], cwd=work,
                          capture_output=True, text=True, env=env, timeout=600)
