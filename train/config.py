@@ -123,6 +123,9 @@ class TrainerConfig:
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto, cpu or cuda."""
+    tf32: bool = True
+    """On a GPU, let fp32 matmuls and convolutions use TF32 tensor cores (fp32 range, 10-bit mantissa:
+    the optimizer step, fp32 runs, the fp32 parts of bf16 runs). false = full IEEE fp32."""
     loss: Literal["plain", "chunked", "fused"] = "chunked"
     """`chunked`: cross-entropy a chunk of tokens at a time, fused with the output projection (never the
     full-vocabulary fp32 logits); `plain`: full logits upcast to fp32; `fused`: Liger's kernel (CUDA)."""

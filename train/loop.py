@@ -59,6 +59,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     info = d.init_distributed(cfg.trainer.device,
                               need_group=strategy_class(cfg.strategy.kind).needs_process_group,
                               timeout_s=cfg.dist.timeout_s)
+    d.set_tf32(cfg.trainer.tf32, info.device)
     run_dir = Path(cfg.run.dir)
     lock = acquire_run_lock(run_dir, cfg.run.lock_stale_s, info.is_main)  # before anything is written
     accum = grad_accum_steps(cfg.trainer, info.world_size)

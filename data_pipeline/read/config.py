@@ -28,11 +28,18 @@ class SyntheticDataConfig:
     """Number of distinct token ids produced."""
     seed: int = 1234
     """Seed of the sample generator (independent of `trainer.seed`)."""
+    doc_len: int = 0
+    """Packed documents: position ids restart at document starts, document lengths drawn uniformly
+    from 1 .. 2 * doc_len - 1 per row (mean doc_len), as chat SFT batches are packed; the attention
+    kernels then apply the document mask. 0 = one document per row (positions 0 .. seq_len - 1).
+    The tokens are the same either way."""
 
     def validate(self) -> list[str]:
         problems = []
         if self.vocab_size < 8:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 8")
+        if self.doc_len < 0:
+            problems.append(f"data.doc_len={self.doc_len}: must be >= 0 (0 = one document per row)")
         return problems
 
 

@@ -1,6 +1,7 @@
 """Every config in conf/ composes and validates; bad input fails early, clearly, destroying nothing."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,10 @@ def test_every_group_option_composes_and_validates(group, option, tiny_hf, tmp_p
             with pytest.raises(ConfigError, match="adapter=qlora needs a CUDA GPU"):
                 load_config(compose_train(overrides), world_size=2)
             return
+        if importlib.util.find_spec("bitsandbytes") is None:  # a GPU without the optional package
+            with pytest.raises(ConfigError, match="adapter=qlora needs the bitsandbytes package"):
+                load_config(compose_train(overrides), world_size=2)
+            pytest.skip("bitsandbytes is not installed: the qlora config is refused with its install command")
     cfg = load_config(compose_train(overrides), world_size=2)
     if group == "experiment":
         assert cfg.run.name == option
