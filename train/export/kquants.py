@@ -65,21 +65,21 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = w * x
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        l = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-        lf = l.astype(F32)
-        return l, _seqsum(wx * lf), _seqsum((w * lf) * lf)
+        lq = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = lq.astype(F32)
+        return lq, _seqsum(wx * lf), _seqsum((w * lf) * lf)
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        l, sumlx, suml2 = trial(F32(-nmax) / vmax)
-        levels = l + nmax
+        lq, sumlx, suml2 = trial(F32(-nmax) / vmax)
+        levels = lq + nmax
         scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0)).astype(F32)
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
-            l, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
+            lq, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / vmax)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            levels = np.where(better[:, None], l + nmax, levels)
+            levels = np.where(better[:, None], lq + nmax, levels)
             scale = np.where(better, sumlx / np.where(better, suml2, F32(1)), scale).astype(F32)
             best = np.where(better, scale * sumlx, best).astype(F32)
     levels[zero] = 0
@@ -141,8 +141,8 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
         for step in range(nstep + 1):
             rng = np.where(flat, F32(1), hi - lo)
             iscale = ((F32(rmin) + F32(rdelta) * F32(step)) + F32(nmax)) / rng
-            l = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-            lf = l.astype(F32)
+            lq = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+            lf = lq.astype(F32)
             wl = weights * lf
             sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * lf), _seqsum(wl * x)
             det = sum_w * sum_l2 - sum_l * sum_l
@@ -154,7 +154,7 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
             diff = (this_scale[:, None] * lf + this_min[:, None]) - x
             cur = _seqsum(weights * (diff * diff))
             better = (det > 0) & (cur < best) & ~flat
-            levels = np.where(better[:, None], l, levels)
+            levels = np.where(better[:, None], lq, levels)
             best = np.where(better, cur, best).astype(F32)
             scale = np.where(better, this_scale, scale).astype(F32)
             lo = np.where(better, this_min, lo).astype(F32)
@@ -250,14 +250,14 @@ def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
     live = max_scale != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = (F32(-32) / np.where(live, max_scale, F32(1))).astype(F32)
-        l = np.clip(nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int16) + 32
-    l = np.where(live[:, None], l, 0).astype(np.uint8)
+        lq = np.clip(nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int16) + 32
+    lq = np.where(live[:, None], lq, 0).astype(np.uint8)
     packed = np.zeros((nb, 12), dtype=np.uint8)
-    packed[:, 0:8] = (l[:, 0:8] & 0xF) | ((l[:, 8:16] & 0xF) << 4)
-    top = (l >> 4).reshape(nb, 4, 4)  # top[:, g, k] is scale 4g + k: bits 2g of byte 8 + k
+    packed[:, 0:8] = (lq[:, 0:8] & 0xF) | ((lq[:, 8:16] & 0xF) << 4)
+    top = (lq >> 4).reshape(nb, 4, 4)  # top[:, g, k] is scale 4g + k: bits 2g of byte 8 + k
     packed[:, 8:12] = np.bitwise_or.reduce(top << (2 * np.arange(4, dtype=np.uint8))[None, :, None], axis=1)
     d = np.where(live, _fp16(F32(1) / iscale), np.float16(0)).astype(np.float16)
-    dl = d.astype(F32)[:, None] * (l.astype(np.int16) - 32).astype(F32)
+    dl = d.astype(F32)[:, None] * (lq.astype(np.int16) - 32).astype(F32)
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = np.clip(nearest_int(blocks.reshape(nb, 16, 16) / dl[..., None]), -4, 3) + 4
     levels = np.where((dl != 0)[..., None], fresh, levels).reshape(nb, QK_K).astype(np.uint8)
