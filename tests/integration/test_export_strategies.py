@@ -58,7 +58,8 @@ def trained(tmp_path_factory, corpus):
             run_dir = root / strategy
             run_train([*TINY, f"strategy={strategy}", "trainer.max_steps=2", "checkpoint.every_steps=2",
                        "data=webdataset", f"data.urls={corpus}", "data.num_workers=0",
-                       "export=hf", "export.every_steps=2", "export.gguf=q8_0", f"run.dir={run_dir}"],
+                       "export=hf", "export.dtype=fp32", "export.every_steps=2", "export.gguf=q8_0",
+                       f"run.dir={run_dir}"],
                       nproc=2, timeout=240)
             runs[strategy] = run_dir
         return runs[strategy]
@@ -76,7 +77,7 @@ def offline(trained, tmp_path_factory):
         if strategy not in done:
             ckpt = trained(strategy) / "checkpoints" / "step_00000002"
             out = root / strategy
-            cfg = ExportConfig(kind="hf", gguf="q8_0" if strategy == "zero3" else None)
+            cfg = ExportConfig(kind="hf", dtype="fp32", gguf="q8_0" if strategy == "zero3" else None)
             done[strategy] = (ckpt, out, export_checkpoint(ckpt, out, cfg))
         return done[strategy]
 
