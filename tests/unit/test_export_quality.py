@@ -135,3 +135,41 @@ def test_a_format_over_quality_max_delta_is_refused_and_the_previous_export_stay
         export_checkpoint(ckpt.path, out, cfg)
     assert (out / "export.json").read_bytes() == before and verify_dir(out)["files_checked"] > 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["step_2"]
+
+
+def test_quality_defaults_to_the_runs_validation_split(tmp_path):
+    """quality=null and a webdataset run with a val split: measured on the loader the trainer's eval reads."""
+    import yaml
+
+    from tests.support.data import make_shards
+
+    shards = make_shards(tmp_path, sizes=(6,), val_sizes=(8,), vocab_size=320, content="random", max_len=60)
+    ckpt = make_checkpoint(tmp_path / "run")
+    state_path = ckpt.path / "trainer_state.json"
+    (ckpt.path / "config.yaml").write_text(yaml.safe_dump(
+        {"data": {"kind": "webdataset", "urls": str(shards.root)}, "trainer": {"seq_len": 16}}))
+    state = json.loads(state_path.read_text())
+    state["files"]["config.yaml"] = (ckpt.path / "config.yaml").stat().st_size
+    state_path.write_text(json.dumps(state))
+    meta = export_checkpoint(ckpt.path, tmp_path / "e", ExportConfig(kind="hf", quality_tokens=200, verify=False))
+    quality = meta["quality"]
+    assert quality["source"] == "the run's validation split" and 0 < quality["tokens"]
+    assert [r["format"] for r in quality["formats"]] == ["hf-bf16"]
+    assert abs(quality["formats"][0]["delta_pct"]) < 1
+    synthetic = export_checkpoint(make_checkpoint(tmp_path / "syn").path, tmp_path / "s",
+                                  ExportConfig(kind="hf", verify=False))
+    assert synthetic["quality"] is None and not (tmp_path / "s" / "quality.json").exists()
+
+
+def test_modelfile_translates_known_chat_templates_and_omits_others():
+    from data_pipeline.prepare.chat import DEFAULT_CHAT_TEMPLATE
+    from tests.support.data import LLAMA3_CHAT_TEMPLATE
+    from train.export.modelfile import modelfile_text
+
+    chatml, info = modelfile_text("model-q4_k_m.gguf", DEFAULT_CHAT_TEMPLATE)
+    assert info["chat_template"] == "chatml" and chatml.startswith("FROM ./model-q4_k_m.gguf\nTEMPLATE \"\"\"")
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>" in chatml and 'PARAMETER stop "<|im_end|>"' in chatml
+    llama3, info = modelfile_text("m.gguf", LLAMA3_CHAT_TEMPLATE)
+    assert info["chat_template"] == "llama3" and 'PARAMETER stop "<|eot_id|>"' in llama3
+    other, info = modelfile_text("m.gguf", "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")
+    assert info["chat_template"] is None and "\nTEMPLATE" not in other and other.startswith("# the tokenizer's chat")
