@@ -156,6 +156,11 @@ def test_export_made_during_training_equals_the_offline_export(trained, offline,
     assert meta["verification"]["max_abs_diff"] < 1e-5
     timings = [m for m in read_metrics(run_dir) if "export_time_s" in m]
     assert [m["step"] for m in timings] == [2] and timings[0]["export_time_s"] > 0
+    # the prepared corpus has a validation split: the training hook measured every format on it
+    quality = json.loads((live / "quality.json").read_text())
+    assert quality["source"] == "the run's validation split" and quality["tokens"] > 0
+    assert [r["format"] for r in quality["formats"]] == ["hf-fp32", "gguf-q8_0"]
+    assert timings[0]["export/ppl_delta_pct/gguf-q8_0"] == quality["formats"][1]["delta_pct"]
 
 
 @pytest.mark.timeout(300)
