@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps of the demo model")
     parser.add_argument("--tokens", type=int, default=65536, help="perplexity tokens (demo model)")
     parser.add_argument("--big-tokens", type=int, default=4096, help="perplexity tokens (100M model)")
-    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--models", default="demo,big", help="which of demo,big to run")
     args = parser.parse_args()
 
     import transformers
@@ -180,21 +180,25 @@ def main() -> None:
             model, loss = train_demo(root / "tok", train_text, 3, 1, 256, 512, vocab)
             result = {"demo": run_export("demo", model, root / "tok", root / "held_out.txt", ["q8_0", "q4_k_m"],
                                          512, root, sampler)}
+            result["demo"]["train_loss"] = loss
         else:
-            model, loss = train_demo(root / "tok", train_text, args.steps, 2, 64, 172, vocab)
-            result = {"demo": run_export("demo", model, root / "tok", root / "held_out.txt", ALL,
-                                         args.tokens, root, sampler)}
-            if not args.skip_big:
+            result = {}
+            if "demo" in args.models:
+                model, loss = train_demo(root / "tok", train_text, args.steps, 2, 64, 172, vocab)
+                result["demo"] = run_export("demo", model, root / "tok", root / "held_out.txt", ALL,
+                                            args.tokens, root, sampler)
+                result["demo"]["train_loss"] = loss
+            if "big" in args.models:
                 big = random_model(12, 768, 2048, 16384, 12)
                 result["big"] = run_export("big", big, root / "tok", root / "held_out.txt",
                                            ["f16", "q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"],
                                            args.big_tokens, root, sampler)
-        result["demo"]["train_loss"] = loss
     sampler.stop.set()
     ratios: dict[str, Any] = {}
-    demo = {r["format"]: r for r in result["demo"]["formats"]}
-    for f in ("q8_0", "q4_k_m"):
-        ratios[f"demo_{f}_delta_pct"] = demo[f]["delta_pct"]
+    if "demo" in result:
+        demo = {r["format"]: r for r in result["demo"]["formats"]}
+        for f in ("q8_0", "q4_k_m"):
+            ratios[f"demo_{f}_delta_pct"] = demo[f]["delta_pct"]
     if "big" in result:
         big_rows = {r["format"]: r for r in result["big"]["formats"]}
         for f in ("q6_k", "q5_k_m", "q4_k_m", "q3_k_m"):

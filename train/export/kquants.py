@@ -9,7 +9,7 @@ with their helpers `make_qx_quants` (rmse_type 1, no importance weights), `make_
 (do_rmse) and `make_qkx2_quants`. They are the functions `llama-quantize` runs when no
 importance matrix is given (`quantize_q*_K(..., quant_weights=NULL)` calls the `_ref` rows).
 Bit-exactness with the C code: every value is float32; sums are accumulated sequentially
-(`np.cumsum` is a sequential accumulate, unlike `np.sum`'s pairwise reduction) in the C loop's
+(column by column, unlike `np.sum`'s pairwise reduction) in the C loop's
 order and operand grouping; `nearest_int` is emulated bit for bit (the 1.5 * 2^23 trick); fp16
 scales round to nearest even as GGML_FP32_TO_FP16 does. A C compiler that contracts `a*b + c`
 into FMA (e.g. -march=native without -ffp-contract=off) can differ in the last bit of a
@@ -41,8 +41,13 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in float32, left to right, as the C loops accumulate."""
-    return np.cumsum(a, axis=-1, dtype=F32)[..., -1]
+    """Sum over the last axis in float32, left to right, as the C loops accumulate (not np.sum's
+    pairwise order); column by column over a transposed copy, 3x faster than np.cumsum."""
+    cols = np.ascontiguousarray(np.moveaxis(np.asarray(a, dtype=F32), -1, 0))
+    acc = cols[0].copy()
+    for col in cols[1:]:
+        acc += col
+    return acc
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
