@@ -17,10 +17,12 @@ scale, and then in the odd code; tests/fixtures/kquant_blocks.json holds blocks 
 compiled with -ffp-contract=off (tests/fixtures/make_kquant_fixture.py).
 
 Vectorized over blocks; a tensor is processed CHUNK_VALUES values at a time, so the working
-memory per tensor is a few tens of MB whatever its size.
+memory per tensor is a few tens of MB per thread (WORKERS) whatever its size.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -28,6 +30,8 @@ import numpy as np
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
 CHUNK_VALUES = 1 << 20
+WORKERS = min(4, os.cpu_count() or 1)
+"""Threads quantizing chunks of one tensor at once (each holds a few tens of MB of work arrays)."""
 F32 = np.float32
 # bytes per 256-value super-block (ggml-common.h block_q*_K), checked against gguf.GGML_QUANT_SIZES in tests
 BLOCK_BYTES = {"Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -296,8 +300,17 @@ def quantize(array: np.ndarray, qtype: object) -> np.ndarray:
     out = np.empty((flat.shape[0], type_size), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // block)
     kquant = K_QUANTIZERS.get(name)
-    for start in range(0, flat.shape[0], step):
+
+    def one(start: int) -> None:
         chunk = flat[start:start + step]
         out[start:start + step] = (kquant(chunk) if kquant else
                                    gguf.quants.quantize(chunk, qtype).reshape(-1, type_size))
+
+    starts = range(0, flat.shape[0], step)
+    if kquant is None or len(starts) == 1 or WORKERS == 1:
+        for start in starts:
+            one(start)
+    else:  # chunks are independent and numpy releases the GIL in its loops: a few threads help
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            list(pool.map(one, starts))
     return out.reshape(*array.shape[:-1], array.shape[-1] // block * type_size)
