@@ -248,7 +248,7 @@ def export(exporter: ExportHook, strategy: Strategy, model_cfg, ckpt_path: Path,
         if "path" in meta:
             tracker.log_export(meta["path"], meta)
     d.barrier()
-    timing = {"step": step, "export_time_s": time.perf_counter() - t0}
+    timing = {"step": step, "export_time_s": time.perf_counter() - t0, **meta.get("quality_metrics", {})}
     tracker.log(timing, step)
     return timing
 
