@@ -171,6 +171,9 @@ def _materialize(model: nn.Module, weights: Weights, config: dict[str, Any], inf
         materialize_full(model, weights, torch.device("cpu"))  # the engine moves it to the device
         return
     owners = buffer_owners(model)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # wraps the torch group
+    # Only what partitioning reads (a full config would check batch sizes against DeepSpeed's world).
+    init_config = {k: config[k] for k in ("zero_optimization", "bf16", "train_micro_batch_size_per_gpu")}
     names = {id(p): n for n, p in model.named_parameters()}
     done: dict[int, nn.Parameter] = {}  # tied parameters stay one parameter
     modules = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
@@ -183,7 +186,7 @@ def _materialize(model: nn.Module, weights: Weights, config: dict[str, Any], inf
                         else torch.empty(p.shape, dtype=p.dtype))  # Init broadcasts rank 0's tensor
                 done[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
             module._parameters[k] = done[id(p)]
-        deepspeed.zero.Init(module=module, config_dict_or_path=config, mem_efficient_linear=False)
+        deepspeed.zero.Init(module=module, config_dict_or_path=init_config, mem_efficient_linear=False)
     init_buffers(model, owners, info.device)
 
 
