@@ -37,6 +37,7 @@ from train.lock import acquire_run_lock
 from train.loss import token_loss_sum
 from train.metrics import MetricsFile
 from train.model import build_meta_model, num_params, weight_source
+from train.model_weights import resolve_base_dtype
 from train.resume import candidates, check_changes, restore
 from train.signals import StopRequest
 from train.startup import Phases, peak_rss_bytes, trainable_summary
@@ -72,7 +73,8 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                          "model.vocab_size >= the data's vocabulary")
     adapter = _adapter_info(cfg, model, info)
     with phases.phase("build"):
-        model = apply_adapter(model, cfg.adapter, cfg.model.base_dtype)  # before checkpointing and sharding (STYLE 2)
+        base_dtype = resolve_base_dtype(cfg.model.base_dtype, cfg.model.path)
+        model = apply_adapter(model, cfg.adapter, base_dtype)  # before checkpointing and sharding (STYLE 2)
     weights = weight_source(cfg.model, model, cfg.trainer.seed)
     n_params = num_params(model)
     flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes

@@ -132,6 +132,24 @@ def _safetensors_index(path: Path) -> dict[str, Path]:
     return out
 
 
+def resolve_base_dtype(base_dtype: str, path: str | None) -> torch.dtype:
+    """model.base_dtype: `auto` is the most common floating dtype of the safetensors files (read
+    from their headers), bf16 for a model built from config."""
+    if base_dtype != "auto":
+        return DTYPES[base_dtype]
+    if not path:
+        return torch.bfloat16
+    counts: dict[torch.dtype, int] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                dtype = h.get_slice(k).get_dtype()
+                torch_dtype = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}.get(dtype)
+                if torch_dtype is not None:
+                    counts[torch_dtype] = counts.get(torch_dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else torch.bfloat16
+
+
 def require_weights(weights: Weights | None) -> Weights:
     assert weights is not None, "a meta-built model needs a Weights source to materialize from"
     return weights

@@ -21,12 +21,12 @@ from torch import nn
 from data_pipeline.fsutil import file_sha256
 from train.adapters.config import AdapterConfig
 from train.config import ModelConfig
-from train.model_weights import DTYPES, is_meta, set_param_dtypes
+from train.model_weights import is_meta, set_param_dtypes
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig, base_dtype: str = "fp32") -> nn.Module:
+def apply_adapter(model: nn.Module, cfg: AdapterConfig, base_dtype: torch.dtype = torch.float32) -> nn.Module:
     """The peft model with `cfg`'s LoRA on `model` (frozen); `model` itself when kind=none.
     On a meta-built model the adapter is created on meta too (peft's low_cpu_mem_usage), and the
     frozen base is set to `base_dtype` (model.base_dtype) while the adapter keeps fp32 masters: the
@@ -43,7 +43,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, base_dtype: str = "fp32"
     meta = is_meta(model)
     model = get_peft_model(model, LoraConfig(**cfg.lora_config()), low_cpu_mem_usage=meta)
     if meta:
-        set_param_dtypes(model, DTYPES[base_dtype])
+        set_param_dtypes(model, base_dtype)
     return model
 
 
