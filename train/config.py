@@ -65,6 +65,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     init_std: float = 0.02
+    base_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Dtype of the frozen base parameters under an adapter (adapter=lora): `auto` = the dtype the
+    safetensors files store (bf16 for a model built from config), so the base is never rounded;
+    trainable parameters always keep fp32 masters. Full fine-tuning ignores it."""
     attention: Literal["sdpa", "flex", "flash"] = "sdpa"
     """Attention kernel. `sdpa`: torch SDPA with the block-diagonal mask of packed documents (portable);
     `flex`: FlexAttention with a document block mask built once per batch; `flash`: flash-attn varlen

@@ -24,6 +24,7 @@ from train import faults
 from train.adapters.lora import (
     adapter_info,
     apply_adapter,
+    base_content_digest,
     base_fingerprint,
     check_resume_base,
     quantized_base,
@@ -38,11 +39,13 @@ from train.guard import DivergedError, StepGuard, first_nonfinite
 from train.lock import acquire_run_lock
 from train.loss import token_loss_sum
 from train.metrics import MetricsFile
-from train.model import build_model, num_params
+from train.model import build_meta_model, num_params, weight_source
+from train.model_weights import resolve_base_dtype
 from train.objectives.build import build_objective, evaluate_pairs
 from train.objectives.build import setup as setup_objective
 from train.resume import candidates, check_changes, restore
 from train.signals import StopRequest
+from train.startup import Phases, peak_rss_bytes, trainable_summary
 from train.step import forward_backward, global_loss
 from train.strategies import build_strategy, strategy_class
 from train.strategies.base import Strategy
@@ -68,7 +71,9 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
                           micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
                           pin_memory=info.device.type == "cuda")
     t.max_steps = raw_cfg["trainer"]["max_steps"] = resolve_max_steps(t, loader, info.world_size, accum)
-    model = _build_model(cfg, loader.vocab_size, info)
+    phases = Phases()  # start-up phases: build, load, engine, first step (train/startup.py)
+    with phases.phase("build"):
+        model = _build_model(cfg, loader.vocab_size, info)  # on the meta device (qlora: loaded 4-bit)
     if loader.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data has {loader.vocab_size} token ids but the model's vocabulary has "
                          f"{model.config.vocab_size}: use a tokenizer that matches model.path, or set "
@@ -76,7 +81,10 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     check_targets(model, cfg.adapter)  # every adapter.target_modules / modules_to_save entry matches a module
     adapter = _adapter_info(cfg, model, info)
     objective = build_objective(cfg, model, info, loader)  # a DPO reference copy: of the plain model
-    model = apply_adapter(model, cfg.adapter)  # before checkpointing and sharding (STYLE 2)
+    with phases.phase("build"):
+        base_dtype = resolve_base_dtype(cfg.model.base_dtype, cfg.model.path)
+        model = apply_adapter(model, cfg.adapter, base_dtype)  # before checkpointing and sharding (STYLE 2)
+    weights = weight_source(cfg.model, model, cfg.trainer.seed)
     n_params = num_params(model)
     flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
 
@@ -87,7 +95,8 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         check_changes(found[0], cfg, public_cfg, model.config.to_dict())  # refuses before any engine starts
         check_resume_base(found[0], load_train_state(found[0]).adapter, adapter)
     faults.poison_loss(model, lambda: state.step + 1)  # SCALETRAIN_FAULT=nan@STEP only
-    strategy = build_strategy(model, cfg, info, accum)
+    with phases.phase("engine"):
+        strategy = build_strategy(model, cfg, info, accum, weights=weights, phases=phases)
     state = TrainState(world_size=info.world_size, model_config=model.config.to_dict(),
                        strategy=strategy.describe(), tokenizer_dir=loader.tokenizer_dir,
                        config_digest=_digest(raw_cfg), adapter=adapter)
@@ -111,8 +120,9 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     straggler = StragglerMonitor(cfg.tracking.straggler_every, cfg.tracking.straggler_margin)
     progress = Progress(t.max_steps, initial_step=state.step, enabled=info.is_main and cfg.tracking.progress,
                         every_s=cfg.tracking.progress_every_s)
-    log.info("model %s: %.2fM params | strategy %s | world %d | accum %d | global batch %d",
-             cfg.model.name, n_params / 1e6, cfg.strategy.name, info.world_size, accum,
+    log.info("model %s: %.2fM params | %s | strategy %s | world %d | accum %d | global batch %d",
+             cfg.model.name, n_params / 1e6, trainable_summary(cfg.adapter.kind, cfg.adapter.r, model),
+             cfg.strategy.name, info.world_size, accum,
              t.micro_batch_size * accum * info.world_size)
 
     exporter = ExportHook(cfg.export, run_dir, rank=info.rank)
@@ -157,6 +167,7 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     tokens_per_step = t.micro_batch_size * t.seq_len * accum * info.world_size
     batches = iter(loader)
     window_t0, window_steps = time.perf_counter(), 0
+    rss_before = d.all_gather_object(peak_rss_bytes())
     while state.step < t.max_steps and (t.max_tokens is None or state.tokens < t.max_tokens):
         step_t0 = time.perf_counter()
         micro_batches, data_wait, lost = fetch_step(batches, loader, accum, info.device)  # all ranks agree
@@ -173,6 +184,11 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
         step_time = time.perf_counter() - step_t0
         window_steps += 1
         straggler.update(state.step, step_time, data_wait)  # every rank, every step (collective every N)
+        if rss_before is not None:  # once: the startup record (collective: every rank's peak)
+            phases.seconds["first_step"] = time.perf_counter() - step_t0
+            startup = phases.record(rss_before, d.all_gather_object(peak_rss_bytes()))
+            metrics.write({"step": state.step, "startup": startup})
+            rss_before = None
 
         if state.step % t.log_every == 0 or state.step == t.max_steps or not applied:
             tokens_per_s = tokens_per_step * window_steps / (time.perf_counter() - window_t0)
@@ -273,15 +289,16 @@ def _build_model(cfg: Config, vocab_size: int | None, info: d.DistInfo) -> torch
     if cfg.adapter.kind == "qlora":
         torch.manual_seed(cfg.trainer.seed)  # the adapter's initialisation, identical on every rank
         return quantized_base(cfg.model, info.device)
-    return build_model(cfg.model, vocab_size, cfg.trainer.seed)
+    return build_meta_model(cfg.model, vocab_size)
 
 
 def _adapter_info(cfg: Config, model: torch.nn.Module, info: d.DistInfo) -> dict[str, Any] | None:
     """Rank 0 fingerprints the base (file hashes) once; every rank records the same."""
     if cfg.adapter.kind == "none":
         return None
-    fingerprint = d.broadcast_object(base_fingerprint(cfg.model, model) if info.is_main else None)
-    return adapter_info(cfg.adapter, cfg.model, fingerprint)
+    digest = base_content_digest(cfg.model) if cfg.checkpoint.verify and info.is_main else None
+    fingerprint = base_fingerprint(cfg.model, model.config.to_dict(), cfg.trainer.seed)  # no weight read
+    return adapter_info(cfg.adapter, cfg.model, fingerprint, d.broadcast_object(digest))
 
 
 def _digest(raw_cfg: dict[str, Any]) -> str:

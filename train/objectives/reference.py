@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from train.loss import unwrap
+from train.model import weight_source
+from train.model_weights import is_meta, materialize_full
 from train.objectives.dpo import model_logps
 
 
@@ -49,6 +51,9 @@ def frozen_copy(model: nn.Module, cfg, info) -> nn.Module:
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     ref.eval()
+    if is_meta(ref):  # the policy is built on the meta device: the copy reads the same weights
+        # (whole, one tensor at a time; a sharded reference that loads only its shards is future work)
+        materialize_full(ref, weight_source(cfg.model, ref, cfg.trainer.seed), torch.device("cpu"))
     s = cfg.strategy
     if s.kind == "fsdp":
         from train.strategies.base import compute_dtype

@@ -82,8 +82,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on matrices only (not on norms or biases), as in nanoGPT and torchtitan."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 partitioned parameter keeps its real shape in ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

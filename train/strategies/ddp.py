@@ -10,6 +10,8 @@ from torch import nn
 from train.config import Config
 from train.dist import DistInfo
 from train.loss import token_loss_sum
+from train.model_weights import Weights, is_meta, materialize_full, require_weights
+from train.startup import NULL, Phases
 from train.strategies.base import (
     LossFn,
     TorchOptim,
@@ -18,17 +20,22 @@ from train.strategies.base import (
     forward_only,
     token_scale,
 )
-from train.strategies.parallelize import apply_block_transforms, apply_ddp
+from train.strategies.parallelize import apply_block_transforms, apply_ddp, apply_frozen_upcast
 
 
 class DDPStrategy:
     needs_process_group = False  # one process trains the plain model; torchrun's ranks get a group anyway
 
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int,
+                 weights: Weights | None = None, phases: Phases | None = None) -> None:
         self.cfg, self.device, self.world_size = cfg.strategy, info.device, info.world_size
         self.compute_dtype = compute_dtype(cfg, info.device)
         self.loss_kind = cfg.trainer.loss
+        if is_meta(model):  # every rank keeps the whole model: one copy, each tensor read once
+            with (phases or NULL).phase("load"):
+                materialize_full(model, require_weights(weights), info.device)
         apply_block_transforms(model, cfg.trainer)
+        apply_frozen_upcast(model, self.compute_dtype)
         self.model = apply_ddp(model, info)
         self.optim = TorchOptim(model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load

@@ -9,6 +9,8 @@ from torch import nn
 from train.config import Config
 from train.dist import DistInfo
 from train.loss import token_loss_sum
+from train.model_weights import Weights
+from train.startup import Phases
 from train.strategies.base import LossFn, TorchOptim, compute_dtype, forward_only, token_scale
 from train.strategies.parallelize import apply_block_transforms, apply_fsdp
 
@@ -16,12 +18,13 @@ from train.strategies.parallelize import apply_block_transforms, apply_fsdp
 class FSDPStrategy:
     needs_process_group = True  # the device mesh needs one, even on a single process
 
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int,
+                 weights: Weights | None = None, phases: Phases | None = None) -> None:
         self.cfg, self.world_size = cfg.strategy, info.world_size
         self.compute_dtype = compute_dtype(cfg, info.device)
         self.loss_kind = cfg.trainer.loss
         apply_block_transforms(model, cfg.trainer)
-        self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype)
+        self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype, weights, phases)
         self.optim = TorchOptim(self.model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
         self.state_tensors = self.optim.state_tensors
