@@ -13,7 +13,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 export DS_BUILD_OPS := 0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup setup-offline wheelhouse demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,30 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# Air-gapped clusters (README): wheels of scaletrain and every runtime dependency except torch and
+# its CUDA libraries, for the node's Python (PYVER) and platform; carry the folder to the node.
+PYVER ?= $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+PLATFORM ?= manylinux_2_28_x86_64
+WHEELHOUSE ?= wheelhouse
+wheelhouse: setup
+	$(PY) scripts/wheelhouse.py --out $(WHEELHOUSE) --python-version $(PYVER) --platform $(PLATFORM)
+
+# On the node, no network: install into the environment of PYTHON, which already has its torch;
+# the constraint pins that torch, so pip can neither replace nor upgrade it.
+setup-offline:
+	@test -d "$(WHEELHOUSE)" || { echo "error: WHEELHOUSE=$(WHEELHOUSE) is not a folder: make wheelhouse first"; exit 2; }
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "error: $(PYTHON) has no torch: install the site's torch first (or point PYTHON at its environment)"; exit 2; }
+	pin=$$(mktemp) && $(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $$pin && \
+	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) --only-binary=:all: -c $$pin scaletrain; \
+	rc=$$?; rm -f $$pin; exit $$rc
+	cd / && $(PYTHON) -c "import torch, train.loop as t; print('scaletrain installed offline on torch', torch.__version__, 'at', t.__file__)"
+
 TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node 2
 DEMO_DIR := runs/demo
+# The demo trains on 2 ranks: on 2 GPUs where the machine has them, else on 2 CPU ranks (one GPU
+# cannot hold two ranks: train/dist.py refuses that before any process group starts).
+DEMO_GPUS = $(shell $(PY) -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+DEMO_DEVICE = $(if $(filter-out 0 1,$(DEMO_GPUS)),cuda,cpu)
 
 # The main job on an embedded default: prepare a real corpus (this Python's stdlib sources),
 # train on 2 ranks under ZeRO-3, interrupt it (STOP file = what SIGTERM/SIGUSR1 do), run the
@@ -40,11 +62,12 @@ DEMO_LAST := $(DEMO_DIR)/checkpoints/step_00000200
 demo: setup
 	$(PY) -m data_pipeline.prepare shard.max_bytes=1000000
 	rm -rf $(DEMO_DIR)
+	@echo "== 2 ranks on $(DEMO_DEVICE) (this machine has $(DEMO_GPUS) GPU(s)$(if $(filter cpu,$(DEMO_DEVICE)),: fewer than 2 so CPU ranks))"
 	@echo "== 1/5 train; interrupted once step 100 is logged"
 	( until grep -qs '"step": 100,' $(DEMO_DIR)/metrics.jsonl; do sleep 0.2; done; touch $(DEMO_DIR)/STOP ) &
-	$(TORCHRUN) -m train experiment=demo
+	$(TORCHRUN) -m train experiment=demo trainer.device=$(DEMO_DEVICE)
 	@echo "== 2/5 the same command again: resumes from $$(cat $(DEMO_DIR)/checkpoints/latest)"
-	$(TORCHRUN) -m train experiment=demo
+	$(TORCHRUN) -m train experiment=demo trainer.device=$(DEMO_DEVICE)
 	@echo "== 3/5 offline export of the last checkpoint, and its integrity check"
 	$(PY) -m train.export checkpoint=$(DEMO_LAST) out=$(DEMO_DIR)/export-offline
 	$(PY) -m train.export verify=$(DEMO_DIR)/export-offline

@@ -36,7 +36,11 @@ class Loader(Protocol):
         """Continue from the states of every rank of a run with a different world size."""
 
     def metrics(self) -> dict[str, float]:
-        """Counters for metrics.jsonl (e.g. skipped shards)."""
+        """Counters for metrics.jsonl (e.g. skipped shards; `data/tokens/<source>` of a data.mix)."""
+
+    def epoch_units(self, epochs: float) -> tuple[int, str, str]:
+        """(stream units, `tokens` or `rows`, how they were counted) that `epochs` passes over the
+        data cover; train/epochs.py turns them into steps (not for synthetic data, which has no epochs)."""
 
 
 def build_loader(cfg: SyntheticDataConfig | WebDatasetConfig, *, rank: int, world_size: int,
@@ -48,6 +52,11 @@ def build_loader(cfg: SyntheticDataConfig | WebDatasetConfig, *, rank: int, worl
 
         return SyntheticLoader(cfg, rank=rank, world_size=world_size,
                                micro_batch_size=micro_batch_size, seq_len=seq_len, split=split)
+    if cfg.kind == "webdataset" and cfg.mix:
+        from data_pipeline.read.mix import MixLoader
+
+        return MixLoader(cfg, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
+                         seq_len=seq_len, split=split, pin_memory=pin_memory)
     if cfg.kind == "webdataset":
         from data_pipeline.read.loader import WebDatasetLoader
 

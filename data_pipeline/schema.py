@@ -99,6 +99,9 @@ def convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, origin):
             problems.append(f"{key}={value!r}: expected a {origin.__name__}")
             return _BAD
+        item = typing.get_args(tp)[0] if origin is list and typing.get_args(tp) else None
+        if item is not None and dataclasses.is_dataclass(item):  # e.g. data.mix: a list of sources
+            return [build(item, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
         return value
     if tp is bool:
         if not isinstance(value, bool):

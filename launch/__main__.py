@@ -11,6 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipeline.overrides import exit_on_bad_override
 from launch.commands import Plan, deepspeed_plan, local_plan, training_overrides
 from launch.config import LaunchRequest, load_launch
 from launch.plan import plan_request, render
@@ -61,7 +62,7 @@ def run(raw: dict[str, Any], overrides: list[str], planning: bool = False) -> in
     fmt = raw.pop("format", "table")
     if fmt not in ("table", "json"):
         raise ConfigError([f"format={fmt!r}: use format=table or format=json"])
-    req = load_launch(raw)
+    req = load_launch(raw, planning=planning)
     if planning:
         return show_plan(req, fmt)
     warn_if_too_big(req)
@@ -96,4 +97,5 @@ if _PLANNING:
     del sys.argv[1]  # Hydra reads only overrides
 
 if __name__ == "__main__":
+    exit_on_bad_override("launch: ")
     main()

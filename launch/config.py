@@ -141,10 +141,12 @@ def node_local_reason(run_dir: str) -> str | None:
 
 
 def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "auto",
-                 run_name: str = "scaletrain") -> list[str]:
+                 run_name: str = "scaletrain", planning: bool = False) -> list[str]:
     """Problems with the launch settings for this run (empty when it can run).
 
     `run_dir`, `device` and `run_name` are the training config's run.dir, trainer.device and run.name.
+    `planning` (`python -m launch plan`): only what an estimate needs; how the nodes meet and
+    where they write (rendezvous, hosts, shared run.dir) matter to a launch, not to a plan.
     """
     p: list[str] = []
     if target not in TARGETS:
@@ -159,6 +161,10 @@ def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "aut
     if target != "slurm" and lc.nnodes > 1 and not (0 <= lc.node_rank < lc.nnodes):
         p.append(f"launch.node_rank={lc.node_rank}: must be in 0..{lc.nnodes - 1} "
                  f"for launch.nnodes={lc.nnodes}")
+    if lc.gpu not in GPUS and lc.gpu not in ALIASES:
+        p.append(f"launch.gpu={lc.gpu!r}: unknown GPU type; use one of {', '.join(GPUS)}")
+    if planning:
+        return p
     if target in ("local", "deepspeed"):
         if lc.nnodes > 1 and not lc.rdzv_endpoint:
             p.append(f"launch.nnodes={lc.nnodes} needs launch.rdzv_endpoint=HOST:PORT, an address of "
@@ -167,14 +173,17 @@ def check_launch(target: str, lc: LaunchConfig, run_dir: str, device: str = "aut
             p.append(f"launch.rdzv_endpoint={lc.rdzv_endpoint!r}: expected HOST:PORT")
     if target == "deepspeed" and lc.nnodes > 1:
         p.extend(_check_hosts(lc))
+    elif lc.hostfile:  # never silently ignored: missing, or given where nothing reads it
+        p.extend(_check_hosts(lc) or [
+            f"launch.hostfile={lc.hostfile!r} is read only by target=deepspeed with launch.nnodes > 1 (this is "
+            f"target={target}, launch.nnodes={lc.nnodes}): set launch.nnodes to its number of hosts, or drop "
+            "launch.hostfile"])
     if lc.nnodes > 1 and lc.require_shared_run_dir:
         why = node_local_reason(run_dir)
         if why:
             p.append(f"run.dir={run_dir!r} is not on storage all {lc.nnodes} nodes share ({why}): "
                      "every rank writes checkpoints there; choose a run.dir on a shared filesystem "
                      "(NFS, Lustre, GPFS), or set launch.require_shared_run_dir=false if it is shared")
-    if lc.gpu not in GPUS and lc.gpu not in ALIASES:
-        p.append(f"launch.gpu={lc.gpu!r}: unknown GPU type; use one of {', '.join(GPUS)}")
     if lc.max_requeues < 0:
         p.append(f"launch.max_requeues={lc.max_requeues}: must be >= 0")
     if target == "slurm":
@@ -225,8 +234,9 @@ def _check_slurm(lc: LaunchConfig, run_dir: str, run_name: str) -> list[str]:
     return p
 
 
-def load_launch(raw: dict[str, Any]) -> LaunchRequest:
-    """Validate the composed launch config (training part included); one ConfigError for all."""
+def load_launch(raw: dict[str, Any], planning: bool = False) -> LaunchRequest:
+    """Validate the composed launch config (training part included); one ConfigError for all.
+    `planning`: for `python -m launch plan`, which needs no rendezvous, hosts or shared run.dir."""
     problems: list[str] = []
     target = raw.get("target", "local")
     dry_run = raw.get("dry_run", False)
@@ -246,7 +256,8 @@ def load_launch(raw: dict[str, Any]) -> LaunchRequest:
         run = raw.get("run") if isinstance(raw.get("run"), dict) else {}
         trainer = raw.get("trainer") if isinstance(raw.get("trainer"), dict) else {}
         problems.extend(check_launch(target, lc, str(run.get("dir", "runs/default")),
-                                     str(trainer.get("device", "auto")), str(run.get("name", "scaletrain"))))
+                                     str(trainer.get("device", "auto")), str(run.get("name", "scaletrain")),
+                                     planning))
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -1,90 +1,31 @@
-"""Memory planner: per-GPU bytes of a training config, whether it fits, and what else would.
+"""Memory planner: per-GPU and per-node host bytes of a training config, whether it fits, and
+what else would.
 
 `python -m launch plan [overrides] [format=json] [launch.gpu=h100_80gb]`. No torch import:
-it runs on a login node before anything is launched. Model state follows the ZeRO paper
-(Rajbhandari et al. 2020) for bf16 on GPU: parameters 2Ψ, gradients 2Ψ, Adam state KΨ with
-K = 12 (fp32 master, momentum, variance), each divided by the world size N once its stage
-shards it. DDP and FSDP2 keep fp32 parameters (autocast / MixedPrecisionPolicy), so 4Ψ + 4Ψ +
-8Ψ (FSDP2: all over N). On CPU (fp32) DeepSpeed keeps 4-byte weights and gradients, and ZeRO-3
-uses its fp32 partition as the master copy (K = 8). Activations follow Korthikanti et al. 2022
-for a Llama block with SwiGLU and a fused attention kernel; step time is a roofline estimate
-(compute at an assumed efficiency vs. ring-collective bytes over the GPU's links), used only
-to rank the alternatives.
+it runs on a login node before anything is launched. Model state (parameters, gradients,
+optimizer; adapter-aware) is in launch/state.py, host memory at start-up and while training in
+launch/host.py. Activations follow Korthikanti et al. 2022 for a Llama block with SwiGLU and a
+fused attention kernel; step time is a roofline estimate (compute at an assumed efficiency vs.
+ring-collective bytes over the GPU's links), used only to rank the alternatives.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from launch.gpus import GPU, GiB, lookup
+from launch.host import host_bytes
+from launch.state import Adapter, Setup, Shape, model_state, state_bytes
+
+__all__ = ["Adapter", "Setup", "Shape", "model_state", "plan", "plan_request", "render"]
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "zero3_offload", "fsdp_offload")
 FRAMEWORK_RESERVE = 1 * GiB
 """CUDA context, cuBLAS workspaces and allocator slack, counted in `buffers`."""
 CHUNK_LOGITS = 2**25
 """Logits per chunk of the chunked loss (train/loss.py)."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What memory depends on in a Llama-style decoder."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    tied: bool
-
-    @property
-    def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
-
-    @property
-    def layer_params(self) -> int:
-        h = self.hidden
-        return 2 * h * h + 2 * h * self.kv_dim + 3 * h * self.intermediate + 2 * h
-
-    @property
-    def params(self) -> int:
-        embed = self.vocab * self.hidden
-        return self.layers * self.layer_params + self.hidden + embed * (1 if self.tied else 2)
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One way to run it: what the planner varies when it looks for alternatives."""
-
-    strategy: str
-    world: int
-    nnodes: int
-    micro_batch: int
-    accum: int
-    seq_len: int
-    checkpointing: bool
-    bf16: bool
-    loss: str = "chunked"
-    attention: str = "sdpa"
-
-
-def model_state(psi: int, strategy: str, world: int, bf16: bool) -> dict[str, int]:
-    """Bytes per rank of parameters, gradients and optimizer state (see the module docstring)."""
-    n = world
-    if strategy.startswith("fsdp"):
-        if strategy == "fsdp_offload":
-            return {"params": 0, "grads": 0, "optimizer": 0}  # CPUOffloadPolicy: all in host memory
-        return {"params": 4 * psi // n, "grads": 4 * psi // n, "optimizer": 8 * psi // n}
-    if strategy == "ddp":
-        return {"params": 4 * psi, "grads": 4 * psi, "optimizer": 8 * psi}
-    stage = int(strategy[4])
-    width = 2 if bf16 else 4
-    k = 12 if bf16 or stage < 3 else 8
-    return {"params": width * psi // (n if stage == 3 else 1),
-            "grads": width * psi // (n if stage >= 2 else 1),
-            "optimizer": 0 if strategy.endswith("offload") else k * psi // n}
 
 
 def activation_bytes(shape: Shape, s: Setup, checkpointing: bool) -> int:
@@ -106,17 +47,20 @@ def activation_bytes(shape: Shape, s: Setup, checkpointing: bool) -> int:
 def logits_bytes(shape: Shape, s: Setup) -> int:
     """Output projection + loss: plain holds [tokens, vocab] in the compute dtype, an fp32 copy,
     fp32 log-probabilities and their fp32 gradient; chunked holds one chunk of fp32 logits and
-    probabilities plus fp32 gradients of the head and the hidden states."""
+    probabilities plus fp32 gradients of the head (unless an adapter freezes it) and the hidden
+    states."""
     a = 2 if s.bf16 else 4
     tokens, v, h = s.micro_batch * s.seq_len, shape.vocab, shape.hidden
     if s.loss == "plain":
         return tokens * v * (a + 12)
-    chunk = max(1, CHUNK_LOGITS // v) * v
-    return chunk * (8 + a) + 4 * v * h + a * tokens * h
+    chunk = min(tokens, max(1, CHUNK_LOGITS // v)) * v  # a micro-batch smaller than a chunk is one chunk
+    head_trains = s.adapter.kind == "none" or "lm_head" in (*s.adapter.modules_to_save, *s.adapter.target_modules)
+    return chunk * (8 + a) + (4 * v * h if head_trains else 0) + a * tokens * h
 
 
 def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
-    """Communication buffers (defaults of each engine) plus the framework reserve."""
+    """Communication buffers (defaults of each engine) plus the framework reserve; `psi` counts
+    the parameters that have gradients (all, or an adapter's)."""
     a = 2 if s.bf16 else 4
     root = shape.vocab * shape.hidden * (1 if shape.tied else 2)
     if s.strategy == "ddp":
@@ -149,11 +93,10 @@ def step_seconds(shape: Shape, psi: int, s: Setup, gpu: GPU) -> float:
 
 
 def breakdown(shape: Shape, s: Setup) -> dict[str, Any]:
-    psi = shape.params
-    out = model_state(psi, s.strategy, s.world, s.bf16)
+    out = state_bytes(shape, s)
     out["activations"] = activation_bytes(shape, s, s.checkpointing)
     out["logits"] = logits_bytes(shape, s)
-    out["buffers"] = buffer_bytes(shape, psi, s)
+    out["buffers"] = buffer_bytes(shape, s.adapter.trainable(shape), s)
     out["total"] = sum(out.values())
     return out
 
@@ -169,8 +112,9 @@ def alternatives(shape: Shape, base: Setup, gpu: GPU, global_batch: int) -> list
                 total = breakdown(shape, s)["total"]
                 if total <= gpu.memory_bytes:
                     sec = step_seconds(shape, shape.params, s, gpu)
+                    host = host_bytes(shape, s, total - FRAMEWORK_RESERVE)["peak"]
                     found.append({"strategy": strategy, "micro_batch_size": mb, "activation_checkpointing": ckpt,
-                                  "total_bytes": total, "est_step_s": round(sec, 4),
+                                  "total_bytes": total, "host_bytes_per_node": host, "est_step_s": round(sec, 4),
                                   "tokens_per_s_per_gpu": round(per_rank * s.seq_len / sec)})
     return sorted(found, key=lambda r: (r["est_step_s"], r["total_bytes"]))
 
@@ -178,8 +122,12 @@ def alternatives(shape: Shape, base: Setup, gpu: GPU, global_batch: int) -> list
 def plan(shape: Shape, s: Setup, gpu: GPU, global_batch: int) -> dict[str, Any]:
     """The JSON object of `python -m launch plan format=json`."""
     per_gpu = breakdown(shape, s)
+    device_state = per_gpu["total"] - FRAMEWORK_RESERVE  # on the CPU: no CUDA context
     return {
-        "params": shape.params, "world_size": s.world, "gpu": gpu.name, "gpu_bytes": gpu.memory_bytes,
+        "params": shape.params, "trainable_params": s.adapter.trainable(shape),
+        "adapter": {"kind": s.adapter.kind, "r": s.adapter.r} if s.adapter.kind != "none" else None,
+        "base_dtype": s.base_dtype, "device": s.device, "nnodes": s.nnodes,
+        "world_size": s.world, "gpu": gpu.name, "gpu_bytes": gpu.memory_bytes,
         "strategy": s.strategy, "dtype": "bf16" if s.bf16 else "fp32", "micro_batch_size": s.micro_batch,
         "grad_accum_steps": s.accum, "seq_len": s.seq_len, "activation_checkpointing": s.checkpointing,
         "loss": s.loss, "attention": s.attention, "per_gpu_bytes": per_gpu,
@@ -187,6 +135,7 @@ def plan(shape: Shape, s: Setup, gpu: GPU, global_batch: int) -> dict[str, Any]:
                               "with_checkpointing": activation_bytes(shape, s, True)},
         "fits": per_gpu["total"] <= gpu.memory_bytes,
         "est_step_s": round(step_seconds(shape, shape.params, s, gpu), 4),
+        "host_bytes_per_node": host_bytes(shape, s, device_state),
         "alternatives": alternatives(shape, s, gpu, global_batch),
     }
 
@@ -198,12 +147,17 @@ def render(result: dict[str, Any], top: int = 8) -> str:
     lines = [f"{result['params'] / 1e9:.2f}B parameters | {result['strategy']} on {result['world_size']} x "
              f"{result['gpu']} | {result['dtype']} | micro batch {result['micro_batch_size']} x "
              f"{result['seq_len']} tokens | activation checkpointing "
-             f"{'on' if result['activation_checkpointing'] else 'off'} | loss {result['loss']}",
-             "per GPU:"]
+             f"{'on' if result['activation_checkpointing'] else 'off'} | loss {result['loss']}"]
+    if result["adapter"]:
+        lines.append(f"adapter {result['adapter']['kind']} r={result['adapter']['r']}: "
+                     f"{result['trainable_params'] / 1e6:.1f}M trainable of {result['params'] / 1e9:.2f}B | "
+                     f"frozen base in {result['base_dtype']} (model.base_dtype)")
+    lines.append("per GPU:" if result["device"] != "cpu" else "per rank on the CPU (trainer.device=cpu):")
     for key in ("params", "grads", "optimizer", "activations", "logits", "buffers", "total"):
         lines.append(f"  {key:<12}{g(pg[key])}")
     lines.append(f"  activations without / with checkpointing: {g(act['without_checkpointing']).strip()} / "
                  f"{g(act['with_checkpointing']).strip()}")
+    lines.extend(render_host(result["host_bytes_per_node"], g))
     verdict = "fits" if result["fits"] else "DOES NOT FIT"
     lines.append(f"GPU memory {g(result['gpu_bytes']).strip()}: {verdict} "
                  f"({pg['total'] / result['gpu_bytes']:.0%} used)")
@@ -212,8 +166,25 @@ def render(result: dict[str, Any], top: int = 8) -> str:
     for alt in result["alternatives"][:top]:
         lines.append(f"  strategy={alt['strategy']:<14} trainer.micro_batch_size={alt['micro_batch_size']:<3} "
                      f"trainer.activation_checkpointing={str(alt['activation_checkpointing']).lower():<6}"
-                     f"{g(alt['total_bytes'])}  ~{alt['tokens_per_s_per_gpu']} tokens/s/GPU")
+                     f"{g(alt['total_bytes'])}  ~{alt['tokens_per_s_per_gpu']} tokens/s/GPU  "
+                     f"host {alt['host_bytes_per_node'] / GiB:.0f} GiB/node")
     return "\n".join(lines)
+
+
+def render_host(host: dict[str, Any], g: Any) -> list[str]:
+    """The host-memory rows: per node, start-up next to training."""
+    start, train = host["startup"], host["training"]
+    rows = [("baseline", start["baseline"], train["baseline"]), ("weights", start["weights"], None),
+            ("offloaded", None, train["offloaded"]), ("device state", None, train["device_state"]),
+            ("total", start["total"], train["total"])]
+    cell = lambda b: "           -" if b is None else g(b)  # noqa: E731
+    ranks = f"{host['ranks_per_node']} rank{'s' if host['ranks_per_node'] > 1 else ''}"
+    lines = [f"host memory per node ({ranks}):  start-up      training"]
+    lines += [f"  {name:<14}{cell(a)}  {cell(b)}" for name, a, b in rows if name != "device state" or b]
+    per = host["per_rank"]
+    lines.append(f"  peak {g(host['peak']).strip()} per node, {g(per['peak']).strip()} per rank "
+                 f"(start-up {g(per['startup']).strip()}, training {g(per['training']).strip()})")
+    return lines
 
 
 def shape_from_config(model: Any, data_vocab: int | None) -> Shape:
@@ -247,9 +218,14 @@ def plan_request(cfg: Any, lc: Any) -> dict[str, Any]:
     t = cfg.trainer
     world = lc.world_size
     global_batch = t.global_batch_size or t.micro_batch_size * t.grad_accum_steps * world
+    device = "cpu" if t.device == "cpu" else "cuda"
+    a = cfg.adapter
+    adapter = Adapter(a.kind, a.r, tuple(a.target_modules), tuple(a.modules_to_save or ()))
     setup = Setup(strategy=strategy_name(cfg.strategy), world=world, nnodes=lc.nnodes,
                   micro_batch=t.micro_batch_size, accum=max(1, global_batch // (t.micro_batch_size * world)),
-                  seq_len=t.seq_len, checkpointing=t.activation_checkpointing, bf16=t.dtype != "fp32",
-                  loss=t.loss, attention=cfg.model.attention)
+                  seq_len=t.seq_len, checkpointing=t.activation_checkpointing,
+                  bf16=t.dtype == "bf16" if device == "cpu" else t.dtype != "fp32",
+                  loss=t.loss, attention=cfg.model.attention, adapter=adapter,
+                  base_dtype=getattr(cfg.model, "base_dtype", "bf16"), device=device)
     shape = shape_from_config(cfg.model, getattr(cfg.data, "vocab_size", None))
     return plan(shape, setup, lookup(lc.gpu), global_batch)

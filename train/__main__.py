@@ -46,12 +46,21 @@ def main(dcfg: DictConfig) -> None:
     from data_pipeline.shards.manifest import ManifestError
     from train import dist
     from train.checkpoint import CheckpointWriteError
+    from train.data_loss import DataSourceStop, report_for_launcher
     from train.guard import DivergedError
     from train.lock import RunLockError, release_all
     from train.loop import train
 
     try:
         train(cfg, raw)
+    except DataSourceStop as e:  # every rank stopped at the same step, after its checkpoint
+        release_all()
+        report_for_launcher(str(e))  # torchrun's failure summary shows it as the root cause
+        logging.shutdown()
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # at once, on every rank: no DataLoader teardown for torchrun to SIGTERM, nothing printed after
     except (RunLockError, ManifestError, ConfigError, DivergedError, CheckpointWriteError) as e:  # no traceback
         release_all()
         if rank == 0:
@@ -68,4 +77,7 @@ def main(dcfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = _strip_launcher_args(sys.argv)
+    from data_pipeline.overrides import exit_on_bad_override
+
+    exit_on_bad_override()
     main()

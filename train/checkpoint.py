@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import uuid
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ class TrainState:
     """Every weight and optimizer tensor was checked finite before writing (absent = unchecked)."""
     checksums: dict[str, str] = field(default_factory=dict)
     """xxh3 of every file when checkpoint.verify=true."""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """The training run (started fresh, then resumed any number of times) that wrote it: retention
+    deletes only checkpoints of the run it is part of ("" = written before run ids were recorded)."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -187,7 +191,7 @@ class Checkpointer:
             if self.verify:  # right after the write, while the files are likely still in the page cache
                 p.state.checksums = {rel: file_checksum(p.tmp / rel) for rel in file_sizes(p.tmp)}
             _publish(self.root, p.tmp, p.final, p.state, self.config_yaml)
-            _retain(self.root, self.keep_last)
+            _retain(self.root, self.keep_last, p.state.run_id)
 
 
 def describe_error(e: BaseException) -> str:
@@ -225,9 +229,11 @@ def _publish(root: Path, tmp: Path, final: Path, state: TrainState, config_yaml:
     fsync_dir(root)
 
 
-def _retain(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints, and always the newest finite one."""
-    valid = [p for p in complete_checkpoints(root) if check_checkpoint(p) is None]
+def _retain(root: Path, keep_last: int, run_id: str | None = None) -> None:
+    """Keep the newest `keep_last` complete checkpoints, and always the newest finite one. Only
+    checkpoints of run `run_id` (None: any) are counted and deleted: another run's never are."""
+    valid = [p for p in complete_checkpoints(root) if check_checkpoint(p) is None
+             and (run_id is None or read_state(p).get("run_id", "") == run_id)]
     newest_finite = next((p for p in valid if read_state(p).get("finite") is True), None)
     for old in valid[max(1, keep_last):]:
         if old != newest_finite:
@@ -238,7 +244,7 @@ def _retain(root: Path, keep_last: int) -> None:
 
 def load_train_state(path: Path) -> TrainState:
     """trainer_state.json as a TrainState; keys this version does not know are ignored."""
-    raw = read_state(path)
+    raw = {"run_id": "", **read_state(path)}  # no run_id: written before run ids were recorded
     known = {f.name for f in dataclasses.fields(TrainState)}
     return TrainState(**{k: v for k, v in raw.items() if k in known})
 

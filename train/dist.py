@@ -6,6 +6,7 @@ trainer (and Hydra's submitit launcher) works without torchrun.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.fsutil import free_port
+from data_pipeline.schema import ConfigError
+
+log = logging.getLogger("scaletrain")
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,34 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto")
+    check_gpu_count(local_rank, torch.cuda.device_count())
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def check_gpu_count(local_rank: int, gpus: int) -> None:
+    """One GPU per local rank, checked before any process group starts: otherwise the rank past the
+    last GPU dies in set_device with "invalid device ordinal" and the others wait for it. Every rank
+    raises (torchrun exports LOCAL_WORLD_SIZE), so rank 0 prints the message."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    if max(local_ranks, local_rank + 1) > gpus:
+        raise ConfigError([f"{local_ranks} ranks on this node but {gpus} GPU(s) visible: start at most one rank "
+                           f"per GPU (torchrun --nproc_per_node {gpus}), or train on CPU ranks with "
+                           "trainer.device=cpu"])
+
+
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """`trainer.tf32`: fp32 matmuls and convolutions on TF32 tensor cores (Ampere and later).
+
+    torch's default is IEEE fp32, so without this the fp32 work of a GPU run (the optimizer step,
+    any fp32 run) goes at a fraction of the tensor cores' rate. The fp32_precision switches
+    replaced allow_tf32 in torch 2.9 (docs/DESIGN.md, "Torch API floor")."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    if device.type == "cuda":
+        log.info("fp32 matmuls: %s (trainer.tf32=%s)", "TF32 tensor cores" if enabled else "IEEE fp32",
+                 str(enabled).lower())
 
 
 def init_distributed(device_request: str = "auto", need_group: bool = False,

@@ -8,13 +8,15 @@ exporter, before and between its renames). Unset in normal runs: a dictionary lo
 Two points fail instead of killing: `nan@STEP` (or `nan@STEP/RANK`) makes the training loss of
 step STEP NaN (on every rank, or on RANK only), once per process, through a forward hook on
 the model; `checkpoint.enospc@STEP` makes the checkpoint of step STEP fail with ENOSPC on every
-rank, as a full disk does.
+rank, as a full disk does. `delay@SECONDS` slows every training forward by SECONDS without
+changing any number (a slower model: tests that must signal a run mid-way, e.g. SLURM requeues).
 """
 from __future__ import annotations
 
 import errno
 import os
 import signal
+import time
 from typing import Callable
 
 from torch import nn
@@ -46,6 +48,7 @@ def poison_loss(model: nn.Module, current_step: Callable[[], int]) -> None:
     """If `nan@...` points are armed, make the hidden states (so the loss and every gradient) NaN in
     training forwards of those steps (through the final norm's output), once per step number (a rollback replays it cleanly)."""
     spec = os.environ.get(ENV, "")
+    _delay_forwards(model, spec)
     if "nan@" not in spec:
         return
     rank, fired = os.environ.get("RANK", "0"), set()
@@ -60,3 +63,10 @@ def poison_loss(model: nn.Module, current_step: Callable[[], int]) -> None:
     # The final norm's output feeds every loss mode (plain logits or the chunked/fused projection).
     final_norm = [m for name, m in model.named_modules() if name.endswith("norm")][-1]
     final_norm.register_forward_hook(hook)
+
+
+def _delay_forwards(model: nn.Module, spec: str) -> None:
+    """`delay@SECONDS`: sleep that long before every training forward of the model."""
+    seconds = [float(p.split("@", 1)[1]) for p in spec.split(",") if p.startswith("delay@")]
+    if seconds:
+        model.register_forward_pre_hook(lambda m, args: time.sleep(seconds[0]) if m.training else None)

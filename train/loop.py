@@ -17,11 +17,12 @@ Extension points (each a small addition):
 - more counts per step (per-source token counts of a data mixture): extra keys returned by the
   objective's `counts()`; they are summed over ranks in the same all-reduce and arrive in
   `StepResult.counts`; `log_step` writes the keys it is given.
-- another reason to stop (a data source lost -> checkpoint and stop): one more branch in
-  `stop_reason`, returning `Stop(reason, complete=False, interrupted=True)`; `save_and_export`
-  then checkpoints that step and the loop ends.
-- set-up records (a `startup` metrics record of timed phases): `setup` builds `Run` in named
-  phases; time them there and write the record in `train()` after `setup` returns.
+- another reason to stop: one more branch in `stop_reason`, returning `Stop(reason,
+  complete=False, interrupted=True)`; `save_and_export` then checkpoints that step and the loop
+  ends. (A lost data source is found before the step's forward, so `fetch_step` handles it: the
+  last completed step is checkpointed and the run ends with one line, train/data_loss.py.)
+- set-up records: `setup` times its phases (train/startup.py); the `startup` record is written
+  after the first step (`write_startup`).
 """
 from __future__ import annotations
 
@@ -40,12 +41,15 @@ from train import dist as d
 from train.checkpoint import TrainState
 from train.checkpoint_layout import step_of
 from train.config import Config
+from train.data_loss import DataSourceStop, fetch_step, stop_message
 from train.export.hook import ExportHook
 from train.guard import DivergedError, first_nonfinite
 from train.loss import token_loss_sum
+from train.objectives.build import evaluate_pairs
 from train.resume import candidates, restore
 from train.run import Run, Stop, finish, setup
-from train.step import next_micro_batches, read_back, reduce_counts, reduce_loss_and_stop
+from train.startup import peak_rss_bytes
+from train.step import read_back, reduce_counts, reduce_loss_and_stop
 from train.strategies.base import Strategy
 from train.tracking.flops import mfu
 
@@ -56,7 +60,10 @@ def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     run = setup(cfg, raw_cfg)
     run.stop = stop_reason(run, requested=False)  # a resumed run may already be complete
     while run.stop is None:
-        micro_batches, data_wait = next_micro_batches(run.batches, run.accum, run.info.device)
+        micro_batches, data_wait, lost = fetch_step(run.batches, run.loader, run.accum, run.info.device)
+        if lost is not None:  # the source is gone on some rank: checkpoint the last completed step, one line
+            saved = checkpoint(run, blocking=True) if run.state.step else None
+            raise DataSourceStop(stop_message(lost, run.state.step, saved))
         result = train_step(run, micro_batches, data_wait)
         after_step(run, result)
     finish(run)
@@ -109,17 +116,28 @@ def after_step(run: Run, result: StepResult) -> None:
     run.window.steps += 1
     run.window.tokens += result.counts["tokens"]
     run.straggler.update(state.step, result.step_time_s, result.data_wait_s)  # collective every N steps
+    if run.rss_before is not None:
+        write_startup(run, result.step_time_s)
     if state.step % t.log_every == 0 or state.step == t.max_steps or not result.applied:
         log_step(run, result)
     if not result.applied and run.guard.rollback_due():
         roll_back(run)
         return
     if t.eval_every and state.step % t.eval_every == 0:
-        ev = evaluate(run.strategy, run.cfg, run.info)
+        ev = evaluate_pairs(run.objective, run.strategy, run.cfg, run.info) if run.objective.kind == "dpo" \
+            else evaluate(run.strategy, run.cfg, run.info)
         run.metrics.write({"step": state.step, **ev})
         run.tracker.log(ev, state.step)
     run.stop = stop_reason(run, requested=result.stop_requested)
     save_and_export(run)
+
+
+def write_startup(run: Run, first_step_s: float) -> None:
+    """Once, after the first step: the start-up phases and every rank's peak RSS (collective)."""
+    run.phases.seconds["first_step"] = first_step_s
+    startup = run.phases.record(run.rss_before, d.all_gather_object(peak_rss_bytes()))
+    run.metrics.write({"step": run.state.step, "startup": startup})
+    run.rss_before = None
 
 
 def stop_reason(run: Run, requested: bool) -> Stop | None:
@@ -145,7 +163,8 @@ def log_step(run: Run, result: StepResult) -> None:
               "padding_frac": 1.0 - w.tokens / capacity, "samples_per_s": run.rows_per_step * w.steps / elapsed,
               "step_time_s": result.step_time_s, "data_wait_s": result.data_wait_s,
               "data_wait_frac": result.data_wait_s / result.step_time_s, "mem_peak_gb": _mem_peak_gb(run.info.device),
-              **run.loader.metrics(), **run.guard.metrics(), **({} if result.applied else {"skipped": True})}
+              **run.loader.metrics(), **run.guard.metrics(), **({} if result.applied else {"skipped": True}),
+              **run.objective.metrics(run.info.device)}  # DPO: rewards/*, logps/* (collective, logging steps)
     w.reset()
     util = mfu(tokens_per_s / run.info.world_size, run.flops_per_token, run.peak_flops)  # real tokens only
     if util is not None:
@@ -232,7 +251,7 @@ def export(exporter: ExportHook, strategy: Strategy, model_cfg, ckpt_path: Path,
         if "path" in meta:
             tracker.log_export(meta["path"], meta)
     d.barrier()
-    timing = {"step": step, "export_time_s": time.perf_counter() - t0}
+    timing = {"step": step, "export_time_s": time.perf_counter() - t0, **meta.get("quality_metrics", {})}
     tracker.log(timing, step)
     return timing
 

@@ -85,7 +85,20 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     """sum_i CE(hidden_i @ weight.T, labels_i) over labelled rows, one chunk of rows at a time."""
     chunk = chunk or max(1, CHUNK_LOGITS // weight.size(0))
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, need)
+    return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, need, projection_dtype(hidden))
+
+
+def projection_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the output projection computes in: the autocast dtype where autocast is on.
+
+    Under DDP (autocast over fp32 parameters) the final hidden states come out of the last norm
+    in fp32; projecting them in fp32 would run the largest matmul of the model at the fp32 rate,
+    a few times slower on tensor cores than the bf16 one the rest of the model uses. FSDP2
+    (MixedPrecisionPolicy) and DeepSpeed bf16 already hand over bf16 hidden states."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind) and hidden.dtype == torch.float32:
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
 
 
 def _module_chunks_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunks: int = 8) -> torch.Tensor:
@@ -114,8 +127,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
     gradients, instead of the whole [tokens, vocab] fp32 block and its softmax."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int, need_grads: bool):
-        dtype = hidden.dtype
+    def forward(ctx, hidden, weight, labels, chunk: int, need_grads: bool, dtype: torch.dtype):
+        # The projection runs in `dtype` (autocast's, see projection_dtype); logits and softmax in
+        # fp32; each gradient is handed back in its input's own dtype.
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_grads and ctx.needs_input_grad[0] else None
@@ -123,7 +137,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                   if need_grads and ctx.needs_input_grad[1] else None)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.size(0), chunk):
-                h, y = hidden[start:start + chunk], labels[start:start + chunk]
+                h, y = hidden[start:start + chunk].to(dtype), labels[start:start + chunk]
                 logits = (h @ w.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 valid = y != IGNORE
@@ -148,7 +162,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def output_head(model: nn.Module) -> nn.Linear:
@@ -208,5 +222,6 @@ def _liger_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
     except ImportError as e:
         raise RuntimeError("trainer.loss=fused needs liger-kernel: pip install liger-kernel "
                            "(or use trainer.loss=chunked)") from e
-    return liger_fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), labels, ignore_index=IGNORE,
+    dtype = projection_dtype(hidden)
+    return liger_fused_linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels, ignore_index=IGNORE,
                                             reduction="sum")

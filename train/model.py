@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from train.attention import set_attention
 from train.config import ModelConfig
+from train.model_weights import Weights, materialize_full
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
@@ -23,25 +24,41 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int | None, seed: int) -> nn.Module:
-    """fp32 model on CPU, identical on every rank (seeded), before any wrapping."""
-    torch.manual_seed(seed)
+def build_meta_model(cfg: ModelConfig, vocab_size: int | None) -> nn.Module:
+    """The module tree on the meta device: shapes and names, no weight allocated (fp32 dtypes).
+    A strategy materializes it from `weight_source` (train/model_weights.py)."""
     if cfg.kind == "hf_local":
         assert cfg.path is not None
         config = AutoConfig.from_pretrained(cfg.path, local_files_only=True,
                                             trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, config=config, local_files_only=True, trust_remote_code=cfg.trust_remote_code,
-            torch_dtype=torch.float32)
+        config.dtype = torch.float32  # the dtype each parameter gets is decided when it is materialized
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
+                                                     dtype=torch.float32)
     else:
         vocab = cfg.vocab_size or vocab_size
         if vocab is None:
             raise ValueError("model.vocab_size is null and the data gives no vocabulary size: "
                              "set model.vocab_size")
-        model = LlamaForCausalLM(hf_config(cfg, vocab))
+        with torch.device("meta"):
+            model = LlamaForCausalLM(hf_config(cfg, vocab))
     model.config.use_cache = False
     # Set explicitly (default sdpa: exact on CPU, fast on GPU) so every strategy uses the same kernel.
     set_attention(model, cfg.attention)
+    return model
+
+
+def weight_source(cfg: ModelConfig, model: nn.Module, seed: int) -> Weights:
+    """Where `model`'s weights come from: model.path's safetensors (hf_local), else a seeded init."""
+    return Weights(model, seed, cfg.path if cfg.kind == "hf_local" else None)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None, seed: int) -> nn.Module:
+    """fp32 model on CPU, identical on every rank and world size, before any wrapping: the meta
+    model materialized whole (tests, benches and single-process tools; the trainer lets each
+    strategy materialize only what its rank keeps)."""
+    model = build_meta_model(cfg, vocab_size)
+    materialize_full(model, weight_source(cfg, model, seed), torch.device("cpu"))
     return model
 
 

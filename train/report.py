@@ -214,8 +214,24 @@ def summarize(records: list[dict[str, Any]], run_dir: Path, images: list[str]) -
              f"Run directory `{run_dir}`; generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} "
              "from metrics.jsonl by `python -m train.report`.", "",
              "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    lines += export_quality_lines(run_dir)
     lines += [f"![{Path(i).stem}]({i})" for i in images]
     return "\n".join(lines) + "\n"
+
+
+def export_quality_lines(run_dir: Path) -> list[str]:
+    """The newest export's quality.json as a table (what each served format loses), if any."""
+    import json
+
+    from train.export.quality import QUALITY_NAME, table
+
+    found = sorted((run_dir / "exports").glob(f"step_*/{QUALITY_NAME}"))
+    if not found:
+        return []
+    try:
+        return [f"## Export quality ({found[-1].parent.name})", "", table(json.loads(found[-1].read_text())), ""]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"## Export quality: {found[-1]} is unreadable ({type(exc).__name__}: {exc})", ""]
 
 
 def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:

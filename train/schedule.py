@@ -10,7 +10,7 @@ from train.config import ScheduleConfig
 
 
 def lr_lambda(cfg: ScheduleConfig, max_steps: int) -> Callable[[int], float]:
-    warmup = max(cfg.warmup_steps, 0)
+    warmup = max(cfg.warmup_steps, 0) or math.ceil(cfg.warmup_ratio * max_steps)
 
     def fn(step: int) -> float:
         if warmup and step < warmup:
@@ -18,6 +18,8 @@ def lr_lambda(cfg: ScheduleConfig, max_steps: int) -> Callable[[int], float]:
         if cfg.kind == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if cfg.kind == "linear":  # transformers' get_linear_schedule_with_warmup when min_lr_ratio=0
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - progress)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn

@@ -18,14 +18,13 @@ all-reduce.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import torch
 
 from train import dist as d
+from train.objectives.lm import TokenMeanLoss
 from train.strategies.base import Strategy
-
-IGNORE = -100
 
 
 def next_micro_batches(batches: Iterator[dict[str, Any]], accum: int,
@@ -37,65 +36,6 @@ def next_micro_batches(batches: Iterator[dict[str, Any]], accum: int,
         out.append({k: v.to(device, non_blocking=True) for k, v in next(batches).items()})
         wait += time.perf_counter() - t0
     return out, wait
-
-
-class Objective(Protocol):
-    """What a step optimizes: the loop calls `counts`, sums them over ranks, then `forward_backward`
-    with the global value of `counts()[normaliser]`. A new objective (DPO over paired batches, say)
-    is a class with these three members, set as `Run.objective`."""
-    normaliser: str
-    """The key of `counts` the loss is a mean over (here trained tokens; pairs for DPO)."""
-
-    def counts(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """This rank's 0-dim integer counts for the step, on the device (no host sync). Always
-        `tokens` (real input tokens) and `trained_tokens`; an objective or data source may add
-        more (per-source token counts): every key is summed over ranks and reaches StepResult."""
-
-    def forward_backward(self, strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
-                         normaliser: torch.Tensor) -> torch.Tensor:
-        """Accumulate the step's gradients of loss_sum / normaliser; returns this rank's loss sum
-        (detached, 0-dim, on the device)."""
-
-
-class TokenMeanLoss:
-    """Causal-LM loss, the mean over every trained token of the global batch."""
-    normaliser = "trained_tokens"
-
-    def __init__(self, padded: bool = False) -> None:
-        self.padded = padded
-        """Rows may end in padding (chat rows): count it out of `tokens`."""
-
-    def counts(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        trained = torch.stack([(b["labels"] != IGNORE).sum() for b in micro_batches]).sum()
-        real = torch.stack([_real_tokens(b, self.padded) for b in micro_batches]).sum()
-        return {"trained_tokens": trained, "tokens": real}
-
-    def forward_backward(self, strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],
-                         normaliser: torch.Tensor) -> torch.Tensor:
-        last = len(micro_batches) - 1
-        sums = [strategy.forward_backward(b, sync_grads=i == last, num_tokens=normaliser)
-                for i, b in enumerate(micro_batches)]
-        return torch.stack(sums).sum()
-
-
-def padding_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per batch, the number of pad positions, on the device. Padding (data_pipeline/read/rows.py)
-    is the tail of a row after its last conversation: it starts a position segment of its own
-    (position id 0), repeats one token id (the pad id) and has label -100. So a row's padding is
-    its last position segment when that segment is all one token id and all -100; a real
-    conversation never is (it has trained tokens)."""
-    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-    length = ids.shape[-1]
-    idx = torch.arange(length, device=ids.device)
-    start = torch.where(pos == 0, idx, 0).amax(dim=-1, keepdim=True)  # where each row's last segment begins
-    pad_like = (ids == ids[..., -1:]) & (labels == IGNORE)
-    is_pad = (pad_like | (idx < start)).all(dim=-1)
-    return torch.where(is_pad, length - start.squeeze(-1), 0).sum()
-
-
-def _real_tokens(batch: dict[str, torch.Tensor], padded: bool) -> torch.Tensor:
-    ids = batch["input_ids"]
-    return ids.numel() - padding_tokens(batch) if padded else ids.new_full((), ids.numel())  # no host copy
 
 
 def reduce_counts(local: dict[str, torch.Tensor]) -> torch.Tensor:

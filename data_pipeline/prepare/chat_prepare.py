@@ -16,7 +16,8 @@ from data_pipeline.shards.format import MASK_EXT
 
 def fields(c: ChatConfig) -> RecordFields:
     return RecordFields(c.messages_field, c.prompt_field, c.completion_field,
-                        list(c.instruction_fields), c.output_field, c.system_field)
+                        list(c.instruction_fields), c.output_field, c.system_field, c.format,
+                        c.conversations_field, c.tools_field, dict(c.role_map))
 
 
 def mark_sources(sources: list[Source], keys: list[str]) -> None:
@@ -34,17 +35,21 @@ def resolve_template(cfg: PrepareConfig) -> str:
 
     Runs before any file is read or written, so a tokenizer without a template fails fast.
     """
-    c = cfg.chat
-    if c.template:
-        template, where = chat.template_text(c.template), f"chat.template={c.template[:60]!r}"
-    elif not cfg.tokenizer.path:
-        template, where = chat.DEFAULT_CHAT_TEMPLATE, "the default template"
-    else:
+    c, tok = cfg.chat, None
+    if cfg.tokenizer.path:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer.path, local_files_only=True)
+    if c.template:
+        template, where = chat.template_text(c.template), f"chat.template={c.template[:60]!r}"
+    elif tok is None:
+        template, where = chat.DEFAULT_CHAT_TEMPLATE, "the default template"
+    else:
         template, where = tok.chat_template, f"tokenizer.path={cfg.tokenizer.path!r}"
-    problem = chat.check_template(template, c.train_on, where)
+    problem = chat.check_template(template, c.train_on, where, c.masks)
+    if problem is None and tok is not None:
+        tok.chat_template = template
+        problem = chat.probe_problem(tok, where)
     if problem:
         raise ValueError(problem)
     return template
@@ -69,6 +74,9 @@ def save_with_template(tok, template: str, tok_dir: Path) -> None:
     """Write the template into tokenizer_config.json (not a side file), so every copy of this
     tokenizer (the trainer's, the exports') carries it."""
     tok.chat_template = template
+    problem = chat.probe_problem(tok, "chat.template")
+    if problem:
+        raise ValueError(problem)
     for stale in ("chat_template.jinja", "chat_template.json"):
         (tok_dir / stale).unlink(missing_ok=True)
     tok.save_pretrained(str(tok_dir), save_jinja_files=False)
@@ -78,10 +86,11 @@ def settings(cfg: PrepareConfig, sources: list[Source], tok_dir: Path, dtype: st
     c = cfg.chat
     return chat.ChatSettings(str(tok_dir), dtype, [s.kind for s in sources], fields(c), c.train_on,
                              c.max_len, c.on_long, cfg.on_bad_utf8, cfg.split.val_fraction,
-                             cfg.split.seed)
+                             cfg.split.seed, c.masks, c.on_history_change)
 
 
 def manifest_entry(cfg: PrepareConfig, tok) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return {"max_len": cfg.chat.max_len, "mask_ext": MASK_EXT, "pad_token_id": pad,
-            "train_on": cfg.chat.train_on, "on_long": cfg.chat.on_long}
+            "train_on": cfg.chat.train_on, "on_long": cfg.chat.on_long,
+            "masks": chat.mask_method(cfg.chat.masks, tok.chat_template, cfg.chat.train_on)}

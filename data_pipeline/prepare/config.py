@@ -79,9 +79,20 @@ class MixConfig:
 class ChatConfig:
     """How `mode=chat` reads conversations and marks what the model learns (see chat.py)."""
 
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "instruction"] = "auto"
+    """Record shape: `auto` detects it per record from its fields (messages, conversations,
+    prompt+completion, instruction+output, in that order); the others force one (see chat_records.py)."""
     messages_field: str = "messages"
     """Field holding OpenAI-style messages: a list of {role, content}, roles system, user,
-    assistant or tool."""
+    assistant (with optional `tool_calls`; content may then be null) or tool."""
+    conversations_field: str = "conversations"
+    """Field holding ShareGPT turns: a list of {from, value}, from system, human, gpt (also user,
+    assistant; tool/observation for tool replies, function_call for an assistant tool call)."""
+    tools_field: str = "tools"
+    """Record field holding the tools (JSON schemas, or a JSON string of them) passed to the template
+    as `apply_chat_template(..., tools=...)`."""
+    role_map: dict[str, str] = field(default_factory=dict)
+    """Extra role (or ShareGPT `from`) names -> system, user, assistant or tool, e.g. {bot: assistant}."""
     prompt_field: str = "prompt"
     """Prompt/completion pairs: the user turn's field..."""
     completion_field: str = "completion"
@@ -97,6 +108,15 @@ class ChatConfig:
     """A Jinja chat template (or the path of a file holding one) replacing the tokenizer's; it is
     written into the output tokenizer, so exports carry it. null = the tokenizer's own (a
     tokenizer trained by prepare gets chat.DEFAULT_CHAT_TEMPLATE, ChatML)."""
+    masks: Literal["auto", "render", "markers"] = "auto"
+    """How assistant tokens are found: `render` renders the conversation turn by turn with the
+    template (any template), `markers` reads its {% generation %} markers (transformers'
+    return_assistant_tokens_mask), `auto` = markers when the template has them, else render."""
+    on_history_change: Literal["split", "skip"] = "split"
+    """A template that renders earlier turns differently once later turns follow (drops earlier
+    reasoning, moves the system prompt; chat.masks=render): `split` trains each such turn in a sample
+    of its own, as the template renders that history; `skip` refuses the record (counted, or named
+    with on_bad_record=raise)."""
     train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
     """Which tokens are targets: every assistant turn, every token, or the last assistant turn."""
     max_len: int = 2048
@@ -107,11 +127,34 @@ class ChatConfig:
 
 
 @dataclass
+class PrepareLimits:
+    """When a prepare that ran to the end still fails."""
+
+    max_dropped_frac: float = 0.01
+    """More than this fraction of the records dropped (every skip reason but blank lines/empty
+    documents) ends prepare with exit 2 and the counts by reason; nothing is written."""
+
+
+@dataclass
+class PreferenceConfig:
+    """How `mode=preference` bounds its pairs (see prepare/preference.py)."""
+
+    max_len: int = 2048
+    """Tokens of prompt + completion at most, for each of chosen and rejected; must be <=
+    trainer.seq_len of the runs that read them."""
+    on_long: Literal["truncate", "skip"] = "truncate"
+    """A longer pair has its completions cut (TRL's keep_start; skipped if the prompt alone fills
+    max_len) or is skipped; both are counted in the closing report."""
+
+
+@dataclass
 class PrepareConfig:
-    mode: Literal["text", "chat"] = "text"
+    mode: Literal["text", "chat", "preference"] = "text"
     """`text`: documents + EOS, every token trained. `chat`: conversations rendered with the
     tokenizer's chat template, with a per-token label mask (settings under `chat`)."""
     chat: ChatConfig = field(default_factory=ChatConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """`mode=preference`: pairs (prompt, chosen, rejected) for objective=dpo."""
     source: SourceConfig = field(default_factory=SourceConfig)
     sources: list[dict] = field(default_factory=list)
     """Several weighted sources ({path, weight, format, text_field, ...}); replaces `source`."""
@@ -132,6 +175,7 @@ class PrepareConfig:
     progress: bool = True
     force: bool = False
     """Rebuild even when `out` already holds the same sources and settings."""
+    prepare: PrepareLimits = field(default_factory=PrepareLimits)
     storage: StorageConfig = field(default_factory=StorageConfig)
     """For a remote `out` (s3://, fsspec): endpoint and timeout; credentials from standard chains."""
 
@@ -166,6 +210,9 @@ def _chat_problems(cfg: PrepareConfig) -> list[str]:
                  "a template file, or give the template text")
     if not c.instruction_fields:
         p.append("chat.instruction_fields is empty: name at least the instruction field")
+    bad = {k: v for k, v in c.role_map.items() if v not in ("system", "user", "assistant", "tool")}
+    if bad:
+        p.append(f"chat.role_map={bad}: map each name to system, user, assistant or tool")
     return p
 
 
@@ -193,6 +240,15 @@ def validate(cfg: PrepareConfig) -> list[str]:
         p.append(f"split.val_fraction={cfg.split.val_fraction}: must be in [0, 1)")
     if cfg.mode == "chat":
         p.extend(_chat_problems(cfg))
+    if not 0 <= cfg.prepare.max_dropped_frac <= 1:
+        p.append(f"prepare.max_dropped_frac={cfg.prepare.max_dropped_frac}: must be in [0, 1] (1 = never fail)")
+
+    if cfg.mode == "preference":
+        if cfg.preference.max_len < 2:
+            p.append(f"preference.max_len={cfg.preference.max_len}: must be >= 2")
+        if not t.path:
+            p.append("mode=preference needs tokenizer.path=DIR: the tokenizer (and chat template) of "
+                     "the model being tuned, usually the SFT run's export")
     if cfg.num_proc < 0 or cfg.batch_docs < 1:
         p.append(f"num_proc={cfg.num_proc}, batch_docs={cfg.batch_docs}: need num_proc >= 0, batch_docs >= 1")
     if not cfg.out:

@@ -54,6 +54,10 @@ class Encoded:
     """The tokenizer gives the same ids for a text cut at a single space as for the whole text."""
     truncated: int = 0             # chat: conversations cut to chat.max_len
     trained: int = 0               # chat: tokens marked as targets
+    split: int = 0                 # chat: conversations trained in several samples (chat_masks.py)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # chat: (field left out, where)
+
+    diverged: int = 0              # preference: prompt tokens not a prefix of prompt + completion
 
 
 _state: dict = {}

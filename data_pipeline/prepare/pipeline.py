@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from data_pipeline.prepare import chat, chat_prepare
+from data_pipeline.prepare import chat, chat_prepare, preference
 from data_pipeline.prepare import encode as enc
 from data_pipeline.prepare.chat_records import CHAT_RECORD_ERRORS
 from data_pipeline.prepare.config import (
@@ -35,6 +35,7 @@ from data_pipeline.prepare.config import (
     load_prepare_config,
 )
 from data_pipeline.prepare.publish import remote_manifest_if_current, upload
+from data_pipeline.prepare.report import PrepareError, check_yield, print_report
 from data_pipeline.prepare.sources import (
     Source,
     check_source,
@@ -55,10 +56,6 @@ from data_pipeline.shards.manifest import (
 from data_pipeline.storage.backends import is_remote
 
 FORMAT_VERSION = 1
-
-
-class PrepareError(ValueError):
-    """Bad input found while reading (on_bad_record=raise)."""
 
 
 def _tokenizer_fingerprint(cfg: PrepareConfig) -> dict:
@@ -82,16 +79,22 @@ def fingerprint(cfg: PrepareConfig, sources: list[Source], template: str | None 
             "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record}
     if template is not None:  # text outputs keep their fingerprint (no rebuild after upgrades)
         blob["chat"] = chat.fingerprint(cfg.chat, template)
+    if cfg.mode == "preference":
+        blob.update(preference.fingerprint(cfg))
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def _record_error(reason: str, where: str, detail: str, mode: str = "text") -> PrepareError:
-    what = f"{where}: {detail}" if mode == "chat" else enc.describe(reason, where, detail)
+    what = f"{where}: {detail}" if mode in ("chat", "preference") else enc.describe(reason, where, detail)
+    if reason in chat.FATAL_REASONS:
+        return PrepareError(what)
     return PrepareError(f"{what} (set on_bad_record=skip to skip such records and count them)")
 
 
 def _is_record_error(reason: str, cfg: PrepareConfig) -> bool:
-    errors = CHAT_RECORD_ERRORS if cfg.mode == "chat" else enc.RECORD_ERRORS
+    if reason in chat.FATAL_REASONS:
+        return True
+    errors = {"chat": CHAT_RECORD_ERRORS, "preference": preference.RECORD_ERRORS}.get(cfg.mode, enc.RECORD_ERRORS)
     return reason in errors and cfg.on_bad_record == "raise"
 
 
@@ -123,7 +126,8 @@ def _tasks(records: Iterable, size: int, counts: collections.Counter) -> Iterato
 def _bounded_map(fn: Callable, tasks: Iterator, settings, procs: int) -> Iterator:
     """fn over tasks in order on `procs` processes, at most 2 x procs tasks in flight
     (Executor.map would read the whole corpus into its queue first)."""
-    init = chat.init if isinstance(settings, chat.ChatSettings) else enc.init
+    init = chat.init if isinstance(settings, chat.ChatSettings) else \
+        preference.init if isinstance(settings, preference.PreferenceSettings) else enc.init
     if procs == 1:
         init(settings)
         yield from map(fn, tasks)
@@ -150,10 +154,14 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
     read, skipped, written = collections.Counter(), collections.Counter(), collections.Counter()
     tokens = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)
-    replaced = truncated = trained = pieced = 0
+    replaced = truncated = trained = pieced = split_convs = 0
+    ignored: collections.Counter = collections.Counter()
+    ignored_at: dict[str, str] = {}
     pieces_exact = True
-    fn, reasons = (chat.encode, chat.CHAT_SKIP_REASONS) if cfg.mode == "chat" else \
-        (enc.encode, enc.SKIP_REASONS)
+    fn, reasons = {"chat": (chat.encode, chat.CHAT_SKIP_REASONS),
+                   "preference": (preference.encode, preference.SKIP_REASONS)}.get(
+        cfg.mode, (enc.encode, enc.SKIP_REASONS))
+    diverged = 0
     t0 = time.time()
     bar = tqdm(unit="doc", desc="tokenize", disable=not cfg.progress, dynamic_ncols=True)
     tasks = _tasks(iter_mixed(sources, cfg.mix), cfg.batch_docs, read)
@@ -170,6 +178,11 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
         pieces_exact &= task_out.pieces_exact
         truncated += task_out.truncated
         trained += task_out.trained
+        split_convs += task_out.split
+        for name, where in task_out.ignored:
+            ignored[name] += 1
+            ignored_at.setdefault(name, where)
+        diverged += task_out.diverged
         for is_val, data, *mask in task_out.docs:
             split = "val" if is_val else "train"
             writers[split].write(data, *mask)
@@ -186,7 +199,10 @@ def _encode_all(sources: list[Source], cfg: PrepareConfig, settings,
               "utf8_replaced": replaced, "tokens": dict(tokens),
               "seconds": round(time.time() - t0, 3)}
     if cfg.mode == "chat":
-        report.update(truncated=truncated, trained_tokens=trained)
+        report.update(truncated=truncated, trained_tokens=trained, split_conversations=split_convs,
+                      ignored_fields={k: [n, ignored_at[k]] for k, n in sorted(ignored.items())})
+    elif cfg.mode == "preference":
+        report.update(truncated=truncated, completion_tokens=trained, diverged=diverged)
     else:  # chat records are not counted per source
         report["written_per_source"] = {sources[i].label: written[i] for i in range(len(sources))}
     return report
@@ -210,6 +226,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.mode == "chat":
         chat_prepare.mark_sources(sources, keys)
         template = chat_prepare.resolve_template(cfg)
+    if cfg.mode == "preference":
+        preference.mark_sources(sources, keys)
     for s, k in zip(sources, keys):
         check_source(s, k)
     fp = fingerprint(cfg, sources, template)
@@ -229,7 +247,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _print_report(out, manifest)
+    print_report(out, manifest)
     return manifest
 
 
@@ -243,7 +261,7 @@ def _prepare_remote(cfg: PrepareConfig, sources: list[Source], fp: str, template
     with tempfile.TemporaryDirectory(prefix="scaletrain-prepare-") as tmp:
         manifest = _build(cfg, sources, fp, Path(tmp), template)
         upload(Path(tmp), cfg.out, cfg.storage)
-    _print_report(cfg.out.rstrip("/"), manifest)
+    print_report(cfg.out.rstrip("/"), manifest)
     return manifest
 
 
@@ -273,13 +291,15 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
     ext = ext_for_vocab(vocab)
     if template is not None:
         settings = chat_prepare.settings(cfg, sources, tok_dir, TOKEN_EXTS[ext].str)
+    elif cfg.mode == "preference":
+        settings = preference.settings(cfg, sources, tok_dir, TOKEN_EXTS[ext].str)
     else:
         settings = enc.Settings(str(tok_dir / "tokenizer.json"), tok.eos_token_id, TOKEN_EXTS[ext].str,
                                 [(s.kind, s.text_field) for s in sources], cfg.on_bad_utf8,
                                 cfg.split.val_fraction, cfg.split.seed)
     writers = {split: ShardWriter(tmp, split, ext, cfg.shard.max_bytes) for split in ("train", "val")}
     report = _encode_all(sources, cfg, settings, writers)
-    _check_yield(report, sources)
+    check_yield(report, [x.label for x in sources], cfg)
     records = {split: w.close() for split, w in writers.items()}
     report["documents_written"] = {s: sum(r.samples for r in recs) for s, recs in records.items()}
     report["shards"] = {s: len(recs) for s, recs in records.items()}
@@ -288,58 +308,25 @@ def _build(cfg: PrepareConfig, sources: list[Source], fp: str, tmp: Path,
                     "tokenizer": asdict(cfg.tokenizer), "shard": asdict(cfg.shard),
                     "split": asdict(cfg.split), "mix": asdict(cfg.mix),
                     "on_bad_utf8": cfg.on_bad_utf8, "on_bad_record": cfg.on_bad_record,
-                    "mode": cfg.mode, "chat": asdict(cfg.chat) if template is not None else None}
+                    "mode": cfg.mode, "chat": asdict(cfg.chat) if template is not None else None,
+                    **({"preference": asdict(cfg.preference)} if cfg.mode == "preference" else {})}
     manifest = build_manifest(splits=records, ext=ext, vocab_size=vocab,
                               eos_token_id=tok.eos_token_id, tokenizer=tok_info, fingerprint=fp,
                               settings=settings_out, report=report,
                               chat=chat_prepare.manifest_entry(cfg, tok) if template is not None else None,
-                              index_bundle=write_index_bundle(tmp, records))
+                              index_bundle=write_index_bundle(tmp, records),
+                              preference=preference.manifest_entry(cfg, tok) if cfg.mode == "preference" else None)
     write_json_atomic(tmp / MANIFEST_NAME, manifest)
     return manifest
-
-
-def _check_yield(report: dict, sources: list[Source]) -> None:
-    """An input that gives no document is an error naming it (not an empty manifest that fails later)."""
-    if "written_per_source" in report:
-        empty = [label for label, n in report["written_per_source"].items() if n == 0]
-    else:  # chat: all inputs together
-        empty = [] if sum(report["tokens"].values()) else [s.label for s in sources]
-    if not empty:
-        return
-    skipped = ", ".join(f"{k}={v}" for k, v in report["skipped"].items() if v) or "none"
-    seen = "; ".join(f"{k}: {', '.join(v)}" for k, v in report["skipped_examples"].items())
-    raise PrepareError(f"{' and '.join(empty)} gave no documents ({report['documents_read']} records read, "
-                       f"skipped {skipped}{'; e.g. ' + seen if seen else ''}): point source.path at text, "
-                       "JSONL, Parquet or a datasets directory that holds documents")
-
-
-def _print_report(out: Path | str, m: dict) -> None:
-    r, sp = m["report"], m["splits"]
-    secs = max(r["seconds"], 1e-9)
-    skipped = " ".join(f"{k}={v}" for k, v in r["skipped"].items())
-    lines = [f"prepare: read {r['documents_read']:,} documents in {r['seconds']:.1f} s "
-             f"({r['documents_read'] / secs:,.0f} docs/s, {m['totals']['tokens'] / secs:,.0f} tokens/s)",
-             f"  skipped: {skipped}; utf-8 replaced in {r['utf8_replaced']}"]
-    if m.get("mode") == "chat":
-        lines.append(f"  chat: truncated to max_len={m['chat']['max_len']}: {r['truncated']}, trained "
-                     f"tokens: {r['trained_tokens']:,}")
-    lines += [f"  skipped as {k}: {', '.join(w)}{' ...' if r['skipped'][k] > len(w) else ''}"
-              for k, w in r.get("skipped_examples", {}).items()]
-    if r.get("pieced_documents"):
-        lines.append(f"  {r['pieced_documents']} documents over {enc.PIECE_CHARS:,} characters tokenized in pieces"
-                     + ("" if r["pieces_exact"] else " (this tokenizer splits words differently at a cut: "
-                        "tokens may differ there)"))
-    lines += [f"  train: {sp['train']['samples']:,} docs, {sp['train']['tokens']:,} tokens, "
-              f"{len(sp['train']['shards'])} shards",
-              f"  val:   {sp['val']['samples']:,} docs, {sp['val']['tokens']:,} tokens, "
-              f"{len(sp['val']['shards'])} shards",
-              f"  wrote {out}/ ({MANIFEST_NAME}, tokenizer/ vocab {m['vocab_size']:,}, {m['dtype']})"]
-    print("\n".join(lines))
 
 
 def main() -> None:
     import hydra
     from omegaconf import OmegaConf
+
+    from data_pipeline.overrides import exit_on_bad_override
+
+    exit_on_bad_override("prepare: error: ")
 
     @hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="prepare", version_base=None)
     def _run(dcfg) -> None:

@@ -6,7 +6,8 @@ read with encoding latin-1, which maps every byte to one character and back loss
 that invalid UTF-8 can be detected, counted and replaced or skipped per document instead of
 failing the whole file inside `datasets`. JSON is parsed per line in the tokenizer processes,
 where a bad line can be skipped and reported with its file and line number (the `datasets`
-JSON builder parses whole blocks with pyarrow and can do neither).
+JSON builder parses whole blocks with pyarrow and can do neither). A UTF-8 byte-order mark at the
+start of a text or JSONL file is not part of its text.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from typing import Iterator
 from data_pipeline.prepare.config import MixConfig, SourceConfig
 
 STDLIB_DEFAULT_FILES = 300
+_BOM = "\xef\xbb\xbf"
+"""The UTF-8 byte-order mark as latin-1 text: dropped from the start of a text or JSONL file (an
+editor's BOM made the first JSONL record "bad JSON")."""
 _EXT_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
@@ -156,7 +160,7 @@ def iter_source(src: Source) -> Iterator[tuple[str | None, str]]:
                                    encoding="latin-1", split="train", streaming=True)
         n = 0
         for n, (row, f) in enumerate(zip(ds, src.files), 1):
-            yield row["text"], f
+            yield _no_bom(row["text"]), f
         assert n == len(src.files), f"datasets returned {n} documents for {len(src.files)} files"
         return
     if src.format == "jsonl":
@@ -172,7 +176,7 @@ def iter_source(src: Source) -> Iterator[tuple[str | None, str]]:
         part = ds.shard(num_shards=ds.n_shards, index=i, contiguous=True)
         if src.format == "jsonl":
             for line, row in enumerate(part, 1):
-                yield row["text"], f"{f}:{line}"
+                yield (_no_bom(row["text"]) if line == 1 else row["text"]), f"{f}:{line}"
         else:
             for r, row in enumerate(part):
                 if src.records:
@@ -180,6 +184,10 @@ def iter_source(src: Source) -> Iterator[tuple[str | None, str]]:
                     continue
                 value = row[src.text_field]
                 yield (value if isinstance(value, str) else None), f"{f} row {r}"
+
+
+def _no_bom(text: str | None) -> str | None:
+    return text[len(_BOM):] if text and text.startswith(_BOM) else text
 
 
 def _dump(row: dict) -> str:

@@ -7,7 +7,7 @@ the trainer can collect every config error into one message before any process s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,12 +28,35 @@ class SyntheticDataConfig:
     """Number of distinct token ids produced."""
     seed: int = 1234
     """Seed of the sample generator (independent of `trainer.seed`)."""
+    doc_len: int = 0
+    """Packed documents: position ids restart at document starts, document lengths drawn uniformly
+    from 1 .. 2 * doc_len - 1 per row (mean doc_len), as chat SFT batches are packed; the attention
+    kernels then apply the document mask. 0 = one document per row (positions 0 .. seq_len - 1).
+    The tokens are the same either way."""
 
     def validate(self) -> list[str]:
         problems = []
         if self.vocab_size < 8:
             problems.append(f"data.vocab_size={self.vocab_size}: must be >= 8")
+        if self.doc_len < 0:
+            problems.append(f"data.doc_len={self.doc_len}: must be >= 0 (0 = one document per row)")
         return problems
+
+
+@dataclass
+class MixSource:
+    """One prepared dataset of `data.mix` (the other data.* settings are shared by every source)."""
+
+    urls: str = ""
+    """The source's shards, in any form `data.urls` accepts (local or remote)."""
+    weight: float = 1.0
+    """Share of the mixed rows drawn from this source (weights are normalised; honoured to 1/1000)."""
+    name: str = ""
+    """Name in the metrics (`data/tokens/<name>`, `data/epoch/<name>`); empty = the basename of urls."""
+    val_urls: str = ""
+    """Validation shards; empty = the manifest's validation split next to `urls`."""
+    manifest: str = ""
+    """Path of the source's manifest.json; empty = found next to its shards."""
 
 
 @dataclass
@@ -86,12 +109,20 @@ class WebDatasetConfig:
     pack: bool = True
     """Chat shards: pack whole conversations into each row (true) or one conversation per
     row, right-padded with the tokenizer's pad id (false). Text shards are always packed."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several prepared datasets with weights, instead of `urls` (data=mix): each row of the global
+    stream comes from one source, chosen by a smooth weighted round robin (see read/mix.py)."""
 
     def validate(self) -> list[str]:
         problems = []
-        if not self.urls:
+        if self.mix and self.urls:
+            problems.append(f"data.urls={self.urls!r} and data.mix are both set: use one of them "
+                            "(data=mix starts with data.urls empty, or set data.urls='')")
+        elif not self.urls and not self.mix:
             problems.append("data.urls is empty: set data.urls=PATH/shard-{000000..000009}.tar "
-                            "(shards written by `python -m data_pipeline.prepare`)")
+                            "(shards written by `python -m data_pipeline.prepare`), or data.mix="
+                            "[{urls: A, weight: 0.7}, {urls: B, weight: 0.3}]")
+        problems.extend(_mix_problems(self.mix))
         for key, value in (("data.urls", self.urls), ("data.val_urls", self.val_urls)):
             if "pipe:" in value and not self.allow_pipe:
                 problems.append(f"{key}={value!r} is a pipe: command; set data.allow_pipe=true "
@@ -119,12 +150,116 @@ class WebDatasetConfig:
                             "must be >= 0")
         if self.storage.timeout_s <= 0:
             problems.append(f"data.storage.timeout_s={self.storage.timeout_s}: must be > 0")
+        sources = [(f"data.mix[{i}].{k}", getattr(src, k)) for i, src in enumerate(self.mix)
+                   for k in ("urls", "val_urls", "manifest")]
         for key, value in (("data.urls", self.urls), ("data.val_urls", self.val_urls),
-                           ("data.manifest", self.manifest)):
+                           ("data.manifest", self.manifest), *sources):
             problem = backend_problem(value) if value else None
             if problem:
                 problems.append(f"{key}={value!r}: {problem}")
         return problems
+
+
+def source_name(src: MixSource, index: int) -> str:
+    """A mix source's name in the metrics: its `name`, else the last meaningful part of its urls
+    (`/data/chat_en/` -> `chat_en`; `/data/code/train/shard-{000000..000009}.tar` -> `code`)."""
+    if src.name:
+        return src.name
+    parts = [p for p in src.urls.split("::")[0].rstrip("/").split("/") if p]
+    while parts and (parts[-1] in ("manifest.json", "train", "val") or parts[-1].endswith(".tar")
+                     or any(c in parts[-1] for c in "{*?")):
+        parts.pop()
+    return parts[-1] if parts and ":" not in parts[-1] else f"source{index}"
+
+
+def _mix_problems(mix: list[MixSource]) -> list[str]:
+    import math
+
+    problems = []
+    for i, src in enumerate(mix):
+        if not src.urls:
+            problems.append(f"data.mix[{i}].urls is empty: set it to a prepare output (or its shard URLs)")
+        if not (math.isfinite(src.weight) and src.weight > 0):
+            problems.append(f"data.mix[{i}].weight={src.weight}: must be a number > 0")
+        for key in ("urls", "val_urls"):
+            if "pipe:" in getattr(src, key):
+                problems.append(f"data.mix[{i}].{key} is a pipe: command; mix sources take local or "
+                                "remote shards only")
+    names = [source_name(s, i) for i, s in enumerate(mix)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        problems.append(f"data.mix: sources {names} share the name(s) {twice}: give each a distinct "
+                        "`name` (data.mix=[{urls: A, weight: 0.7, name: a}, ...])")
+    return problems
+
+
+def source_configs(cfg: WebDatasetConfig) -> list[tuple[str, float, WebDatasetConfig]]:
+    """(name, weight, config) of every source: the mix's sources, each with the shared settings,
+    or the one dataset of data.urls (named by its urls, weight 1)."""
+    if not cfg.mix:
+        return [(source_name(MixSource(urls=cfg.urls), 0), 1.0, cfg)]
+    return [(source_name(src, i), src.weight,
+             replace(cfg, urls=src.urls, val_urls=src.val_urls, manifest=src.manifest, mix=[]))
+            for i, src in enumerate(cfg.mix)]
+
+
+def mix_kind_problems(cfg: WebDatasetConfig) -> list[str]:
+    """Sources of a mix that cannot be mixed, told from their local manifests before start-up:
+    chat with text shards, or different vocabularies / EOS / tokenizers (the loader checks again,
+    remote sources included)."""
+    if len(cfg.mix) < 2:
+        return []
+    seen = []
+    for name, _, scfg in source_configs(cfg):
+        path = _local_manifest(scfg)
+        try:
+            m = json.loads(path.read_text()) if path else None
+        except (OSError, ValueError):
+            m = None
+        if isinstance(m, dict):
+            tok = m.get("tokenizer") if isinstance(m.get("tokenizer"), dict) else {}
+            tok_file = path.parent / str(tok.get("dir", "")) / "tokenizer.json" if tok.get("dir") else None
+            seen.append(SourceKind(name, "chat" if m.get("mode") == "chat" else "text", m.get("vocab_size"),
+                                   m.get("eos_token_id"), file_digest(tok_file)))
+    return kind_conflicts(seen)
+
+
+@dataclass
+class SourceKind:
+    """What must agree between the sources of a mix."""
+
+    name: str
+    mode: str                 # chat | text
+    vocab_size: int | None
+    eos_token_id: int | None
+    tokenizer: str | None     # sha256 of tokenizer.json where known
+
+
+def file_digest(path: Path | None) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path and path.is_file() else None
+    except OSError:
+        return None
+
+
+def kind_conflicts(kinds: list[SourceKind]) -> list[str]:
+    """Problems naming the sources that disagree with the first one."""
+    if not kinds:
+        return []
+    first, problems = kinds[0], []
+    for k in kinds[1:]:
+        if k.mode != first.mode:
+            problems.append(f"data.mix mixes {first.mode} shards ({first.name}) with {k.mode} shards "
+                            f"({k.name}): a mix must be all chat or all text; prepare both with the same mode")
+        for what in ("vocab_size", "eos_token_id", "tokenizer"):
+            a, b = getattr(first, what), getattr(k, what)
+            if a is not None and b is not None and a != b:
+                problems.append(f"data.mix sources {first.name} and {k.name} have different {what} "
+                                f"({a} vs {b}): their tokens mean different things; prepare them with "
+                                "the same tokenizer")
+    return problems
 
 
 def _local_manifest(cfg: WebDatasetConfig) -> Path | None:

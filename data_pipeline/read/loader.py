@@ -13,8 +13,9 @@ nothing is seen twice or skipped, and no partly packed buffer exists to lose.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -22,19 +23,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.read.batches import ShardReader, Span, TokenSpans
 from data_pipeline.read.config import WebDatasetConfig
 from data_pipeline.read.order import GlobalOrder
-from data_pipeline.read.prefetch import Prefetcher
+from data_pipeline.read.pairs import PairSpans, pair_spans
+from data_pipeline.read.prefetch import PlannedSpans, Prefetcher
 from data_pipeline.read.rows import RowOrder, RowSpan, RowSpans
 from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
 
 STATE_VERSION = 1
 
 
-class _RankStream(IterableDataset):
+class RankStream(IterableDataset):
     """Rounds first_round, first_round + 1, ... of one rank, split over DataLoader workers."""
 
-    def __init__(self, spans: TokenSpans | RowSpans, *, base: int, first_round: int,
-                 rank: int, world_size: int, remote: WebDatasetConfig | None = None) -> None:
-        """remote: the settings of a remote corpus, whose shards a Prefetcher fetches."""
+    def __init__(self, spans: Any, *, base: int, first_round: int, rank: int, world_size: int,
+                 remote: Sequence[tuple[PlannedSpans, WebDatasetConfig]] = ()) -> None:
+        """spans: TokenSpans, RowSpans or mix.MixSpans; remote: (what is read, settings) of each
+        remote corpus, whose shards a Prefetcher fetches."""
         self.spans, self.base, self.first_round = spans, base, first_round
         self.rank, self.world_size, self.remote = rank, world_size, remote
 
@@ -42,18 +45,17 @@ class _RankStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k = self.first_round + worker
-        fetch = None
-        if self.remote is not None:   # created here: in the worker process that reads
-            fetch = Prefetcher(self.spans, self.remote, round_pos=self._pos, stride=workers)
+        # created here: in the worker process that reads
+        fetches = [Prefetcher(planned, cfg, round_pos=self._pos, stride=workers) for planned, cfg in self.remote]
         try:
             while True:
-                if fetch is not None:
+                for fetch in fetches:
                     fetch.advance(k)
                 yield self.spans.read(self._pos(k))
                 k += workers
         finally:
             self.spans.close()
-            if fetch is not None:
+            for fetch in fetches:
                 fetch.close()
 
     def _pos(self, k: int) -> int:
@@ -65,9 +67,36 @@ def _as_is(span: Span | RowSpan) -> Span | RowSpan:
     return span
 
 
-def _spans(table: ShardTable, order: GlobalOrder, cfg: WebDatasetConfig, rows: int,
-           seq_len: int) -> TokenSpans | RowSpans:
+def batch_source(stream: RankStream, cfg: WebDatasetConfig) -> Iterator[Any]:
+    """The stream's spans, read in the training process (num_workers=0) or by DataLoader workers."""
+    if cfg.num_workers == 0:
+        yield from stream
+        return
+    it = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                         prefetch_factor=cfg.prefetch_factor, collate_fn=_as_is))
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def epoch_units(spans: TokenSpans | RowSpans, epochs: float) -> int:
+    """Stream units (tokens of text, rows of chat) that `epochs` passes over the data cover
+    (rounded up); packed chat epochs differ in rows (each epoch's order packs differently)."""
+    if isinstance(spans, TokenSpans):
+        return math.ceil(epochs * spans.order.epoch_tokens)
+    whole, frac = int(epochs), epochs - int(epochs)
+    rows = sum(spans.order.rows_in(e) for e in range(whole))
+    return rows + math.ceil(frac * spans.order.rows_in(whole)) if frac else rows
+
+
+def make_spans(table: ShardTable, order: GlobalOrder, cfg: WebDatasetConfig, rows: int,
+               seq_len: int) -> TokenSpans | RowSpans | PairSpans:
     """Text shards stream tokens; chat shards (with masks) come as whole conversations per row."""
+    if table.pairs:  # preference pairs for objective=dpo
+        return pair_spans(table, order, rows, seq_len, cfg.on_error)
     reader = ShardReader(table)
     if table.mask_offsets is None:
         if not cfg.pack:
@@ -111,8 +140,9 @@ class WebDatasetLoader:
         self.tokenizer_dir = self.table.tokenizer_dir
         self.eos_token_id = self.table.eos_token_id
         self.data_fingerprint = self.table.fingerprint
-        self._spans = _spans(self.table, self.order, cfg, micro_batch_size, seq_len)
-        self.unit = "rows" if isinstance(self._spans, RowSpans) else "tokens"
+        self._spans = make_spans(self.table, self.order, cfg, micro_batch_size, seq_len)
+        self.unit = getattr(self._spans, "unit_name", "rows" if isinstance(self._spans, RowSpans) else "tokens")
+        self.pairs = self.unit == "pairs"
         self._base = 0
         self._consumed = 0
         self._generation = 0
@@ -126,20 +156,10 @@ class WebDatasetLoader:
         return self._base + self._consumed * self.world_size * self._spans.unit
 
     def _source(self) -> Iterator[Span | RowSpan]:
-        stream = _RankStream(self._spans, base=self._base, first_round=self._consumed,
+        stream = RankStream(self._spans, base=self._base, first_round=self._consumed,
                              rank=self.rank, world_size=self.world_size,
-                             remote=self.cfg if self.table.remote else None)
-        if self.cfg.num_workers == 0:
-            yield from stream
-            return
-        it = iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                             prefetch_factor=self.cfg.prefetch_factor, collate_fn=_as_is))
-        try:
-            yield from it
-        finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+                             remote=[(self._spans, self.cfg)] if self.table.remote else [])
+        yield from batch_source(stream, self.cfg)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -173,6 +193,7 @@ class WebDatasetLoader:
                 "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
                 "seed": self.cfg.seed, "data_fingerprint": self.data_fingerprint,
                 **({"unit": "rows", "pack": self.cfg.pack} if self.unit == "rows" else {}),
+                **({"unit": "pairs"} if self.pairs else {}),
                 "masked_tokens": self._masked_tokens, "repeated_tokens": self._repeated_tokens}
 
     def _check(self, state: dict[str, Any]) -> None:
@@ -227,6 +248,15 @@ class WebDatasetLoader:
                           DataWarning, stacklevel=2)
         self._masked_tokens = max(int(s.get("masked_tokens", 0)) for s in states)
         self._restart_at(min(positions))
+
+    def epoch_units(self, epochs: float) -> tuple[int, str, str]:
+        """(stream units, `tokens` or `rows`, how they were counted) of `epochs` passes (train/epochs.py)."""
+        units = epoch_units(self._spans, epochs)
+        if self.unit == "tokens":
+            return units, "tokens", f"{epochs:g} x {self.order.epoch_tokens:,} tokens"
+        if not self.cfg.pack:
+            return units, "rows", f"{epochs:g} x {self.order.num_docs:,} conversations"
+        return units, "rows", f"{units:,} packed rows ({epochs:g} epochs)"
 
     def metrics(self) -> dict[str, float]:
         """Cheap counters: epochs and tokens of the global stream consumed, data problems."""

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 from data_pipeline.read.config import WebDatasetConfig
 from data_pipeline.shards.format import ShardFormatError
-from data_pipeline.storage.backends import fetch_into, parse_size
+from data_pipeline.storage.backends import DataSourceLost, FetchError, fetch_into, parse_size
 from data_pipeline.storage.cache import CacheError, ShardCache
 
 
@@ -124,6 +124,8 @@ class Prefetcher:
             return fut.result()
         except CacheError as e:
             raise ShardFormatError(str(e)) from e
+        except FetchError as e:  # retries exhausted mid-run: the trainer stops with a checkpoint
+            raise DataSourceLost.from_fetch(e) from None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

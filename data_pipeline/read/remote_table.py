@@ -19,10 +19,11 @@ import webdataset as wds
 from data_pipeline.read.config import WebDatasetConfig
 from data_pipeline.read.prefetch import cache_limit_problem
 from data_pipeline.read.table import ShardTable, assemble, table_vocab
+from data_pipeline.schema import ConfigError
 from data_pipeline.shards.format import TOKEN_EXTS
-from data_pipeline.shards.manifest import MANIFEST_NAME, SPLITS, load_index, load_manifest
+from data_pipeline.shards.manifest import MANIFEST_NAME, SPLITS, ManifestError, has_masks, load_index, load_manifest
 from data_pipeline.storage.backends import StorageConfig, is_remote, join, probe, retrying, store_for
-from data_pipeline.storage.cache import cache_key, default_cache_dir
+from data_pipeline.storage.cache import cache_dir_problem, cache_key, default_cache_dir
 
 
 def _get(url: str, cfg: WebDatasetConfig) -> bytes:
@@ -106,34 +107,44 @@ def remote_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     urls = cfg.val_urls if split == "val" and cfg.val_urls else cfg.urls
     murl = manifest_url(cfg, urls)
     root = murl.rsplit("/", 1)[0]
-    manifest = load_manifest(murl, _get(murl, cfg).decode())
+    try:
+        text = _get(murl, cfg).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError(f"manifest {murl} is not UTF-8 text (binary or corrupt); point data.urls at a "
+                            "prepare output, or rerun `python -m data_pipeline.prepare` for it") from None
+    manifest = load_manifest(murl, text)
     by_url = {join(root, s["path"]): s for sp in SPLITS for s in manifest["splits"][sp]["shards"]}
     if _is_root(urls) or urls.endswith(".json") or (split == "val" and not cfg.val_urls):
         shard_urls = [join(root, s["path"]) for s in manifest["splits"][split]["shards"]]
     else:
         shard_urls = wds.shardlists.expand_urls(urls)
+    key = "data.val_urls" if split == "val" and cfg.val_urls else "data.urls"
     missing = [u for u in shard_urls if u not in by_url]
     if missing:
-        raise ValueError(f"data.urls={urls!r}: {missing[0]} is not listed in {murl} "
-                         f"({len(missing)} of {len(shard_urls)} shards are not)")
+        raise ConfigError([f"{key}={urls!r}: {missing[0]} is not listed in {murl} "
+                           f"({len(missing)} of {len(shard_urls)} shards are not)"])
     if not shard_urls:
-        raise ValueError(f"no {split} shards in {murl}")
+        fix = ("set data.val_urls to validation shards, prepare with split.val_fraction > 0, or set "
+               "trainer.eval_every=0") if split == "val" else "point data.urls at a prepare output with training shards"
+        raise ConfigError([f"{key}={urls!r}: {murl} lists no {split} shards: {fix}"])
     entries = [by_url[u] for u in shard_urls]
     itemsize = TOKEN_EXTS[manifest["sample_ext"]].itemsize
     idxs = []
-    columns = 3 if manifest.get("mode") == "chat" else 2   # chat: + mask offsets (shard_format.py)
+    columns = 3 if has_masks(manifest) else 2   # chat: + mask offsets (shard_format.py)
     for u, e, idx in zip(shard_urls, entries, _indexes(entries, root, manifest, cfg)):
         if load_index(idx, e["samples"], e["tokens"], e["bytes"], columns) is None:
             raise ValueError(f"the index of {u} does not match {murl}: rerun prepare (force=true)")
         idxs.append(np.asarray(idx, dtype=np.int64))
-    problem = cache_limit_problem(cfg, max(e["bytes"] for e in entries))
-    if problem:
-        raise ValueError(problem)
+    problems = [p for p in (cache_limit_problem(cfg, max(e["bytes"] for e in entries)),
+                            cache_dir_problem(cfg.cache_dir or default_cache_dir())) if p]
+    if problems:
+        raise ConfigError([f"{p} (data.urls={urls!r})" for p in problems])
     vocab, eos, _ = table_vocab(cfg, manifest, None)
     table = assemble(shard_urls, shard_urls, idxs, [itemsize] * len(idxs), vocab, eos,
                       _tokenizer(manifest, root, cfg), [], 0)
     if table.mask_offsets is not None:
-        table.chat = dict(manifest.get("chat") or {})
+        table.chat = dict(manifest.get("chat") or manifest.get("preference") or {})
+        table.pairs = manifest.get("mode") == "preference"
     table.remote = True
     table.sizes = np.array([e["bytes"] for e in entries], dtype=np.int64)
     table.sha256 = [e["sha256"] for e in entries]

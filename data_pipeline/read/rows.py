@@ -85,6 +85,13 @@ class RowOrder:
         e, r = self.locate(g)
         return e + r / self.rows_in(e)
 
+    def tokens_before(self, g: int) -> int:
+        """Real (non-pad) tokens in rows 0 .. g - 1 (every epoch holds every token once)."""
+        e, r = self.locate(g)
+        _, docs, starts = self._rows(e)
+        within = int(self.order.table.lengths[docs[:int(starts[r])]].sum())
+        return e * self.order.epoch_tokens + within
+
 
 class RowSpan(NamedTuple):
     """One micro-batch of rows as a worker hands it over (compact, like batches.Span)."""

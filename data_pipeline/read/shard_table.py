@@ -25,7 +25,7 @@ from data_pipeline.shards.format import (
     ShardFormatError,
     scan_tar,
 )
-from data_pipeline.shards.manifest import MANIFEST_NAME, load_index, load_manifest
+from data_pipeline.shards.manifest import MANIFEST_NAME, has_masks, load_index, load_manifest
 from data_pipeline.storage.backends import is_remote
 from data_pipeline.storage.cache import default_cache_dir
 
@@ -129,7 +129,7 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
         for sp in manifest["splits"].values():
             for s in sp["shards"]:
                 entries[os.path.realpath(mpath.parent / s["path"])] = {
-                    **s, "_itemsize": isz, "_chat": manifest.get("mode") == "chat"}
+                    **s, "_itemsize": isz, "_chat": has_masks(manifest)}
     if not urls:
         raise ValueError(f"no {split} shards in data.urls={cfg.urls!r}"
                          + (f" (manifest {mpath} lists none)" if mpath else ""))
@@ -164,6 +164,8 @@ def build_table(cfg: WebDatasetConfig, split: str) -> ShardTable:
     table = assemble(paths, names, idxs, sizes, vocab, eos, tok_dir, skipped, bad)
     if table.mask_offsets is not None:
         table.chat = dict(manifest.get("chat") or {}) if manifest else {}
+        if manifest and manifest.get("mode") == "preference":
+            table.chat, table.pairs = dict(manifest["preference"]), True
     return table
 
 

@@ -46,6 +46,8 @@ class ShardTable:
     """Chat shards: per doc, byte offset of its target mask (shard_format.py); None = text."""
     chat: dict[str, Any] | None = None
     """Chat shards: the manifest's `chat` entry (max_len, pad_token_id, ...); {} without one."""
+    pairs: bool = False
+    """Preference shards (prepare mode=preference): one (prompt, chosen, rejected) pair per doc."""
     remote: bool = False       # paths are URLs fetched lazily into the node cache (prefetch.py)
     sizes: np.ndarray | None = None   # remote: per shard, bytes the manifest promises
     sha256: list[str] | None = None   # remote: per shard, sha256 the manifest promises

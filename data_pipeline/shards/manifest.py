@@ -16,6 +16,8 @@ Keys: `format`, `fingerprint` (sources + settings; equal = rerunning prepare is 
 `mode` is `text` (absent in older manifests: text too) or `chat`; a chat manifest adds
 `chat`: {`max_len` (no sample is longer), `mask_ext` (`mask`, see shard_format.py),
 `pad_token_id` (the tokenizer's pad id, or its EOS where it has none), `train_on`}.
+`mode` `preference` (prepare/preference.py) stores one pair per sample with a mask as chat does
+(values 0 prompt, 1 chosen, 2 rejected) and adds `preference`: {`max_len`, `pad_token_id`, ...}.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def build_manifest(*, splits: dict[str, list[ShardRecord]], ext: str, vocab_size: int,
                    eos_token_id: int | None, tokenizer: dict | None, fingerprint: str,
                    settings: dict | None = None, report: dict | None = None,
-                   chat: dict | None = None, index_bundle: dict | None = None) -> dict[str, Any]:
+                   chat: dict | None = None, index_bundle: dict | None = None,
+                   preference: dict | None = None) -> dict[str, Any]:
     """The manifest mapping for finished shards of every split."""
     out_splits = {}
     for name in SPLITS:
@@ -53,10 +56,17 @@ def build_manifest(*, splits: dict[str, list[ShardRecord]], ext: str, vocab_size
     totals = {k: sum(s[k] for s in out_splits.values()) for k in ("samples", "tokens", "bytes")}
     totals["shards"] = sum(len(s["shards"]) for s in out_splits.values())
     extra = {"mode": "chat", "chat": chat} if chat is not None else {"mode": "text"}
+    if preference is not None:
+        extra = {"mode": "preference", "preference": preference}
     return {"format": FORMAT, "fingerprint": fingerprint, **extra, "dtype": TOKEN_EXTS[ext].name,
             "sample_ext": ext, "vocab_size": vocab_size, "eos_token_id": eos_token_id,
             "tokenizer": tokenizer, "splits": out_splits, "totals": totals,
             "report": report or {}, "settings": settings or {}, "index_bundle": index_bundle}
+
+
+def has_masks(manifest: dict[str, Any]) -> bool:
+    """Chat and preference shards carry a `.mask` member per sample (a third index column)."""
+    return manifest.get("mode") in ("chat", "preference")
 
 
 def write_index_bundle(root: Path, splits: dict[str, list[ShardRecord]]) -> dict[str, Any]:

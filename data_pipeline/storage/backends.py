@@ -43,6 +43,26 @@ class FetchError(RuntimeError):
         super().__init__(f"{url}: {what} ({detail}) after {tries} tr{'y' if tries == 1 else 'ies'}")
 
 
+class DataSourceLost(RuntimeError):
+    """The loader gave up on a source mid-run (its retries are exhausted): the trainer stops with a
+    checkpoint instead of crashing. `url` and `error` ("HTTP 503 (...) after 6 tries") survive a
+    DataLoader worker: torch re-raises a worker's exception as `type(e)(its traceback text)`, and
+    that text ends with this exception's own line, which is parsed back here."""
+
+    PREFIX = "lost the data source "
+
+    def __init__(self, url: str, error: str | None = None):
+        if error is None:  # re-raised from a DataLoader worker: take the fields from its last line
+            tail = next((line for line in reversed(url.splitlines()) if self.PREFIX in line), "")
+            url, _, error = tail.split(self.PREFIX, 1)[-1].partition(": ")
+        self.url, self.error = url, error
+        super().__init__(f"{self.PREFIX}{url}: {error}")
+
+    @classmethod
+    def from_fetch(cls, e: "FetchError") -> "DataSourceLost":
+        return cls(e.url, str(e)[len(e.url) + 2:] if str(e).startswith(e.url + ": ") else str(e))
+
+
 class _Transient(Exception):
     """A failure worth retrying; carries the status for the final message."""
 

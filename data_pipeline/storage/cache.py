@@ -44,6 +44,19 @@ def cache_key(url: str) -> str:
         c if c.isalnum() or c in "-_." else "_" for c in base)
 
 
+def cache_dir_problem(root: str) -> str | None:
+    """None when a shard can be written under `root` (created if missing), probed by writing a
+    file there; otherwise what stops it, naming data.cache_dir."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
+    except OSError as e:
+        return (f"data.cache_dir={root!r} is not a writable directory ({e.strerror or e}): set data.cache_dir "
+                "to a writable directory on node-local disk")
+    return None
+
+
 class _Flock:
     def __init__(self, path: Path, mode: int) -> None:
         self.path, self.mode, self.fd = path, mode, -1
@@ -113,8 +126,8 @@ class ShardCache:
                 if not problem:
                     self.downloads += 1
                     return dest
-            raise CacheError(f"shard {url} {problem} twice (a bad copy on the server? run "
-                             "`python -m data_pipeline.prepare force=true` to rewrite it)")
+            raise CacheError(f"shard {url} {problem}, fetched twice: rerun `python -m data_pipeline.prepare "
+                             "force=true` to rewrite it and its manifest")
 
     def _download(self, url: str, dest: Path, size: int, sha256: str | None,
                   fetch: Callable[[str, IO[bytes]], str]) -> str:
@@ -128,7 +141,7 @@ class ShardCache:
             if got != size:
                 return f"has {got} bytes but the manifest says {size}"
             if sha256 and digest != sha256:
-                return "has a sha256 different from the manifest's"
+                return f"has sha256 {digest} but the manifest says {sha256} (its bytes changed after the manifest was written)"
             with _Flock(self.root / "cache.lock", fcntl.LOCK_EX):  # accounting sees one name
                 os.replace(part, dest)
             return ""

@@ -1,6 +1,7 @@
 """Every config in conf/ composes and validates; bad input fails early, clearly, destroying nothing."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,11 @@ def group_options() -> list[tuple[str, str]]:
 
 # Settings a group option needs from the user (paths on their machine) before it can validate.
 REQUIRED = {("model", "hf_local"): "model.path={tiny_hf}", ("data", "webdataset"): "data.urls={shards}",
-            ("experiment", "demo"): "data.urls={shards}"}
+            ("experiment", "demo"): "data.urls={shards}",
+            ("data", "mix"): "data.mix=[{{urls: '{shards}', weight: 0.7}}, {{urls: '{shards}', weight: 0.3, name: b}}]",
+            ("experiment", "sft_lora"): ("model.path={tiny_hf}", "data.urls={shards}"),
+            ("experiment", "sft_full"): ("model.path={tiny_hf}", "data.urls={shards}"),
+            ("objective", "dpo"): ("data=webdataset", "data.urls={shards}")}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,9 @@ def tiny_hf(tmp_path_factory) -> Path:
 def test_every_group_option_composes_and_validates(group, option, tiny_hf, tmp_path):
     overrides = [f"{group}={option}", f"run.dir={tmp_path}/run"]
     if (group, option) in REQUIRED:
-        overrides.append(REQUIRED[(group, option)].format(tiny_hf=tiny_hf, shards=make_shards(tmp_path).root))
+        needs = REQUIRED[(group, option)]
+        shards = make_shards(tmp_path).root
+        overrides += [n.format(tiny_hf=tiny_hf, shards=shards) for n in ((needs,) if isinstance(needs, str) else needs)]
     if (group, option) == ("adapter", "qlora"):  # a 4-bit NF4 base: CUDA and bitsandbytes only
         overrides += ["model=hf_local", f"model.path={tiny_hf}"]
         import torch
@@ -45,9 +52,15 @@ def test_every_group_option_composes_and_validates(group, option, tiny_hf, tmp_p
             with pytest.raises(ConfigError, match="adapter=qlora needs a CUDA GPU"):
                 load_config(compose_train(overrides), world_size=2)
             return
+        if importlib.util.find_spec("bitsandbytes") is None:  # a GPU without the optional package
+            with pytest.raises(ConfigError, match="adapter=qlora needs the bitsandbytes package"):
+                load_config(compose_train(overrides), world_size=2)
+            pytest.skip("bitsandbytes is not installed: the qlora config is refused with its install command")
     cfg = load_config(compose_train(overrides), world_size=2)
     if group == "experiment":
         assert cfg.run.name == option
+    elif (group, option) == ("data", "mix"):
+        assert [s.weight for s in cfg.data.mix] == [0.7, 0.3] and cfg.data.urls == ""
     else:  # the option chosen is the one that was built
         section = getattr(cfg, group)
         assert option in (getattr(section, "name", None), getattr(section, "kind", None)), section

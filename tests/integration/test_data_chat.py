@@ -249,8 +249,8 @@ def test_bad_records_are_counted_and_the_good_ones_kept(tmp_path, llama3_tokeniz
     strict = ("{%- if messages[0]['role'] == 'assistant' %}{{ raise_exception('user first') }}"
               "{%- endif %}" + LLAMA3_CHAT_TEMPLATE)
     src = write_jsonl(tmp_path / "in.jsonl", [good[0], *BAD.values(), refused, *good[1:], ""])
-    m = prepare_chat(tmp_path / "out", src, llama3_tokenizer,
-                     **{"split.val_fraction": 0.0, "chat.template": strict})
+    m = prepare_chat(tmp_path / "out", src, llama3_tokenizer, **{
+        "split.val_fraction": 0.0, "chat.template": strict, "prepare.max_dropped_frac": 1.0})
     skipped = m["report"]["skipped"]
     assert {k: v for k, v in skipped.items() if v} == {**{r: 1 for r in BAD}, "empty": 1,
                                                         "template_error": 1}
@@ -300,12 +300,14 @@ def test_max_len_truncate_and_skip_are_counted(tmp_path, llama3_tokenizer, tok):
     away = sum(n > limit and not any(m[:limit]) for n, m in zip(lens, masks))
     assert longer > away > 0
     src = write_jsonl(tmp_path / "in.jsonl", recs)
-    t = prepare_chat(tmp_path / "t", src, llama3_tokenizer, **{"chat.max_len": limit, "split.val_fraction": 0.0})
+    t = prepare_chat(tmp_path / "t", src, llama3_tokenizer, **{"chat.max_len": limit, "split.val_fraction": 0.0,
+                                                            "prepare.max_dropped_frac": 1.0})
     assert t["report"]["truncated"] == longer - away and t["report"]["skipped"]["truncated_away"] == away
     assert max(len(i) for i, _ in read_samples(tmp_path / "t")) == limit
     assert all(any(m) for _, m in read_samples(tmp_path / "t"))
     s = prepare_chat(tmp_path / "s", src, llama3_tokenizer,
-                     **{"chat.max_len": limit, "chat.on_long": "skip", "split.val_fraction": 0.0})
+                     **{"chat.max_len": limit, "chat.on_long": "skip", "split.val_fraction": 0.0,
+                        "prepare.max_dropped_frac": 1.0})
     assert s["report"]["skipped"]["too_long"] == longer and s["report"]["truncated"] == 0
     assert s["splits"]["train"]["samples"] == len(recs) - longer
 
@@ -330,15 +332,15 @@ def test_trainer_refuses_chat_shards_longer_than_seq_len(corpus, tmp_path):
         loader(corpus, seq_len=16)
 
 
-def test_template_missing_or_without_generation_markers_is_refused_before_any_work(tmp_path):
+def test_template_missing_or_markers_required_but_absent_is_refused_before_any_work(tmp_path):
     bare = tmp_path / "bare"
     build_llama3_tokenizer(bare, template=None)
     src = write_jsonl(tmp_path / "in.jsonl", sample_conversations(2))
     with pytest.raises(ValueError, match="has no chat template: set chat.template="):
         prepare_chat(tmp_path / "out", src, bare)
     no_markers = LLAMA3_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    with pytest.raises(ValueError, match="no {% generation %} markers"):
-        prepare_chat(tmp_path / "out", src, bare, **{"chat.template": no_markers})
+    with pytest.raises(ValueError, match="no {% generation %} markers, but chat.masks=markers"):
+        prepare_chat(tmp_path / "out", src, bare, **{"chat.template": no_markers, "chat.masks": "markers"})
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="chat.template='t.jinja' is neither a file nor a Jinja"):
         prepare_chat(tmp_path / "out", src, bare, **{"chat.template": "t.jinja"})

@@ -151,13 +151,15 @@ def test_bad_input_is_counted_or_named(tmp_path, stdlib):
             split={"val_fraction": 0})
     assert m["report"]["skipped"]["empty"] == 2 and m["report"]["utf8_replaced"] == 1
     assert sorted(texts(tmp_path / "o1", stdlib[2])) == ["caf\ufffd cr\ufffdme", "fine text"]
-    m = run(tmp_path / "o2", source={"path": str(tmp_path / "txt")}, tokenizer=tok, on_bad_utf8="skip")
+    m = run(tmp_path / "o2", source={"path": str(tmp_path / "txt")}, tokenizer=tok, on_bad_utf8="skip",
+            prepare={"max_dropped_frac": 1.0})
     assert m["report"]["skipped"]["bad_utf8"] == 1 and m["totals"]["samples"] == 1
 
     lines = ['{"text": "one"}', "not json", '{"other": 1}', "", '{"text": 7}',
              b'{"text": "bad \xff byte"}'.decode("latin-1"), '{"text": "two"}']
     (tmp_path / "c.jsonl").write_bytes("\n".join(lines).encode("latin-1") + b"\n")
-    m = run(tmp_path / "o3", source={"path": str(tmp_path / "c.jsonl")}, tokenizer=tok)
+    m = run(tmp_path / "o3", source={"path": str(tmp_path / "c.jsonl")}, tokenizer=tok,
+            prepare={"max_dropped_frac": 1.0})
     assert m["report"]["skipped"] == {"empty": 1, "bad_json": 1, "missing_field": 1,
                                       "not_text": 1, "bad_utf8": 0, "binary": 0}
     assert m["report"]["utf8_replaced"] == 1 and m["totals"]["samples"] == 3

@@ -37,7 +37,7 @@ def test_cli_export_verify_and_tamper(ckpt, tmp_path):
     proc = run_export([f"checkpoint={ckpt.path}", f"out={out}", "export.dtype=bf16", "export.gguf=q8_0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["path"] == str(out) and summary["verified"] is True and summary["gguf"] == "model-q8_0.gguf"
+    assert summary["path"] == str(out) and summary["verified"] is True and summary["gguf"] == ["model-q8_0.gguf"]
     assert json.loads((out / "export.json").read_text())["dtype"] == "bf16"
 
     ok = run_export([f"verify={out}"])

@@ -58,7 +58,8 @@ def trained(tmp_path_factory, corpus):
             run_dir = root / strategy
             run_train([*TINY, f"strategy={strategy}", "trainer.max_steps=2", "checkpoint.every_steps=2",
                        "data=webdataset", f"data.urls={corpus}", "data.num_workers=0",
-                       "export=hf", "export.every_steps=2", "export.gguf=q8_0", f"run.dir={run_dir}"],
+                       "export=hf", "export.dtype=fp32", "export.every_steps=2", "export.gguf=q8_0",
+                       f"run.dir={run_dir}"],
                       nproc=2, timeout=240)
             runs[strategy] = run_dir
         return runs[strategy]
@@ -76,7 +77,7 @@ def offline(trained, tmp_path_factory):
         if strategy not in done:
             ckpt = trained(strategy) / "checkpoints" / "step_00000002"
             out = root / strategy
-            cfg = ExportConfig(kind="hf", gguf="q8_0" if strategy == "zero3" else None)
+            cfg = ExportConfig(kind="hf", dtype="fp32", gguf="q8_0" if strategy == "zero3" else None)
             done[strategy] = (ckpt, out, export_checkpoint(ckpt, out, cfg))
         return done[strategy]
 
@@ -155,6 +156,11 @@ def test_export_made_during_training_equals_the_offline_export(trained, offline,
     assert meta["verification"]["max_abs_diff"] < 1e-5
     timings = [m for m in read_metrics(run_dir) if "export_time_s" in m]
     assert [m["step"] for m in timings] == [2] and timings[0]["export_time_s"] > 0
+    # the prepared corpus has a validation split: the training hook measured every format on it
+    quality = json.loads((live / "quality.json").read_text())
+    assert quality["source"] == "the run's validation split" and quality["tokens"] > 0
+    assert [r["format"] for r in quality["formats"]] == ["hf-fp32", "gguf-q8_0"]
+    assert timings[0]["export/ppl_delta_pct/gguf-q8_0"] == quality["formats"][1]["delta_pct"]
 
 
 @pytest.mark.timeout(300)

@@ -58,7 +58,7 @@ def test_incompatible_change_refused_naming_keys_and_fix(base_run, tmp_path, cha
     run_dir = _copy(base_run, tmp_path)
     proc = _resume(run_dir, *change, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert named in proc.stderr and "new run.dir (or checkpoint.resume=false)" in proc.stderr
+    assert named in proc.stderr and "keep the old settings, or start a new run with a new run.dir" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (run_dir / "checkpoints" / "step_00000004").is_dir()  # nothing lost
 

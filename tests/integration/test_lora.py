@@ -15,7 +15,7 @@ STEPS = 8
 # Global batch 4: 2 ranks x micro 2, or 1 rank x micro 2 x accumulation 2; checkpoints at 4 and 8.
 COMMON = ("adapter=lora", "model=hf_local", "trainer.max_steps=8", "trainer.global_batch_size=4",
           "trainer.micro_batch_size=2", "optim.lr=1e-2", "schedule.warmup_steps=2", "checkpoint.every_steps=4")
-EXPORT = ("export=hf", "export.verify_new_tokens=0", "export.on_error=raise")  # export.adapter: null = both
+EXPORT = ("export=hf", "export.dtype=fp32", "export.verify_new_tokens=0", "export.on_error=raise")  # export.adapter: null = both
 LAST = "step_00000008"
 
 

@@ -10,8 +10,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from launch.gpus import lookup
-from launch.plan import Shape, model_state
+from launch.plan import Adapter, Setup, Shape, model_state
+from launch.state import state_bytes
 from tests.helpers import PY, REPO, child_env, free_port
+from train.adapters.config import ALL_LINEAR
 
 GB = 1e9
 
@@ -53,9 +55,9 @@ def _plan(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_json_and_no_torch():
+    # two nodes and no launch.rdzv_endpoint: a launch needs one, an estimate does not
     proc = _plan("model=llama3_8b", "strategy=zero3", "launch.nnodes=2", "launch.gpus_per_node=8",
-                 "launch.rdzv_endpoint=node001:29500", "launch.require_shared_run_dir=false",
-                 "trainer.micro_batch_size=2", "trainer.seq_len=8192", "format=json")
+                 "run.dir=/tmp/node-local", "trainer.micro_batch_size=2", "trainer.seq_len=8192", "format=json")
     assert proc.returncode == 0, proc.stderr
     assert "TORCH False" in proc.stderr
     out = json.loads(proc.stdout)
@@ -68,6 +70,14 @@ def test_cli_json_and_no_torch():
     assert [a["est_step_s"] for a in alts] == sorted(a["est_step_s"] for a in alts)
     acts = out["activations_bytes"]
     assert acts["with_checkpointing"] < acts["without_checkpointing"] / 5
+    host = out["host_bytes_per_node"]
+    assert host["ranks_per_node"] == 8 and out["trainable_params"] == out["params"] and out["adapter"] is None
+    for phase in ("startup", "training"):
+        parts = {k: v for k, v in host[phase].items() if k != "total"}
+        assert host[phase]["total"] == sum(parts.values()) == 8 * host["per_rank"][phase]
+    # ZeRO-3 reads a sixteenth of the bf16 files per rank, plus the embedding in flight
+    weights = host["startup"]["weights"] / 8
+    assert 2 * out["params"] / 16 < weights < 1.2 * 2 * out["params"] / 16 + 2 * 128256 * 4096 + 1
 
 
 def test_cli_table_and_gpu_choice():
@@ -76,6 +86,54 @@ def test_cli_table_and_gpu_choice():
     assert "fits" in small.stdout and "DOES NOT FIT" not in small.stdout and "h200_141gb" in small.stdout
     bad = _plan("launch.gpu=tpu9")
     assert bad.returncode == 2 and "launch.gpu='tpu9': unknown GPU type" in bad.stderr
+
+
+def test_lora_plan_counts_only_trainable_state():
+    """The issue's case: full Adam state for 8B on one GPU does not fit, LoRA's does."""
+    proc = _plan("model=llama3_8b", "strategy=ddp", "adapter=lora", "launch.gpus_per_node=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "DOES NOT FIT" not in proc.stdout and "fits" in proc.stdout, proc.stdout
+    assert "adapter lora r=16: 41.9M trainable of 8.03B" in proc.stdout
+    assert "host memory per node (1 rank):" in proc.stdout
+
+
+def _request(*overrides: str) -> dict:
+    from launch.config import load_launch
+    from launch.plan import plan_request
+    from tests.helpers import compose_train
+
+    raw = compose_train(list(overrides))
+    raw.update(target="local", dry_run=False, launch=dict(raw.get("launch") or {}, gpus_per_node=8))
+    req = load_launch(raw, planning=True)
+    return plan_request(req.train, req.launch)
+
+
+def test_70b_lora_fits_one_node():
+    """Issue 17's goal: Llama-3-70B LoRA on one 8 x 80 GB node, under 256 GB of host RAM; full
+    fine-tuning does not fit the GPUs, and offloading it needs over a terabyte of host RAM."""
+    lora = _request("model=llama3_70b", "strategy=fsdp", "adapter=lora", "trainer.seq_len=4096",
+                    "trainer.micro_batch_size=1", "trainer.activation_checkpointing=true")
+    assert lora["fits"] and lora["host_bytes_per_node"]["peak"] < 256 * GB
+    assert lora["per_gpu_bytes"]["optimizer"] == 8 * lora["trainable_params"] // 8
+    full = _request("model=llama3_70b", "strategy=fsdp", "trainer.seq_len=4096", "trainer.micro_batch_size=1",
+                    "trainer.activation_checkpointing=true")
+    assert not full["fits"]
+    offload = _request("model=llama3_70b", "strategy=fsdp_offload", "trainer.seq_len=4096",
+                       "trainer.micro_batch_size=1", "trainer.activation_checkpointing=true")
+    assert offload["fits"] and offload["host_bytes_per_node"]["training"]["offloaded"] >= 16 * offload["params"]
+
+
+@pytest.mark.parametrize("targets,saved", [(["q_proj", "v_proj"], ["lm_head"]), (ALL_LINEAR, [])])
+def test_lora_count_matches_peft(targets, saved):
+    from peft import LoraConfig, get_peft_model
+
+    shape = Shape(vocab=96, hidden=48, intermediate=80, layers=3, heads=6, kv_heads=2, tied=False)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                                      num_attention_heads=6, num_key_value_heads=2))
+    peft_model = get_peft_model(hf, LoraConfig(r=4, target_modules=targets, modules_to_save=saved or None))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert Adapter("lora", 4, tuple(targets), tuple(saved)).trainable(shape) == trainable
 
 
 def test_launch_warns_before_submitting():
@@ -87,8 +145,10 @@ def test_launch_warns_before_submitting():
 
 
 def test_model_state_matches_real_allocations():
-    """Sum of each engine's real tensors per rank (tests/support/dist_state_bytes.py) vs the planner, fp32 on CPU."""
-    names = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
+    """Sum of each engine's real tensors per rank (tests/support/dist_state_bytes.py) vs the planner, fp32 on
+    CPU; with LoRA (peft on the tiny model) the planner's trainable count is peft's, and only it has
+    gradients and Adam state, while the frozen base is sharded like any parameter."""
+    names = ["ddp", "zero1", "zero2", "zero3", "fsdp", "ddp/lora", "zero3/lora", "fsdp/lora"]
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{free_port()}", str(REPO / "tests" / "support" / "dist_state_bytes.py"), *names]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
@@ -97,11 +157,20 @@ def test_model_state_matches_real_allocations():
     rows = {r["strategy"]: r for r in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
     assert sorted(rows) == sorted(names)
     for name, row in rows.items():
-        psi = row["params_count"]
-        planned = model_state(psi, name, row["world_size"], bf16=False)
+        strategy, _, kind = name.partition("/")
+        c = row["shape"]
+        shape = Shape(c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                      c["num_attention_heads"], c["num_key_value_heads"], c["tie_word_embeddings"])
+        adapter = Adapter(kind, 16, tuple(ALL_LINEAR)) if kind else Adapter()
+        setup = Setup(strategy, row["world_size"], 1, 2, 1, 32, False, bf16=False, adapter=adapter,
+                      base_dtype=row["base_dtype"], device="cpu")
+        psi = adapter.trainable(shape)
+        assert psi == row["trainable_count"], (name, psi, row)
+        assert shape.params == row["params_count"] - (psi if kind else 0), (name, row)
+        planned = state_bytes(shape, setup)
         for key in ("params", "optimizer"):
             assert row[key] == pytest.approx(planned[key], rel=0.05), (name, key, row, planned)
-        if name in ("zero2", "zero3"):
+        if strategy in ("zero2", "zero3"):
             # DeepSpeed reduces gradients through a bucket of 5e8 elements: on a model this small every
             # gradient is in flight at once, on top of the partition the planner counts (the bucket is
             # in the planner's `buffers`). The partition alone is checked after backward.

@@ -93,11 +93,11 @@ def _binary_dir(root: Path) -> Path:
 def test_binary_files_in_a_text_source_are_skipped_named_and_counted(tmp_path, tokenizer_dir, capsys):
     src = _binary_dir(tmp_path)
     m = run(tmp_path / "out", source={"path": str(src)}, tokenizer={"path": str(tokenizer_dir)},
-            split={"val_fraction": 0})
+            split={"val_fraction": 0}, prepare={"max_dropped_frac": 1.0})
     r = m["report"]
     assert r["skipped"]["binary"] == 2 and r["utf8_replaced"] == 1 and m["totals"]["samples"] == 2
     assert sorted(r["skipped_examples"]["binary"]) == [str(src / "blob.bin"), str(src / "image.png")]
-    assert f"skipped as binary: {src / 'blob.bin'}" in capsys.readouterr().out
+    assert f"binary: 2 (e.g. {src / 'blob.bin'}" in capsys.readouterr().out
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     assert sorted(tok.decode(d[:-1].tolist()) for d in read_docs(tmp_path / "out")) == [
         "a plain text document", "caf\ufffd cr\ufffdme br\ufffdl\ufffde"]
@@ -105,7 +105,8 @@ def test_binary_files_in_a_text_source_are_skipped_named_and_counted(tmp_path, t
 
 def test_binary_files_are_skipped_when_prepare_trains_the_tokenizer_too(tmp_path):
     src = _binary_dir(tmp_path)
-    m = run(tmp_path / "out", source={"path": str(src)}, tokenizer={"vocab_size": 300}, split={"val_fraction": 0})
+    m = run(tmp_path / "out", source={"path": str(src)}, tokenizer={"vocab_size": 300}, split={"val_fraction": 0},
+            prepare={"max_dropped_frac": 1.0})
     assert m["report"]["skipped"]["binary"] == 2 and m["totals"]["samples"] == 2
 
 

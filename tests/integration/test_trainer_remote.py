@@ -5,10 +5,12 @@ share one download per shard, and SIGKILL + resume is exact."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.support.http_server import ShardServer
+from train.checkpoint_layout import check_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 STEPS = 16   # 16 steps x 128 tokens: a little over one epoch of the 44-shard corpus (1,810 tokens)
@@ -169,3 +172,61 @@ def test_prepare_to_s3_then_train_from_it_like_from_local_files(moto_s3, tmp_pat
     before = s3.head_object(Bucket="prep", Key="corpus/manifest.json")["LastModified"]
     assert prepare(cfg)["fingerprint"] == manifest["fingerprint"] and not again.is_set()
     assert s3.head_object(Bucket="prep", Key="corpus/manifest.json")["LastModified"] == before   # a no-op
+
+
+def _snapshot(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file of the run's complete checkpoints: what must survive untouched."""
+    files = sorted(p for p in (run_dir / "checkpoints").glob("step_*/**/*") if p.is_file())
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _rank_lines(out: str) -> list[str]:
+    """The ranks' own output: what comes before torchrun's agent reports the failure."""
+    lines = out.splitlines()
+    end = next((i for i, x in enumerate(lines) if "torch/distributed/elastic" in x), len(lines))
+    return [x for x in lines[:end] if x.strip()]
+
+
+def test_the_http_source_dies_mid_run_under_torchrun(remote_corpus, local_losses, tmp_path):
+    """The server is stopped at step 4: every rank stops at one step, that step is checkpointed,
+    the last line names URL, error, step and command; with the server back the same command
+    resumes there and the curve is the uninterrupted one."""
+    shards, _ = remote_corpus
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+
+    server = ShardServer(shards.root, latency_s=0.15).__enter__()
+    url, port = server.url + "/", server.port
+    cmd = args(url, run_dir, STEPS, f"data.cache_dir={cache}", "data.retries=1", "trainer.global_batch_size=4",
+               mbs=2, every=3)
+    proc = start_train(cmd, nproc=2)
+    wait_for(lambda: logged_steps(run_dir) >= 4, proc=proc, what="step 4", timeout=300)
+    server.__exit__()
+    before = _snapshot(run_dir)  # step 3's checkpoint
+    text = (run_dir / "metrics.jsonl").read_text()
+    early_metrics = text[:text.rfind("\n") + 1]  # the records so far (complete lines)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    last = _rank_lines(out)[-1]
+    stopped = logged_steps(run_dir)
+    assert 4 <= stopped < 16, out[-3000:]
+    assert last.startswith("error: stopped before step"), out[-4000:]
+    assert f"stopped before step {stopped + 1}: data source lost: {url}" in last and "no HTTP status" in last
+    assert f"checkpointed step {stopped}" in last and "torch.distributed.run" in last and "-m train" in last
+    assert f"traceback : {last[len('error: '):]}" in out  # torchrun's summary names it as the root cause
+    assert "Traceback" not in "\n".join(_rank_lines(out))
+    ckpt = run_dir / "checkpoints" / f"step_{stopped:08d}"
+    assert check_checkpoint(ckpt) is None and json.loads((ckpt / "trainer_state.json").read_text())["finite"]
+    after = _snapshot(run_dir)
+    assert any("step_00000003" in k for k in before)
+    assert all(after[k] == v for k, v in before.items() if "step_00000003" in k)  # untouched
+    at_stop = (run_dir / "metrics.jsonl").read_text()
+    assert at_stop.startswith(early_metrics) and '"step": %d, "loss"' % stopped in at_stop
+
+    with ShardServer(shards.root, port=port):  # the source is back: the same command resumes
+        done = run_train(cmd, nproc=2)
+    assert f"resumed from {ckpt} at step {stopped}" in done.stderr + done.stdout
+    assert (run_dir / "metrics.jsonl").read_text().startswith(at_stop)  # every record of the first attempt
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, loss in local_losses.items():  # one rank on local files: the same global batches
+        assert got[step] == pytest.approx(loss, rel=1e-5), (step, got, local_losses)

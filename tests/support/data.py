@@ -58,15 +58,16 @@ def make_docs(count: int, *, first_id: int = 0, min_len: int = 3, max_len: int =
 
 def make_shards(tmp_path: Path, sizes: tuple[int, ...] = (7, 3, 12), *, val_sizes: tuple[int, ...] = (4,),
                 min_len: int = 3, max_len: int = 40, vocab_size: int = 1000, content: str = "id",
-                seed: int = 0, name: str = "shards") -> ShardSet:
+                seed: int = 0, name: str = "shards", first_id: int = 0) -> ShardSet:
     """Write train shards with `sizes[i]` documents each (uneven on purpose) and val shards.
 
     Returns a ShardSet; point `WebDatasetConfig(urls=str(s.root))` (or `s.urls`) at it.
+    `first_id`: id of the first document (content `id`: sets with disjoint ids tell their tokens apart).
     """
     root = Path(tmp_path) / name
     ext = ext_for_vocab(vocab_size)
     splits, all_docs = {}, {}
-    next_id = 0
+    next_id = first_id
     for split, counts in (("train", sizes), ("val", val_sizes)):
         writer = ShardWriter(root, split, ext, max_bytes=1 << 40)
         docs = []

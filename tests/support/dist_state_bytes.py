@@ -1,7 +1,8 @@
 """Bytes of model state (parameters, gradients, optimizer) each rank really holds, per strategy.
 
 Run under torchrun with 2 gloo ranks: `torchrun --nproc_per_node 2 tests/support/dist_state_bytes.py
-[strategy ...] [-- training overrides]`. For each strategy it builds the tiny model and the
+[strategy[/adapter] ...] [-- training overrides]` (`fsdp/lora`: LoRA on the tiny model, applied as
+the trainer applies it). For each strategy it builds the tiny model and the
 strategy exactly as the trainer does (train.strategies.build_strategy), runs one full step
 (so optimizer state exists) and the backward of a second (so gradients exist), then sums the
 engine's real tensors, one storage counted once. Rank 0 prints one JSON line per strategy
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline import build_loader  # noqa: E402
 from train import dist as d  # noqa: E402
+from train.adapters.lora import apply_adapter  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.model import build_model  # noqa: E402
 from train.step import forward_backward as step_backward
@@ -146,10 +148,15 @@ def main() -> None:
     extra = args[args.index("--") + 1:] if "--" in args else []
     info = d.init_distributed("cpu", need_group=True)
     for name in names:
-        cfg = compose_config([f"strategy={name}", "model=tiny", "trainer.seq_len=32",
-                              "trainer.micro_batch_size=2", "run.dir=/tmp/unused", *extra])
-        model = build_model(cfg.model, cfg.data.vocab_size, cfg.trainer.seed)
+        strategy_name, _, adapter = name.partition("/")
+        cfg = compose_config([f"strategy={strategy_name}", f"adapter={adapter or 'none'}", "model=tiny",
+                              "trainer.seq_len=32", "trainer.micro_batch_size=2", "run.dir=/tmp/unused", *extra])
+        model = apply_adapter(build_model(cfg.model, cfg.data.vocab_size, cfg.trainer.seed), cfg.adapter)
         n_params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        shape = {k: getattr(model.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "tie_word_embeddings")}
         strategy = build_strategy(model, cfg, info, accum=1)
         batches = iter(build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                     micro_batch_size=2, seq_len=32))
@@ -160,8 +167,9 @@ def main() -> None:
         dist.all_gather_object(every, mine)
         if info.is_main:
             worst = {k: max(r[k] for r in every) for k in mine}
-            print(json.dumps({"strategy": name, "params_count": n_params, "world_size": info.world_size,
-                              **worst}), flush=True)
+            print(json.dumps({"strategy": name, "params_count": n_params, "trainable_count": trainable,
+                              "base_dtype": getattr(cfg.model, "base_dtype", "fp32"), "shape": shape,
+                              "world_size": info.world_size, **worst}), flush=True)
         del strategy, model
         gc.collect()
     d.shutdown()

@@ -105,16 +105,17 @@ class ShardServer:
     """Serve `root` on 127.0.0.1 in a background thread (a context manager)."""
 
     def __init__(self, root: str | os.PathLike, *, fail_every: int = 0, reset_once: bool = False,
-                 latency_s: float = 0.0, bandwidth: float = 0.0) -> None:
+                 latency_s: float = 0.0, bandwidth: float = 0.0, port: int = 0) -> None:
         """fail_every=N: every N-th request answers 503; reset_once: the first shard body is cut
-        mid-way by closing the connection; latency_s per request; bandwidth in bytes/s (0 = no cap)."""
+        mid-way by closing the connection; latency_s per request; bandwidth in bytes/s (0 = no cap);
+        port: 0 = any free one, or the port of a server stopped earlier (the source coming back)."""
         self.root = Path(root).resolve()
         self.fail_every, self.reset_pending = fail_every, reset_once
         self.latency_s, self.bandwidth = latency_s, bandwidth
         self.log: list[Request] = []
         self._n = 0
         self._lock = threading.Lock()
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"

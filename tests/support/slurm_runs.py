@@ -85,7 +85,6 @@ def signal_at(cluster, run_dir: Path, job: int, min_step: int) -> None:
     deadline = time.monotonic() + 240
     while max(metrics_steps(run_dir), default=0) < min_step:
         info = cluster.job(job)
-        cluster.release_requeued(job, info)  # a requeued attempt waiting for BeginTime
         assert info["JobState"] not in ENDED, (info, job_logs(run_dir, job))
         assert time.monotonic() < deadline, job_logs(run_dir, job)
         time.sleep(0.2)
@@ -93,11 +92,11 @@ def signal_at(cluster, run_dir: Path, job: int, min_step: int) -> None:
 
 
 def wait_done(cluster, run_dir: Path, job: int, restarts: int) -> str:
-    """Wait until the job ended after `restarts` requeues (releasing requeued attempts); its logs."""
+    """Wait until the job ended after `restarts` requeues; its logs."""
     deadline = time.monotonic() + 240
     while True:
         info = cluster.wait_job(job, ENDED,
-                                timeout=max(1, deadline - time.monotonic()), release_begin_time=True)
+                                timeout=max(1, deadline - time.monotonic()))
         if info["JobState"] != "COMPLETED" or int(info["Restarts"]) >= restarts:
             break
         time.sleep(0.5)  # an attempt may show COMPLETED for a moment before its requeue lands

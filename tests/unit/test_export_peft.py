@@ -137,7 +137,7 @@ def test_adapter_checkpoint_exports_merged_and_peft_that_agree(trained, tmp_path
     base_dir, peft_model = trained
     ckpt = adapter_checkpoint(tmp_path / "run", base_dir, peft_model)
     out = tmp_path / "both"
-    meta = export_checkpoint(ckpt, out, ExportConfig(kind="hf", verify_new_tokens=0))
+    meta = export_checkpoint(ckpt, out, ExportConfig(kind="hf", dtype="fp32", verify_new_tokens=0))
     assert meta["verification"]["passed"] and meta["verification"]["reference"].startswith("peft model")
     assert meta["adapter"]["dir"] == "adapter"
     assert "adapter/adapter_model.safetensors" in meta["files"]

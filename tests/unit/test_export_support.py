@@ -27,19 +27,23 @@ class Ckpt:
 
 
 def make_checkpoint(root: Path, step: int = 2, config: Any = None, tokenizer_dir: str | None = None,
-                    seed: int = 0, poison: dict[str, float] | None = None) -> Ckpt:
-    """RUN/checkpoints/step_N in the trainer's DCP layout, from a seeded tiny model; `poison`
-    sets the first element of the named tensors (e.g. to NaN) before saving."""
+                    seed: int = 0, poison: dict[str, float] | None = None, model: Any = None) -> Ckpt:
+    """RUN/checkpoints/step_N in the trainer's DCP layout, from a seeded tiny model (or `model`, e.g.
+    a trained one); `poison` sets the first element of the named tensors (e.g. to NaN) before saving."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = config or LlamaConfig(**TINY_LLAMA, use_cache=False, bos_token_id=None, eos_token_id=None)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # norms start at exactly 1: perturb them so a mixed-up norm shows
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    if model is not None:
+        config = model.config
+        model = model.eval()
+    else:
+        config = config or LlamaConfig(**TINY_LLAMA, use_cache=False, bos_token_id=None, eos_token_id=None)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # norms start at exactly 1: perturb them so a mixed-up norm shows
+            for name, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.add_(0.1 * torch.randn_like(p))
     ckpt_dir = root / "checkpoints" / f"step_{step:08d}"
     ckpt_dir.mkdir(parents=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
 
 
 def hf(**kw) -> ExportConfig:
-    return ExportConfig(kind="hf", **kw)
+    return ExportConfig(kind="hf", **{"dtype": "fp32", **kw})  # exact comparisons; bf16 is tested by name
 
 
 def test_fp32_export_equals_checkpoint_and_loads_offline(ckpt, tmp_path):

@@ -1,7 +1,7 @@
 """`python -m train.export checkpoint=RUN_DIR/checkpoints/step_N out=DIR` and `... verify=DIR`.
 
 Overrides are Hydra's (root config conf/export_cmd.yaml, group export/), so every export.*
-setting of training works here too: `export.dtype=bf16 export.gguf=q8_0 export.verify=false`.
+setting of training works here too: `export.dtype=fp32 export.gguf=[q8_0,q4_k_m] export.quality=true`.
 Exit status: 0 done, 1 the export or its verification failed (NaN/inf weights included), 2 bad
 arguments, an `out=` that is not an earlier export, or an unreadable checkpoint or export.json.
 """
@@ -94,7 +94,10 @@ def _export(raw: dict[str, Any]) -> int:
     summary = {"path": meta["path"], "step": meta["step"], "dtype": meta["dtype"],
                "files": len(meta["files"]), "verified": verification.get("passed"),
                "max_abs_diff": verification.get("max_abs_diff"),
-               "gguf": (meta.get("gguf") or {}).get("file"), "export_time_s": meta["export_time_s"]}
+               "gguf": [g["file"] for g in meta.get("gguf_files") or []] or None,
+               "quality": ({r["format"]: round(r["delta_pct"], 3) for r in meta["quality"]["formats"]}
+                           if meta.get("quality") else None),
+               "export_time_s": meta["export_time_s"]}
     print(json.dumps(summary))
     return 0
 

@@ -92,8 +92,9 @@ def model_card(meta: dict[str, Any], n_params: int) -> str:
         if verify.get("passed") else "not run (export.verify=false)")
     tok = ("included" if meta.get("tokenizer") else
            "none: the model was trained on synthetic token ids; feed it token ids directly")
-    gguf = meta.get("gguf")
-    gguf_line = (f"- GGUF for llama.cpp / Ollama: `{gguf['file']}` ({gguf['type']})\n" if gguf else "")
+    gguf_line = "".join(f"- GGUF for llama.cpp / Ollama: `{g['file']}` ({g['type']}, {g.get('bits_per_weight', 0):.2f} "
+                        f"bits/weight; `ollama create NAME -f {g.get('modelfile') or 'Modelfile'}`)\n"
+                        for g in meta.get("gguf_files") or ([meta["gguf"]] if meta.get("gguf") else []))
     adapter = meta.get("adapter")
     if adapter:
         gguf_line += (f"- LoRA adapter (PEFT) in `adapter/` (r={adapter['r']}, base `{adapter['base_model']}`): "
@@ -120,4 +121,13 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
 ```
 
 `python -m train.export verify=path/to/this/dir` re-hashes every file against `export.json`.
-"""
+{quality_section(meta.get("quality"))}"""
+
+
+def quality_section(quality: dict[str, Any] | None) -> str:
+    """The model card's quality table: what each format loses against the trained fp32 model."""
+    if not quality:
+        return ""
+    from train.export.quality import table
+
+    return ("\n## Quality of each format (perplexity, `quality.json`)\n\n" + table(quality))

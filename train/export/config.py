@@ -4,13 +4,15 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-GGUFType = Literal["f16", "q8_0"]
+GGUFType = Literal["f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1",
+                   "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m"]
 GGUF_TYPES = get_args(GGUFType)
 
 
@@ -33,16 +35,30 @@ class ExportConfig:
     """`hf` or `none`."""
     every_steps: int = 0
     """Export every N steps (0 = only at the end of training)."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """fp32, bf16 or fp16."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """fp32, bf16 (the default: what vLLM and transformers serve) or fp16."""
     verify: bool = True
     """Reload with transformers and compare logits before the export becomes visible."""
     keep_last: int = 2
     """Exports kept under RUN_DIR/exports (older step_N directories are deleted; 0 = keep all)."""
     max_shard_size: str = "2GB"
     """Largest safetensors file: 2GB counts 10^9 bytes, 2GiB 2^30 (a larger tensor gets its own file)."""
-    gguf: GGUFType | None = None
-    """Also write GGUF: f16 or q8_0 (Llama architectures only)."""
+    gguf: list[str] | str | None = None
+    """GGUF files to write next to the Hugging Face export (Llama architectures only), one
+    model-TYPE.gguf per entry: f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, or the K-quant mixes q6_k,
+    q5_k_m, q4_k_m, q4_k_s, q3_k_m. A single name (`export.gguf=q8_0`) is a list of one."""
+    quality: Optional[bool] = None
+    """Measure the perplexity every exported format loses against the trained fp32 model
+    (quality.json); null = on when the run has a validation split or export.quality_text is set."""
+    quality_tokens: int = 65536
+    """Tokens the perplexity is measured on (at most)."""
+    quality_text: Optional[str] = None
+    """A UTF-8 text file to measure perplexity on instead of the run's validation split."""
+    quality_seq_len: Optional[int] = None
+    """Sequence length of the perplexity windows; null = the run's trainer.seq_len (or 512)."""
+    quality_max_delta: Optional[float] = None
+    """Largest perplexity increase over the fp32 reference, in percent, a format may show; a format
+    losing more fails the export (export.on_error decides raise or skip), nothing is published."""
     hooks: list[Any] = field(default_factory=list)
     """`_target_` callables called as hook(export_dir, metadata) after each export."""
     verify_tolerance: float | None = None
@@ -73,6 +89,38 @@ class ExportConfig:
         if self.verify_new_tokens < 0:
             problems.append(f"export.verify_new_tokens={self.verify_new_tokens}: must be >= 0")
         problems.extend(hook_problems(self.hooks))
+        problems.extend(self._quality_problems())
+        return problems
+
+    @property
+    def gguf_types(self) -> list[str]:
+        """export.gguf as a list (a scalar is a list of one), duplicates dropped, order kept."""
+        if self.gguf is None:
+            return []
+        items = [self.gguf] if isinstance(self.gguf, str) else list(self.gguf)
+        return list(dict.fromkeys(str(i).lower() for i in items))
+
+    def _quality_problems(self) -> list[str]:
+        problems = []
+        if self.gguf is not None and not isinstance(self.gguf, (str, list)):
+            problems.append(f"export.gguf={self.gguf!r}: expected a type or a list of types")
+            return problems
+        bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
+        if bad:
+            problems.append(f"export.gguf: unknown type(s) {bad}: use any of {', '.join(GGUF_TYPES)} "
+                            "(e.g. export.gguf=[q8_0,q4_k_m])")
+        if self.quality_tokens < 1:
+            problems.append(f"export.quality_tokens={self.quality_tokens}: must be >= 1")
+        if self.quality_seq_len is not None and self.quality_seq_len < 2:
+            problems.append(f"export.quality_seq_len={self.quality_seq_len}: must be >= 2 or null")
+        if self.quality_max_delta is not None and self.quality_max_delta < 0:
+            problems.append(f"export.quality_max_delta={self.quality_max_delta}: must be >= 0 (percent) or null")
+        if self.quality_text is not None and not Path(self.quality_text).expanduser().is_file():
+            problems.append(f"export.quality_text={self.quality_text!r}: no such file; name a UTF-8 text file "
+                            "or set it to null to use the run's validation split")
+        if self.quality is False and self.quality_max_delta is not None:
+            problems.append("export.quality_max_delta is set but export.quality=false: nothing would be "
+                            "measured; set export.quality=true or quality_max_delta=null")
         return problems
 
 

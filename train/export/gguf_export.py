@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from train.export.gguf_mix import FILE_TYPES, bits_per_weight, mix
 from train.export.gguf_vocab import add_vocab
 
-_FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+Source = Callable[[str], np.ndarray]
+# Largest relative RMS error (||x - dequant(x)|| / ||x|| over a tensor) each type may show in
+# verify_gguf: about twice what llama.cpp's reference quantizers give on Gaussian weights
+# (measured: Q8_0 0.004, Q6_K 0.018, Q5_K 0.036, Q4_K 0.07, Q3_K 0.15; Q4_0 0.09, Q5_0 0.045).
+REL_RMSE_BOUND = {"Q8_0": 0.01, "Q6_K": 0.05, "Q5_K": 0.09, "Q5_0": 0.09, "Q5_1": 0.09,
+                  "Q4_K": 0.17, "Q4_0": 0.17, "Q4_1": 0.17, "Q3_K": 0.32}
 
 
 class GGUFExportError(ValueError):
@@ -54,24 +60,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def _qtype(kind: str, shape: tuple[int, ...]) -> Any:
-    import gguf
-
-    if len(shape) < 2:
-        return gguf.GGMLQuantizationType.F32
-    if kind == "q8_0" and shape[-1] % 32 == 0:
-        return gguf.GGMLQuantizationType.Q8_0
-    return gguf.GGMLQuantizationType.F16
-
-
 def _encode(array: np.ndarray, qtype: Any) -> np.ndarray:
-    import gguf
+    from train.export.kquants import quantize
 
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return array.astype(np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return array.astype(np.float16)
-    return gguf.quants.quantize(array.astype(np.float32), qtype)
+    return quantize(array, qtype)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
@@ -87,7 +79,7 @@ def _add_hparams(writer: Any, config: Any, name: str, kind: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
-    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[kind]))
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[kind]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
@@ -104,12 +96,11 @@ def _add_hparams(writer: Any, config: Any, name: str, kind: str) -> None:
         writer.add_value_length(head_dim)
 
 
-def write_gguf(export_dir: Path, config: Any, kind: str, name: str) -> dict[str, Any]:
-    """Write EXPORT/model-KIND.gguf from the export's safetensors; returns what went in."""
+def _plan(export_dir: Path, config: Any) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """(hf name, shard, gguf name, shape) of every tensor of the export, in file order."""
     import gguf
     from safetensors import safe_open
 
-    check_supported(config)
     index = json.loads((export_dir / "model.safetensors.index.json").read_text())["weight_map"]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     plan = []
@@ -119,69 +110,119 @@ def write_gguf(export_dir: Path, config: Any, kind: str, name: str) -> dict[str,
             raise GGUFExportError(f"export.gguf: no llama.cpp name for tensor {hf_name!r}")
         with safe_open(str(export_dir / shard), framework="pt") as f:
             shape = tuple(f.get_slice(hf_name).get_shape())
-        plan.append((hf_name, shard, gguf_name, shape, _qtype(kind, shape)))
+        plan.append((hf_name, shard, gguf_name, shape))
+    return plan
+
+
+def write_gguf(export_dir: Path, config: Any, kind: str, name: str, source: Source | None = None) -> dict[str, Any]:
+    """Write EXPORT/model-KIND.gguf; returns what went in (types per tensor, fallbacks, bits per weight).
+
+    `source(hf_name)` gives a tensor in fp32 (the checkpoint's own weights, so that a quantized
+    file is made from the trained values, not from the bf16 export); None = the export's safetensors."""
+    import gguf
+
+    check_supported(config)
+    plan = _plan(export_dir, config)
+    types, fell_back = mix(kind, [(g, shape) for _, _, g, shape in plan], config.num_hidden_layers)
     path = export_dir / f"model-{kind}.gguf"
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, config, name, kind)
     vocab_info = add_vocab(writer, export_dir, config.vocab_size)
-    for _, _, gguf_name, shape, qtype in plan:
+    for _, _, gguf_name, shape in plan:
+        qtype = types[gguf_name]
         writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for hf_name, shard, _, _, qtype in plan:
-        writer.write_tensor_data(_encode(_source(export_dir, shard, hf_name, config), qtype))
+    for hf_name, shard, gguf_name, _ in plan:
+        writer.write_tensor_data(_encode(_as_stored(hf_name, _read(export_dir, shard, hf_name, source), config),
+                                         types[gguf_name]))
     writer.close()
-    return {"file": path.name, "type": kind, "tensors": len(plan), **vocab_info}
+    counts: dict[str, int] = {}
+    for qtype in types.values():
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    return {"file": path.name, "type": kind, "tensors": len(plan), "tensor_types": counts,
+            "fallback_tensors": fell_back, "size_bytes": path.stat().st_size,
+            "bits_per_weight": round(bits_per_weight(types, {g: s for _, _, g, s in plan}), 4), **vocab_info}
 
 
-def _source(export_dir: Path, shard: str, hf_name: str, config: Any) -> np.ndarray:
-    """The tensor as GGUF stores it (fp32, q/k permuted), read from the safetensors export."""
+def _read(export_dir: Path, shard: str, hf_name: str, source: Source | None) -> np.ndarray:
     from safetensors import safe_open
 
+    if source is not None:
+        return np.asarray(source(hf_name), dtype=np.float32)
     with safe_open(str(export_dir / shard), framework="pt") as f:
-        array = f.get_tensor(hf_name).to(torch.float32).numpy()
+        return f.get_tensor(hf_name).to(torch.float32).numpy()
+
+
+def _as_stored(hf_name: str, array: np.ndarray, config: Any) -> np.ndarray:
+    """The tensor as GGUF stores it: q/k rows permuted to llama.cpp's rotary layout."""
     if hf_name.endswith("self_attn.q_proj.weight"):
-        array = permute_qk(array, config.num_attention_heads)
-    elif hf_name.endswith("self_attn.k_proj.weight"):
-        array = permute_qk(array, config.num_key_value_heads or config.num_attention_heads)
+        return permute_qk(array, config.num_attention_heads)
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return permute_qk(array, config.num_key_value_heads or config.num_attention_heads)
     return array
 
 
-def verify_gguf(export_dir: Path, config: Any, gguf_file: str) -> dict[str, Any]:
-    """Read the GGUF back, dequantize every tensor and compare with its source.
+def verify_gguf(export_dir: Path, config: Any, gguf_file: str, source: Source | None = None) -> dict[str, Any]:
+    """Read the GGUF back, dequantize every tensor with the gguf package and compare with its source.
 
-    F32/F16 must equal the source rounded to that type; Q8_0 must be within its error bound:
-    per 32-value block, |x - dequant(x)| <= 0.6 * max|block| / 127 (half a quantization step,
-    plus the fp16 rounding of the block scale).
-    """
+    F32/F16/BF16 must equal the source rounded to that type; Q8_0 must be within half a step per
+    32-value block (0.6 * max|block| / 127, the fp16 scale's rounding included); the other quantized
+    types within REL_RMSE_BOUND of the tensor's RMS, a bound that a wrong byte layout far exceeds."""
     import gguf
 
     reader = gguf.GGUFReader(export_dir / gguf_file)
-    index = json.loads((export_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     by_name = {t.name: t for t in reader.tensors}
     worst: dict[str, float] = {}
-    for hf_name, shard in index.items():
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    plan = _plan(export_dir, config)
+    for hf_name, shard, gguf_name, shape in plan:
         tensor = by_name.get(gguf_name)
         if tensor is None:
             raise GGUFExportError(f"{gguf_file}: tensor {gguf_name} ({hf_name}) is missing")
-        source = _source(export_dir, shard, hf_name, config)
-        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(source.shape)
+        expected = _as_stored(hf_name, _read(export_dir, shard, hf_name, source), config)
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected.shape)
         qname = tensor.tensor_type.name
         if qname == "Q8_0":
-            blocks = source.reshape(-1, 32)
+            blocks = expected.reshape(-1, 32)
             bound = 0.6 * np.abs(blocks).max(axis=1, keepdims=True) / 127 + 1e-12
             ok = bool((np.abs(got.reshape(-1, 32) - blocks) <= bound).all())
+        elif qname in REL_RMSE_BOUND:
+            rms = float(np.sqrt(np.mean(expected.astype(np.float64) ** 2)))
+            err = float(np.sqrt(np.mean((got.astype(np.float64) - expected) ** 2)))
+            ok = err <= REL_RMSE_BOUND[qname] * rms + 1e-12
         else:
-            expect = source.astype(np.float16 if qname == "F16" else np.float32).astype(np.float32)
+            rounded = {"F16": np.float16, "F32": np.float32}.get(qname)
+            expect = (expected.astype(rounded).astype(np.float32) if rounded else
+                      torch.from_numpy(expected).to(torch.bfloat16).float().numpy())
             ok = bool(np.array_equal(got.astype(np.float32), expect))
-        err = float(np.abs(got - source).max()) if source.size else 0.0
+        err = float(np.abs(got - expected).max()) if expected.size else 0.0
         worst[qname] = max(worst.get(qname, 0.0), err)
         if not ok:
             raise GGUFExportError(f"{gguf_file}: tensor {gguf_name} ({qname}) differs from {hf_name} "
                                   f"beyond its bound (max error {err:.3g})")
     arch = reader.fields["general.architecture"]
-    return {"tensors_checked": len(index), "max_abs_error": worst,
+    return {"tensors_checked": len(plan), "max_abs_error": worst,
             "architecture": bytes(arch.parts[arch.data[0]]).decode()}
+
+
+def load_gguf_state(export_dir: Path, gguf_file: str, config: Any) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of the export's GGUF, every tensor dequantized to fp32 by the
+    gguf package and q/k rows put back in Hugging Face order: the weights a served GGUF computes with."""
+    import gguf
+
+    reader = gguf.GGUFReader(export_dir / gguf_file)
+    hf_names = {g: hf for hf, _, g, _ in _plan(export_dir, config)}
+    state = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists ggml's ne (row length first)
+        array = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        hf_name = hf_names.get(t.name)
+        if hf_name is None:
+            raise GGUFExportError(f"{gguf_file}: tensor {t.name} is not one of the export's")
+        if hf_name.endswith("self_attn.q_proj.weight"):
+            array = unpermute_qk(array, config.num_attention_heads)
+        elif hf_name.endswith("self_attn.k_proj.weight"):
+            array = unpermute_qk(array, config.num_key_value_heads or config.num_attention_heads)
+        state[hf_name] = torch.from_numpy(np.ascontiguousarray(array))
+    return state

@@ -107,7 +107,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Expo
     clean_stale(out.parent, out.name)
     config = hf_config(ckpt.model_config, cfg.dtype)
     config.architectures = config.architectures or [_architecture(config)]
-    if cfg.gguf:
+    if cfg.gguf_types:
         from train.export.gguf_export import check_supported
 
         check_supported(config)
@@ -164,12 +164,11 @@ def _build(ckpt: Checkpoint, config: Any, names: dict[str, str], dropped: list[s
                                   "(trainer_state.json tokenizer_dir is null)")
     meta["verification"] = (_verify(ckpt, config, names, tmp, cfg, tokenizer, reference_logits,
                                     reference_precision) if cfg.verify and write_model else None)
-    if cfg.gguf and write_model:
-        from train.export.gguf_export import verify_gguf, write_gguf
-
-        info = write_gguf(tmp, config, cfg.gguf, name=f"{config.model_type}-step{ckpt.step}")
-        info["verification"] = verify_gguf(tmp, config, info["file"])
-        meta["gguf"] = info
+    if cfg.gguf_types and write_model:
+        meta["gguf_files"] = _write_ggufs(ckpt, config, names, tmp, cfg)
+        meta["gguf"] = meta["gguf_files"][0]  # the first type, as export.json had it with one type
+    if write_model:
+        meta["quality"] = _quality(ckpt, config, names, tmp, cfg, meta, tokenizer)
     if adapter is not None:
         from train.export.peft_export import write_peft_adapter
 
@@ -210,6 +209,65 @@ def _write_model(ckpt: Checkpoint, config: Any, names: dict[str, str], tokenizer
     config.save_pretrained(str(tmp))
     save_generation_config(config, tmp, tokenizer)
     return digests, [s.shape for s in specs]
+
+
+def _checkpoint_source(ckpt: Checkpoint, names: dict[str, str]) -> Any:
+    """Export name -> the checkpoint's fp32 tensor, as numpy (GGUF is quantized from the trained values)."""
+    return lambda name: ckpt.weights.load(names[name]).float().numpy()
+
+
+def _write_ggufs(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path,
+                 cfg: ExportConfig) -> list[dict[str, Any]]:
+    """model-TYPE.gguf for every export.gguf type, each checked against the fp32 weights, with a Modelfile."""
+    from train.export.gguf_export import verify_gguf, write_gguf
+    from train.export.modelfile import write_modelfile
+
+    infos = []
+    for kind in cfg.gguf_types:
+        started = time.perf_counter()
+        source = _checkpoint_source(ckpt, names)
+        info = write_gguf(tmp, config, kind, name=f"{config.model_type}-step{ckpt.step}", source=source)
+        info["time_s"] = round(time.perf_counter() - started, 3)
+        info["verification"] = verify_gguf(tmp, config, info["file"], source=source)
+        info["modelfile"] = write_modelfile(tmp, info["file"], kind)
+        infos.append(info)
+    return infos
+
+
+def _quality(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path, cfg: ExportConfig,
+             meta: dict[str, Any], tokenizer: Any) -> dict[str, Any] | None:
+    """Perplexity of the fp32 reference and of every written format (quality.json), or None when off."""
+    from train.export import quality
+
+    found = quality.evaluation_batches(cfg, ckpt.path, config, tokenizer)
+    if found is None:
+        return None
+    batches, source = found
+    ref_config = hf_config(ckpt.model_config, "fp32")
+    n_params = sum(int(torch.Size(ckpt.weights.shape(src)).numel()) for src in names.values())
+
+    def formats() -> Any:
+        from safetensors.torch import load_file
+
+        shards = sorted(tmp.glob("*.safetensors"))
+        size = sum(p.stat().st_size for p in shards)
+        yield ({"format": f"hf-{cfg.dtype}", "file": "*.safetensors", "size_bytes": size,
+                "bits_per_weight": 8 * size / max(1, n_params)},
+               lambda: {k: v for p in shards for k, v in load_file(p).items()})
+        for info in meta.get("gguf_files") or []:
+            from train.export.gguf_export import load_gguf_state
+
+            yield ({"format": f"gguf-{info['type']}", "file": info["file"], "size_bytes": info["size_bytes"],
+                    "bits_per_weight": info["bits_per_weight"]},
+                   lambda file=info["file"]: load_gguf_state(tmp, file, ref_config))
+
+    reference = _checkpoint_source(ckpt, names)
+    result = quality.measure(batches, ref_config, lambda: {n: torch.from_numpy(reference(n)) for n in names},
+                             formats(), cfg.quality_max_delta)
+    result["source"] = source
+    quality.write(result, tmp, source)
+    quality.check(result, ckpt.path)
+    return result
 
 
 def _verify(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path, cfg: ExportConfig,

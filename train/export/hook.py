@@ -97,6 +97,10 @@ class ExportHook:
             log.error("export of step %d failed (export.on_error=skip, training continues): %s", step, exc)
             return {"error": f"{type(exc).__name__}: {exc}", "step": step,
                     "export_time_s": time.perf_counter() - started}
+        if meta.get("quality"):
+            from train.export.quality import metrics
+
+            meta["quality_metrics"] = metrics(meta["quality"])  # the loop logs these with export_time_s
         meta["pruned"] = [p.name for p in prune(self.exports_dir, self.cfg.keep_last)]
         meta["hooks"] = self._run_user_hooks(Path(meta["path"]), meta)
         return meta

@@ -66,7 +66,7 @@ def reference_logits_from_checkpoint(config: Any, weights: Any, names: dict[str,
     model.load_state_dict(state, strict=False, assign=True)  # leftovers are caught below
     del state
     model.tie_weights()
-    _materialize_buffers(model)
+    materialize_buffers(model)
     model.eval()
     logits = model(input_ids=batch).logits.float()
     del model
@@ -74,7 +74,7 @@ def reference_logits_from_checkpoint(config: Any, weights: Any, names: dict[str,
     return logits
 
 
-def _materialize_buffers(model: Any) -> None:
+def materialize_buffers(model: Any) -> None:
     """Non-persistent buffers (rotary inv_freq) are still on meta: rebuild their module on CPU."""
     for module in model.modules():
         metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
     from train.config import Config
     from train.dist import DistInfo
+    from train.model_weights import Weights
+    from train.startup import Phases
     from train.strategies.base import Strategy
 
 _CLASSES = {"ddp": "train.strategies.ddp:DDPStrategy", "fsdp": "train.strategies.fsdp:FSDPStrategy",
@@ -25,8 +27,12 @@ def strategy_class(kind: str) -> type[Strategy]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_strategy(model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> Strategy:
-    return strategy_class(cfg.strategy.kind)(model, cfg, info, accum)
+def build_strategy(model: nn.Module, cfg: Config, info: DistInfo, accum: int,
+                   weights: Weights | None = None, phases: Phases | None = None) -> Strategy:
+    """The strategy around `model`. A meta-built model (train.model.build_meta_model) is
+    materialized by the strategy from `weights`, each rank only what it keeps, timed as the
+    `load` phase of `phases`."""
+    return strategy_class(cfg.strategy.kind)(model, cfg, info, accum, weights=weights, phases=phases)
 
 
 __all__ = ["build_strategy", "strategy_class"]

@@ -11,7 +11,7 @@ import contextlib
 import math
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ClassVar, ContextManager, Iterator, Protocol
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,9 @@ from train.config import Config, OptimConfig
 from train.guard import optimizer_tensors
 from train.schedule import apply_optim_settings, build_scheduler
 
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+"""A micro-batch's differentiable loss *sum* (train/objectives): token losses, or DPO pair losses."""
+
 
 class Strategy(Protocol):
     needs_process_group: ClassVar[bool]
@@ -38,10 +41,13 @@ class Strategy(Protocol):
     compute_dtype: torch.dtype
     """Precision of forward and backward (bf16 on GPU, fp32 on CPU unless trainer.dtype says)."""
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
+                         loss_fn: LossFn | None = None) -> torch.Tensor:
         """Sum of the token losses of one micro-batch (detached), gradients accumulated; reduce
         only if sync_grads. `num_tokens` is the step's trained-token count over every
-        micro-batch and rank: the accumulated gradients are those of sum / num_tokens."""
+        micro-batch and rank: the accumulated gradients are those of sum / num_tokens.
+        `loss_fn(model, batch)` replaces the token-loss sum (an objective's, e.g. DPO's pair
+        losses; `num_tokens` is then its global weight, e.g. the pair count)."""
 
     def step(self, skip: bool = False) -> float:
         """Clip, optimizer step, LR schedule step, zero grads; returns the global grad norm.
@@ -76,8 +82,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on matrices only (not on norms or biases), as in nanoGPT and torchtitan."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 partitioned parameter keeps its real shape in ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

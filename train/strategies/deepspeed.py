@@ -26,9 +26,18 @@ from train.config import Config
 from train.dist import DistInfo
 from train.guard import optimizer_tensors
 from train.loss import token_loss_sum
+from train.model_weights import (
+    Weights,
+    buffer_owners,
+    init_buffers,
+    is_meta,
+    materialize_full,
+    require_weights,
+)
 from train.schedule import apply_optim_settings, build_scheduler
-from train.strategies.base import compute_dtype, forward_only, param_groups, token_scale
-from train.strategies.parallelize import apply_block_transforms
+from train.startup import NULL, Phases
+from train.strategies.base import LossFn, compute_dtype, forward_only, param_groups, token_scale
+from train.strategies.parallelize import apply_block_transforms, apply_frozen_upcast
 
 log = logging.getLogger("scaletrain")
 TAG = "state"
@@ -75,18 +84,25 @@ def ds_config(cfg: Config, info: DistInfo, accum: int) -> dict[str, Any]:
 class DeepSpeedStrategy:
     needs_process_group = True  # deepspeed.initialize needs one, even on a single process
 
-    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, info: DistInfo, accum: int,
+                 weights: Weights | None = None, phases: Phases | None = None) -> None:
         self.cfg, self.info, self.full_cfg = cfg.strategy, info, cfg
         self.compute_dtype = compute_dtype(cfg, info.device)
         self.loss_kind = cfg.trainer.loss
+        config = ds_config(cfg, info, accum)
+        if is_meta(model):
+            with (phases or NULL).phase("load"):
+                _materialize(model, require_weights(weights), config, info, self.compute_dtype)
         apply_block_transforms(model, cfg.trainer)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config(cfg, info, accum),
+            model=model, model_parameters=param_groups(model, cfg.optim), config=config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.schedule, cfg.trainer.max_steps))
         self.model = self.engine
+        apply_frozen_upcast(self.engine.module, self.compute_dtype)  # after DeepSpeed's own hooks
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int) -> torch.Tensor:
-        loss = token_loss_sum(self.engine, batch, self.loss_kind).sum
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
+                         loss_fn: LossFn | None = None) -> torch.Tensor:
+        loss = loss_fn(self.engine, batch) if loss_fn else token_loss_sum(self.engine, batch, self.loss_kind).sum
         # scale_wrt_gas=False: token_scale already weighs the whole step, accumulation included
         self.engine.backward(loss * token_scale(num_tokens, self.info.world_size), scale_wrt_gas=False)
         if not sync_grads:
@@ -140,6 +156,39 @@ class DeepSpeedStrategy:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {source}")
         apply_optim_settings(self.engine.optimizer, self.scheduler, self.full_cfg)
+
+
+def _materialize(model: nn.Module, weights: Weights, config: dict[str, Any], info: DistInfo,
+                 dtype: torch.dtype) -> None:
+    """Trainable parameters in the engine's module dtype (bf16 when DeepSpeed trains in bf16: its
+    optimizer keeps the fp32 masters), frozen ones as the meta model says (model.base_dtype).
+    ZeRO-1/2 keep the whole module on every rank: read once, one tensor at a time. ZeRO-3 partitions
+    one module at a time as `deepspeed.zero.Init` would have at construction: rank 0 reads the
+    module's tensors, the others receive their partition, so no rank ever holds the whole model."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    if config["zero_optimization"]["stage"] != 3:
+        materialize_full(model, weights, torch.device("cpu"))  # the engine moves it to the device
+        return
+    owners = buffer_owners(model)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # wraps the torch group
+    # Only what partitioning reads (a full config would check batch sizes against DeepSpeed's world).
+    init_config = {k: config[k] for k in ("zero_optimization", "bf16", "train_micro_batch_size_per_gpu")}
+    names = {id(p): n for n, p in model.named_parameters()}
+    done: dict[int, nn.Parameter] = {}  # tied parameters stay one parameter
+    modules = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+    for module in reversed(modules):  # children before parents: Init(module=) converts recursively
+        for k, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in done:
+                data = (weights.read(names[id(p)]).to(p.dtype) if info.is_main
+                        else torch.empty(p.shape, dtype=p.dtype))  # Init broadcasts rank 0's tensor
+                done[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+            module._parameters[k] = done[id(p)]
+        deepspeed.zero.Init(module=module, config_dict_or_path=init_config, mem_efficient_linear=False)
+    init_buffers(model, owners, info.device)
 
 
 @contextlib.contextmanager

@@ -20,18 +20,27 @@ import torch
 log = logging.getLogger("scaletrain.tracking")
 
 # Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s, from the vendors' datasheets.
-# First match wins, so the more specific names come first. Consumer GeForce cards are listed
-# at their bf16-with-fp32-accumulate rate, which is what PyTorch's bf16 matmuls use.
+# Keys are matched against torch.cuda.get_device_name (case-insensitive), first match wins, so
+# the more specific names come first. The same chip sold as SXM, PCIe and NVL runs at different
+# clocks and power limits and gets its own figure. torch reports an SXM H100 as "NVIDIA H100 80GB
+# HBM3" and an SXM H200 as "NVIDIA H200"; the PCIe and NVL boards carry their form factor in the
+# name. Consumer GeForce cards are listed at their bf16-with-fp32-accumulate rate, which is what
+# PyTorch's bf16 matmuls use.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
+    ("GB200", 2.5e15),     # NVIDIA GB200 NVL72 datasheet, per GPU (5 PFLOPS sparse / 2)
+    ("B200", 2.25e15),     # NVIDIA HGX B200 datasheet, per GPU (4.5 PFLOPS sparse / 2)
+    # Hopper. Source: NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100, "BF16 Tensor Core",
+    # sparse figures halved): SXM 1979 -> 989.5, NVL 1671 -> 835.5 (per GPU), PCIe 1513 -> 756.5.
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
-    ("H100", 989e12),   # SXM and other variants
-    ("H200", 989e12),   # also GH200
+    ("H100", 989e12),      # SXM5 ("H100 80GB HBM3", "H100 SXM5 ..."), also GH200's H100
+    # NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): SXM 1979 -> 989.5, NVL 1671 -> 835.5.
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),      # SXM ("NVIDIA H200"), also GH200
+    ("H800 PCIe", 756e12),  # China variant of the H100 PCIe board: its tensor-core rate is the H100 PCIe one
     ("H800", 989e12),
-    ("H20", 148e12),
-    ("A100", 312e12),
+    ("H20", 148e12),       # NVIDIA H20 spec sheet: 296 TFLOPS sparse -> 148
+    ("A100", 312e12),      # NVIDIA A100 datasheet: 312 dense, SXM and PCIe alike
     ("A800", 312e12),
     ("A30", 165e12),
     ("A10G", 125e12),   # AWS's A10 variant; NVIDIA publishes only the A10 figure
