@@ -41,13 +41,20 @@ def trl_losses(root: Path, lora: bool) -> list[float]:
     from trl import DPOConfig, DPOTrainer
 
     from train.adapters.config import AdapterConfig
+    import torch
+
     from train.adapters.lora import apply_adapter
     from train.config import ModelConfig
-    from train.model import build_model
+    from train.model import build_meta_model, weight_source
+    from train.model_weights import materialize_full, resolve_base_dtype
 
-    # The same calls as the loop, so that a LoRA adapter starts from the same random A.
-    model = build_model(ModelConfig(kind="hf_local", path=str(root / "model")), None, seed=0)
-    model = apply_adapter(model, AdapterConfig(kind="lora" if lora else "none"))
+    # The same calls as the loop (train/run.py), so that a LoRA adapter starts from the same random A:
+    # built on meta, the adapter applied, then every weight read from its source (seeded by name).
+    mcfg = ModelConfig(kind="hf_local", path=str(root / "model"))
+    model = build_meta_model(mcfg, None)
+    model = apply_adapter(model, AdapterConfig(kind="lora" if lora else "none"),
+                          resolve_base_dtype(mcfg.base_dtype, mcfg.path))
+    materialize_full(model, weight_source(mcfg, model, 0), torch.device("cpu"))
     recs = [json.loads(line) for line in (root / "pairs.jsonl").read_text().splitlines()]
     args = DPOConfig(output_dir=str(root / "trl"), per_device_train_batch_size=8, max_steps=STEPS,
                      learning_rate=3e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
