@@ -36,13 +36,12 @@ def dpo_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def trl_losses(root: Path, lora: bool) -> list[float]:
     """TRL's DPOTrainer, sigmoid, the 8 pairs as one batch, the same optimizer settings."""
+    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from train.adapters.config import AdapterConfig
-    import torch
-
     from train.adapters.lora import apply_adapter
     from train.config import ModelConfig
     from train.model import build_meta_model, weight_source
