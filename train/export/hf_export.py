@@ -213,7 +213,7 @@ def _write_model(ckpt: Checkpoint, config: Any, names: dict[str, str], tokenizer
 
 def _checkpoint_source(ckpt: Checkpoint, names: dict[str, str]) -> Any:
     """Export name -> the checkpoint's fp32 tensor, as numpy (GGUF is quantized from the trained values)."""
-    return lambda name: ckpt.weights.load(names[name]).float().numpy()
+    return lambda name: ckpt.weights.load(names[name]).detach().float().numpy()
 
 
 def _write_ggufs(ckpt: Checkpoint, config: Any, names: dict[str, str], tmp: Path,
