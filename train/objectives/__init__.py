@@ -8,9 +8,10 @@ the loop is the same for every objective.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch is not imported here: train.config (and so `python -m launch`) imports this package
+    import torch
 
 
 class Objective(Protocol):
