@@ -33,7 +33,8 @@ def run(base: str, strategy: str, micro: int, accum: int) -> dict:
     info = d.init_distributed("cpu", need_group=True)
     engine = DDPConfig() if strategy == "ddp" else DeepSpeedConfig(name="zero2", zero_stage=2)
     cfg = Config(model=ModelConfig(kind="hf_local", path=base), strategy=engine,
-                 trainer=TrainerConfig(micro_batch_size=micro, grad_accum_steps=accum, seq_len=SEQ, grad_clip=0.0))
+                 trainer=TrainerConfig(micro_batch_size=micro, grad_accum_steps=accum, seq_len=SEQ, grad_clip=0.0,
+                                       max_steps=10))
     strat = build_strategy(build_model(cfg.model, VOCAB, 0), cfg, info, accum)
     batch = global_batch()
     rows = list(range(info.rank * micro * accum, (info.rank + 1) * micro * accum))

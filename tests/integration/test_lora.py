@@ -85,7 +85,7 @@ def test_base_stays_bit_identical_and_the_adapter_trains(hf_base):
     from train.strategies import build_strategy
 
     cfg = Config(model=ModelConfig(kind="hf_local", path=str(hf_base)), adapter=AdapterConfig(kind="lora"),
-                 trainer=TrainerConfig(seq_len=32, micro_batch_size=2))
+                 trainer=TrainerConfig(seq_len=32, micro_batch_size=2, max_steps=10))
     cfg.optim.lr = 1e-2
     info = d.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model = apply_adapter(build_model(cfg.model, 256, 0), cfg.adapter)

@@ -64,15 +64,17 @@ def quantized_base(cfg: ModelConfig, device: torch.device) -> nn.Module:
 def base_fingerprint(cfg: ModelConfig, model_config: dict[str, Any], seed: int) -> str:
     """The base's identity without reading its weights (a requeue of a 70B run must not re-read
     140 GB): for hf_local, sha256 over each weight file's name, size and safetensors header (names,
-    dtypes, shapes and byte offsets of every tensor); for a model built from config, over the config
-    and the seed that initializes it (train/model_weights.py). `base_content_digest` hashes the
-    bytes too, under checkpoint.verify=true."""
+    dtypes, shapes and byte offsets of every tensor) and a few small windows of its bytes (two
+    fine-tunes of one architecture share every header, not their weights); for a model built from
+    config, over the config and the seed that initializes it (train/model_weights.py).
+    `base_content_digest` hashes all the bytes, under checkpoint.verify=true."""
     h = hashlib.sha256()
     if cfg.kind == "hf_local" and cfg.path:
         files = _weight_files(cfg)
         for f in files:
             h.update(f"{f.name}:{f.stat().st_size}:".encode())
             h.update(_safetensors_header(f))
+            h.update(_sampled_bytes(f))
             h.update(b"\n")
         if files:
             return "files:" + h.hexdigest()
@@ -92,6 +94,18 @@ def base_content_digest(cfg: ModelConfig) -> str | None:
 
 def _weight_files(cfg: ModelConfig) -> list[Path]:
     return sorted(f for pattern in WEIGHT_PATTERNS for f in Path(str(cfg.path)).glob(pattern))
+
+
+def _sampled_bytes(f: Path, windows: int = 8) -> bytes:
+    """`windows` evenly spaced windows of the file, together at most 1/32 of it and 32 KiB."""
+    size = f.stat().st_size
+    width = max(1, min(4096, size // (32 * windows)))
+    out = []
+    with open(f, "rb") as fh:
+        for k in range(windows):
+            fh.seek(size * (2 * k + 1) // (2 * windows))
+            out.append(fh.read(width))
+    return b"".join(out)
 
 
 def _safetensors_header(f: Path) -> bytes:
