@@ -66,8 +66,10 @@ def planned_per_rank(overrides: list[str]) -> int:
     return plan_request(req.train, req.launch)["host_bytes_per_node"]["per_rank"]["peak"] - BASELINE["cpu"]
 
 
-@pytest.mark.xfail(reason="issue 17 needs the meta-device loading path (branch `load`): today every rank "
-                          "materializes the whole fp32 model before FSDP shards it", strict=False)
+@pytest.mark.skip(reason="issue 17, open: on the meta-device path the peak before step 1 is near the plan "
+                         "(FSDP+LoRA +0.63x the bf16 files), but every rank grows ~1.5 GB during step 1 "
+                         "(about 35 MB per decoder layer kept through the forward; cause not found), so the "
+                         "whole-run peak is ~2.9x the plan (docs/BENCHMARKS.md, start-up)")
 def test_planner_matches_measured_peak(model_dir, tmp_path):
     model = ["model=hf_local", f"model.path={model_dir}"]
     baseline = peak_rss(["model=tiny", *RUN], tmp_path / "tiny")
