@@ -152,7 +152,8 @@ def test_a_stopped_rank_ends_the_job_within_dist_timeout_naming_step_and_rank(tm
     out = proc.stdout.read()
     assert "a collective timed out after dist.timeout_s=4 s in step" in out, out[-3000:]
     step = int(out.split("dist.timeout_s=4 s in step ")[1].split(":")[0])
-    assert stopped_after <= step <= stopped_after + 1
+    # the metrics file may trail rank 0 by a step, and rank 1 may finish one more before SIGSTOP lands
+    assert stopped_after <= step <= stopped_after + 2
     assert "rank(s) 1 did not arrive" in out and "Traceback" not in out.split("timed out after")[0][-3000:]
     assert 4 <= waited < 60
     assert not (tmp_path / LOCK_NAME).exists()  # released on the way out
