@@ -143,12 +143,22 @@ def manifest_is_current(root: Path, fingerprint: str) -> bool:
     return True
 
 
+def _load_npy(path: str | Path) -> np.ndarray:
+    """np.load(mmap_mode="r"), once more on CPython 3.11's "AST constructor recursion depth mismatch":
+    np.load parses the .npy header with ast.literal_eval, and CPython 3.11's ast raised that once in CI
+    (a thread-safety bug of its C state, seen with another thread parsing); transient, the file is fine."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except SystemError:
+        return np.load(path, mmap_mode="r")
+
+
 def load_index(path: Path | np.ndarray, samples: int, tokens: int, size: int,
                columns: int = 2) -> np.ndarray | None:
     """The (n+1, columns) index of a shard (a path, or the array) if it is consistent with the
     manifest entry, else None (columns: 2, or 3 for chat shards, see shard_format.py)."""
     try:
-        idx = np.load(path, mmap_mode="r") if isinstance(path, (str, Path)) else path
+        idx = _load_npy(path) if isinstance(path, (str, Path)) else path
     except (OSError, ValueError):
         return None
     if idx.ndim != 2 or idx.shape != (samples + 1, columns):
