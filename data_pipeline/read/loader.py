@@ -3,7 +3,8 @@
 Rank r of W, in round k (its k-th micro-batch), takes the stream span of global batch number
 k*W + r (see order.py and batches.py). DataLoader worker i of K produces rounds i, i+K, ...,
 which the DataLoader hands back strictly in round order. The loader counts the rounds the
-trainer has *consumed* (not what workers prefetched), so its state is one stream position,
+trainer has *consumed* (not what workers prefetched; stream.py, shared with the mixture of
+mix.py), so its state is one stream position,
 identical on every rank:
 
     position = base + consumed_rounds * W * B * T        (tokens of the global stream)
@@ -15,71 +16,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.read.batches import ShardReader, Span, TokenSpans
+from data_pipeline.read.batches import ShardReader, TokenSpans
 from data_pipeline.read.config import WebDatasetConfig
 from data_pipeline.read.order import GlobalOrder
 from data_pipeline.read.pairs import PairSpans, pair_spans
-from data_pipeline.read.prefetch import PlannedSpans, Prefetcher
-from data_pipeline.read.rows import RowOrder, RowSpan, RowSpans
+from data_pipeline.read.rows import RowOrder, RowSpans
 from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
+from data_pipeline.read.stream import RankStream, Taken, check_same_world, check_shape, elastic_start
 
 STATE_VERSION = 1
-
-
-class RankStream(IterableDataset):
-    """Rounds first_round, first_round + 1, ... of one rank, split over DataLoader workers."""
-
-    def __init__(self, spans: Any, *, base: int, first_round: int, rank: int, world_size: int,
-                 remote: Sequence[tuple[PlannedSpans, WebDatasetConfig]] = ()) -> None:
-        """spans: TokenSpans, RowSpans or mix.MixSpans; remote: (what is read, settings) of each
-        remote corpus, whose shards a Prefetcher fetches."""
-        self.spans, self.base, self.first_round = spans, base, first_round
-        self.rank, self.world_size, self.remote = rank, world_size, remote
-
-    def __iter__(self) -> Iterator[Span | RowSpan]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        k = self.first_round + worker
-        # created here: in the worker process that reads
-        fetches = [Prefetcher(planned, cfg, round_pos=self._pos, stride=workers) for planned, cfg in self.remote]
-        try:
-            while True:
-                for fetch in fetches:
-                    fetch.advance(k)
-                yield self.spans.read(self._pos(k))
-                k += workers
-        finally:
-            self.spans.close()
-            for fetch in fetches:
-                fetch.close()
-
-    def _pos(self, k: int) -> int:
-        return self.base + (k * self.world_size + self.rank) * self.spans.unit
-
-
-def _as_is(span: Span | RowSpan) -> Span | RowSpan:
-    """DataLoader collate_fn: keep numpy (its default would make shared-memory tensors)."""
-    return span
-
-
-def batch_source(stream: RankStream, cfg: WebDatasetConfig) -> Iterator[Any]:
-    """The stream's spans, read in the training process (num_workers=0) or by DataLoader workers."""
-    if cfg.num_workers == 0:
-        yield from stream
-        return
-    it = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                         prefetch_factor=cfg.prefetch_factor, collate_fn=_as_is))
-    try:
-        yield from it
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
 
 
 def epoch_units(spans: TokenSpans | RowSpans, epochs: float) -> int:
@@ -124,10 +73,7 @@ class WebDatasetLoader:
     def __init__(self, cfg: WebDatasetConfig, *, rank: int, world_size: int,
                  micro_batch_size: int, seq_len: int, split: str = "train",
                  pin_memory: bool = False) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} is outside world_size={world_size}")
-        if micro_batch_size < 1 or seq_len < 1:
-            raise ValueError(f"micro_batch_size={micro_batch_size} and seq_len={seq_len} must be >= 1")
+        check_shape(rank, world_size, micro_batch_size, seq_len)
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}: use 'train' or 'val'")
         self.cfg, self.split = cfg, split
@@ -144,48 +90,21 @@ class WebDatasetLoader:
         self.unit = getattr(self._spans, "unit_name", "rows" if isinstance(self._spans, RowSpans) else "tokens")
         self.pairs = self.unit == "pairs"
         self._base = 0
-        self._consumed = 0
-        self._generation = 0
-        self._masked_tokens = 0
+        self._taken = Taken()
         self._repeated_tokens = 0
-        self._warned: set[str] = set()
 
     @property
     def position(self) -> int:
         """Tokens (chat: rows) of the global stream consumed by all ranks together."""
-        return self._base + self._consumed * self.world_size * self._spans.unit
+        return self._base + self._taken.rounds * self.world_size * self._spans.unit
 
-    def _source(self) -> Iterator[Span | RowSpan]:
-        stream = RankStream(self._spans, base=self._base, first_round=self._consumed,
-                             rank=self.rank, world_size=self.world_size,
-                             remote=[(self._spans, self.cfg)] if self.table.remote else [])
-        yield from batch_source(stream, self.cfg)
+    def _stream(self) -> RankStream:
+        return RankStream(self._spans, base=self._base, first_round=self._taken.rounds,
+                          rank=self.rank, world_size=self.world_size,
+                          remote=[(self._spans, self.cfg)] if self.table.remote else [])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            generation = self._generation
-            source = self._source()
-            try:
-                for span in source:
-                    if generation != self._generation:
-                        break
-                    self._consumed += 1
-                    self._note(span.notes)
-                    batch = self._spans.finish(span)
-                    if self.pin_memory:
-                        batch = {k: v.pin_memory() for k, v in batch.items()}
-                    yield batch
-                    if generation != self._generation:
-                        break
-            finally:
-                source.close()
-
-    def _note(self, notes: dict[str, Any]) -> None:
-        self._masked_tokens += int(notes["masked_tokens"])
-        for msg in notes["bad"]:
-            if msg not in self._warned:
-                self._warned.add(msg)
-                warnings.warn(f"masked bad data (labels -100): {msg}", DataWarning, stacklevel=3)
+        return self._taken.batches(self._stream, self.cfg, self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "webdataset", "version": STATE_VERSION, "split": self.split,
@@ -194,7 +113,7 @@ class WebDatasetLoader:
                 "seed": self.cfg.seed, "data_fingerprint": self.data_fingerprint,
                 **({"unit": "rows", "pack": self.cfg.pack} if self.unit == "rows" else {}),
                 **({"unit": "pairs"} if self.pairs else {}),
-                "masked_tokens": self._masked_tokens, "repeated_tokens": self._repeated_tokens}
+                "masked_tokens": self._taken.masked_tokens, "repeated_tokens": self._repeated_tokens}
 
     def _check(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "webdataset" or state.get("version") != STATE_VERSION:
@@ -217,37 +136,29 @@ class WebDatasetLoader:
                               "continuation is not the uninterrupted order", DataWarning, stacklevel=3)
 
     def _restart_at(self, position: int) -> None:
-        self._base, self._consumed = int(position), 0
-        self._generation += 1
+        self._base = int(position)
+        self._taken.restart()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check(state)
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"loader state is from world_size={state['world_size']}, this run has "
-                             f"{self.world_size}: use load_elastic(states of every old rank)")
-        self._masked_tokens = int(state.get("masked_tokens", 0))
+        check_same_world(state, self.world_size)
+        self._taken.masked_tokens = int(state.get("masked_tokens", 0))
         self._repeated_tokens = int(state.get("repeated_tokens", 0))
         self._restart_at(state["position"])
 
     def load_elastic(self, states: list[dict[str, Any]]) -> None:
         """Continue from a run with another world size: every old rank's state, any order."""
-        if not states:
-            raise ValueError("load_elastic needs the loader states of every rank of the old run")
-        for s in states:
+        for s in states:  # here, so that their warnings point at the caller
             self._check(s)
-        old = {int(s["world_size"]) for s in states}
-        if len(old) != 1 or len(states) != old.pop():
-            raise ValueError(f"load_elastic got {len(states)} states with world sizes {sorted(old)}: "
-                             "pass the state of every rank of one run")
-        positions = [int(s["position"]) for s in states]
-        if len(set(positions)) > 1:
+        earliest, spread = elastic_start(states)
+        if spread:
             # Ranks of a lockstep run agree; if not, resume at the earliest so nothing is skipped.
-            self._repeated_tokens += max(positions) - min(positions)
-            warnings.warn(f"old ranks disagree on the stream position {sorted(set(positions))}; "
-                          f"resuming at the earliest, {max(positions) - min(positions)} tokens repeat",
-                          DataWarning, stacklevel=2)
-        self._masked_tokens = max(int(s.get("masked_tokens", 0)) for s in states)
-        self._restart_at(min(positions))
+            self._repeated_tokens += spread
+            positions = sorted({int(s["position"]) for s in states})
+            warnings.warn(f"old ranks disagree on the stream position {positions}; "
+                          f"resuming at the earliest, {spread} tokens repeat", DataWarning, stacklevel=2)
+        self._taken.masked_tokens = max(int(s.get("masked_tokens", 0)) for s in states)
+        self._restart_at(earliest["position"])
 
     def epoch_units(self, epochs: float) -> tuple[int, str, str]:
         """(stream units, `tokens` or `rows`, how they were counted) of `epochs` passes (train/epochs.py)."""
@@ -264,6 +175,6 @@ class WebDatasetLoader:
                 f"data_{self.unit}": float(self.position),
                 "data_skipped_shards": float(len(self.table.skipped)),
                 "data_bad_samples": float(self.table.bad_samples),
-                "data_masked_tokens": float(self._masked_tokens),
+                "data_masked_tokens": float(self._taken.masked_tokens),
                 "data_elastic_lost_tokens": 0.0,
                 "data_elastic_repeated_tokens": float(self._repeated_tokens)}

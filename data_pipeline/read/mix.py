@@ -33,10 +33,11 @@ from data_pipeline.read.config import (
     kind_conflicts,
     source_configs,
 )
-from data_pipeline.read.loader import RankStream, batch_source, epoch_units, make_spans
+from data_pipeline.read.loader import epoch_units, make_spans
 from data_pipeline.read.order import GlobalOrder
 from data_pipeline.read.rows import RowSpan, RowSpans
 from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
+from data_pipeline.read.stream import RankStream, Taken, check_same_world, check_shape, elastic_start
 from data_pipeline.schema import ConfigError
 
 STATE_VERSION = 1
@@ -155,10 +156,7 @@ class MixLoader:
     def __init__(self, cfg: WebDatasetConfig, *, rank: int, world_size: int,
                  micro_batch_size: int, seq_len: int, split: str = "train",
                  pin_memory: bool = False) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} is outside world_size={world_size}")
-        if micro_batch_size < 1 or seq_len < 1:
-            raise ValueError(f"micro_batch_size={micro_batch_size} and seq_len={seq_len} must be >= 1")
+        check_shape(rank, world_size, micro_batch_size, seq_len)
         self.cfg, self.split = cfg, split
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
@@ -179,9 +177,8 @@ class MixLoader:
         self.data_fingerprint = ",".join(t.fingerprint for t in self.tables)
         self.schedule = Schedule(self.weights, self.names)
         self._start, self._bases = 0, [0] * len(self.sources)
-        self._consumed = self._generation = 0
-        self._masked_tokens = self._repeated_rows = 0
-        self._warned: set[str] = set()
+        self._taken = Taken()
+        self._repeated_rows = 0
 
     def _check_kinds(self) -> None:
         kinds = []
@@ -196,7 +193,7 @@ class MixLoader:
     @property
     def position(self) -> int:
         """Global (mixed) rows consumed by all ranks together."""
-        return self._start + self._consumed * self.world_size * self.micro_batch_size
+        return self._start + self._taken.rounds * self.world_size * self.micro_batch_size
 
     def _spans(self) -> MixSpans:
         return MixSpans(self.sources, self.schedule, self.micro_batch_size, self._start, self._bases)
@@ -207,37 +204,16 @@ class MixLoader:
         row = self.position if row is None else row
         return [spans.position(s, row) for s in range(len(self.sources))]
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            generation = self._generation
-            spans = self._spans()
-            shares = self.schedule.counts / self.schedule.period
-            remote = [(_SourcePlan(spans, s, float(shares[s])), c)
-                      for s, (t, c) in enumerate(zip(self.tables, self.configs)) if t.remote]
-            stream = RankStream(spans, base=self._start, first_round=self._consumed, rank=self.rank,
-                                 world_size=self.world_size, remote=remote)
-            source = batch_source(stream, self.cfg)
-            try:
-                for span in source:
-                    if generation != self._generation:
-                        break
-                    self._consumed += 1
-                    self._note(span.notes)
-                    batch = spans.finish(span)
-                    if self.pin_memory:
-                        batch = {k: v.pin_memory() for k, v in batch.items()}
-                    yield batch
-                    if generation != self._generation:
-                        break
-            finally:
-                source.close()
+    def _stream(self) -> RankStream:
+        spans = self._spans()
+        shares = self.schedule.counts / self.schedule.period
+        remote = [(_SourcePlan(spans, s, float(shares[s])), c)
+                  for s, (t, c) in enumerate(zip(self.tables, self.configs)) if t.remote]
+        return RankStream(spans, base=self._start, first_round=self._taken.rounds, rank=self.rank,
+                          world_size=self.world_size, remote=remote)
 
-    def _note(self, notes: dict[str, Any]) -> None:
-        self._masked_tokens += int(notes["masked_tokens"])
-        for msg in notes["bad"]:
-            if msg not in self._warned:
-                self._warned.add(msg)
-                warnings.warn(f"masked bad data (labels -100): {msg}", DataWarning, stacklevel=3)
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self._taken.batches(self._stream, self.cfg, self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "webdataset_mix", "version": STATE_VERSION, "split": self.split,
@@ -246,7 +222,7 @@ class MixLoader:
                 "rank": self.rank, "world_size": self.world_size,
                 "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
                 "seed": self.cfg.seed, "pack": self.cfg.pack, "data_fingerprint": self.data_fingerprint,
-                "masked_tokens": self._masked_tokens, "repeated_rows": self._repeated_rows}
+                "masked_tokens": self._taken.masked_tokens, "repeated_rows": self._repeated_rows}
 
     def _check(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "webdataset_mix" or state.get("version") != STATE_VERSION:
@@ -264,35 +240,25 @@ class MixLoader:
 
     def _restart_at(self, state: dict[str, Any]) -> None:
         self._start, self._bases = int(state["position"]), [int(p) for p in state["source_positions"]]
-        self._consumed = 0
-        self._generation += 1
+        self._taken.restart()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check(state)
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"loader state is from world_size={state['world_size']}, this run has "
-                             f"{self.world_size}: use load_elastic(states of every old rank)")
-        self._masked_tokens = int(state.get("masked_tokens", 0))
+        check_same_world(state, self.world_size)
+        self._taken.masked_tokens = int(state.get("masked_tokens", 0))
         self._repeated_rows = int(state.get("repeated_rows", 0))
         self._restart_at(state)
 
     def load_elastic(self, states: list[dict[str, Any]]) -> None:
         """Continue from a run with another world size: every old rank's state, any order."""
-        if not states:
-            raise ValueError("load_elastic needs the loader states of every rank of the old run")
-        for s in states:
+        for s in states:  # here, so that their warnings point at the caller
             self._check(s)
-        old = {int(s["world_size"]) for s in states}
-        if len(old) != 1 or len(states) != old.pop():
-            raise ValueError(f"load_elastic got {len(states)} states with world sizes {sorted(old)}: "
-                             "pass the state of every rank of one run")
-        earliest = min(states, key=lambda s: int(s["position"]))
-        spread = max(int(s["position"]) for s in states) - int(earliest["position"])
+        earliest, spread = elastic_start(states)
         if spread:  # ranks of a lockstep run agree; if not, resume at the earliest so nothing is skipped
             self._repeated_rows += spread
             warnings.warn(f"old ranks disagree on the mixed row position; resuming at the earliest, "
                           f"{spread} rows repeat", DataWarning, stacklevel=2)
-        self._masked_tokens = max(int(s.get("masked_tokens", 0)) for s in states)
+        self._taken.masked_tokens = max(int(s.get("masked_tokens", 0)) for s in states)
         self._restart_at(earliest)
 
     def epoch_units(self, epochs: float) -> tuple[int, str, str]:
@@ -317,7 +283,7 @@ class MixLoader:
         out = {"data_rows": float(self.position),
                "data_skipped_shards": float(sum(len(t.skipped) for t in self.tables)),
                "data_bad_samples": float(sum(t.bad_samples for t in self.tables)),
-               "data_masked_tokens": float(self._masked_tokens),
+               "data_masked_tokens": float(self._taken.masked_tokens),
                "data_elastic_repeated_rows": float(self._repeated_rows)}
         for name, spans, pos in zip(self.names, self.sources, self.source_positions()):
             tokens = pos if isinstance(spans, TokenSpans) else spans.order.tokens_before(pos)
