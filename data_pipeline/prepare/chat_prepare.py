@@ -11,6 +11,7 @@ from data_pipeline.prepare import chat
 from data_pipeline.prepare.chat_records import RecordFields, message_texts, parse_payload
 from data_pipeline.prepare.config import ChatConfig, PrepareConfig
 from data_pipeline.prepare.sources import Source, iter_mixed
+from data_pipeline.prepare.tokenizer import pad_token_id
 from data_pipeline.shards.format import MASK_EXT
 
 
@@ -18,16 +19,6 @@ def fields(c: ChatConfig) -> RecordFields:
     return RecordFields(c.messages_field, c.prompt_field, c.completion_field,
                         list(c.instruction_fields), c.output_field, c.system_field, c.format,
                         c.conversations_field, c.tools_field, dict(c.role_map))
-
-
-def mark_sources(sources: list[Source], keys: list[str]) -> None:
-    """Chat reads whole records; plain-text sources have none."""
-    for s, k in zip(sources, keys):
-        if s.format == "text":
-            raise ValueError(f"{k}.path={s.label!r} is plain text, but mode=chat reads records: "
-                             "point it at JSONL, Parquet or a datasets.save_to_disk directory of "
-                             "conversations (or use mode=text)")
-        s.records = True
 
 
 def resolve_template(cfg: PrepareConfig) -> str:
@@ -90,7 +81,6 @@ def settings(cfg: PrepareConfig, sources: list[Source], tok_dir: Path, dtype: st
 
 
 def manifest_entry(cfg: PrepareConfig, tok) -> dict:
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return {"max_len": cfg.chat.max_len, "mask_ext": MASK_EXT, "pad_token_id": pad,
+    return {"max_len": cfg.chat.max_len, "mask_ext": MASK_EXT, "pad_token_id": pad_token_id(tok),
             "train_on": cfg.chat.train_on, "on_long": cfg.chat.on_long,
             "masks": chat.mask_method(cfg.chat.masks, tok.chat_template, cfg.chat.train_on)}

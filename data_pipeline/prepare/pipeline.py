@@ -40,6 +40,7 @@ from data_pipeline.prepare.sources import (
     Source,
     check_source,
     iter_mixed,
+    mark_records,
     resolve_source,
     source_fingerprint,
 )
@@ -224,10 +225,10 @@ def prepare(cfg: PrepareConfig) -> dict:
     sources = [resolve_source(s, k) for s, k in zip(cfg.source_list(), keys)]
     template = None
     if cfg.mode == "chat":
-        chat_prepare.mark_sources(sources, keys)
+        mark_records(sources, keys, "chat", "conversations (or use mode=text)")
         template = chat_prepare.resolve_template(cfg)
     if cfg.mode == "preference":
-        preference.mark_sources(sources, keys)
+        mark_records(sources, keys, "preference", "pairs with chosen and rejected fields")
     for s, k in zip(sources, keys):
         check_source(s, k)
     fp = fingerprint(cfg, sources, template)

@@ -29,6 +29,8 @@ import numpy as np
 
 from data_pipeline.prepare.chat_records import BadRecord, parse_payload
 from data_pipeline.prepare.encode import Encoded, is_val
+from data_pipeline.prepare.tokenizer import pad_token_id
+from data_pipeline.shards.format import MASK_EXT
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 SKIP_REASONS = ("empty", "bad_utf8", "bad_json", "missing_field", "bad_messages", "not_text",
@@ -184,16 +186,6 @@ def encode(records: list[tuple[int, str | None, str]]) -> Encoded:
     return out
 
 
-def mark_sources(sources, keys: list[str]) -> None:
-    """Preference pairs are records; plain-text sources have none."""
-    for s, k in zip(sources, keys):
-        if s.format == "text":
-            raise ValueError(f"{k}.path={s.label!r} is plain text, but mode=preference reads records: "
-                             "point it at JSONL, Parquet or a datasets.save_to_disk directory of pairs "
-                             "with chosen and rejected fields")
-        s.records = True
-
-
 def settings(cfg, sources, tok_dir, dtype: str) -> PreferenceSettings:
     pc = cfg.preference
     return PreferenceSettings(str(tok_dir), dtype, [s.kind for s in sources], pc.max_len, pc.on_long,
@@ -205,7 +197,6 @@ def fingerprint(cfg) -> dict:
 
 
 def manifest_entry(cfg, tok) -> dict:
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return {"max_len": cfg.preference.max_len, "mask_ext": "mask", "pad_token_id": pad,
+    return {"max_len": cfg.preference.max_len, "mask_ext": MASK_EXT, "pad_token_id": pad_token_id(tok),
             "on_long": cfg.preference.on_long, "mask_values": {"prompt": PROMPT, "chosen": CHOSEN,
                                                                "rejected": REJECTED}}

@@ -104,6 +104,15 @@ def _infer(files: list[str], key: str) -> str:
     return found.pop()
 
 
+def mark_records(sources: list[Source], keys: list[str], mode: str, what: str) -> None:
+    """mode=chat and mode=preference read whole records (`what`); plain-text sources have none."""
+    for s, k in zip(sources, keys):
+        if s.format == "text":
+            raise ValueError(f"{k}.path={s.label!r} is plain text, but mode={mode} reads records: "
+                             f"point it at JSONL, Parquet or a datasets.save_to_disk directory of {what}")
+        s.records = True
+
+
 def check_source(src: Source, key: str = "source") -> None:
     """Schema checks that need no full read (missing columns, splits): fail before any work.
     Chat sources (whole records) are checked per record instead (chat_records.py)."""

@@ -9,6 +9,11 @@ from typing import Iterable
 EOS_TOKEN = "<|endoftext|>"
 
 
+def pad_token_id(tok) -> int | None:
+    """The id that pads chat and preference rows: the tokenizer's pad token, else its EOS."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: Path,
               progress: bool = False, chat_tokens: tuple[str, ...] = ()):
     """Train a GPT-2 style byte-level BPE (every byte representable: no unknown tokens).
