@@ -30,6 +30,7 @@ from train.checkpoint_layout import (
     CONFIG_FILE,
     LATEST,
     STATE_FILE,
+    STEP_PREFIX,
     TMP_PREFIX,
     LayoutError,
     check_checkpoint,
@@ -238,7 +239,7 @@ def _retain(root: Path, keep_last: int, run_id: str | None = None) -> None:
     for old in valid[max(1, keep_last):]:
         if old != newest_finite:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(TMP_PREFIX + "step_*"):
+    for stale in root.glob(f"{TMP_PREFIX}{STEP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 

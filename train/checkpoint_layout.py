@@ -23,11 +23,19 @@ log = logging.getLogger("scaletrain.checkpoint")
 
 CHECKPOINTS_DIR = "checkpoints"
 """RUN_DIR/checkpoints holds the step directories and `latest`."""
-STEP_RE = re.compile(r"^step_(\d{8})$")
+STEP_PREFIX = "step_"
+"""step_00000100: a checkpoint's directory; exports (RUN_DIR/exports) are named the same way."""
+STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{8}})$")
 TMP_PREFIX = ".tmp-"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+MODEL_DIR = "model"
+"""The weights and optimizer of DDP and FSDP (torch.distributed.checkpoint)."""
+DEEPSPEED_DIR = "deepspeed"
+"""The weights and optimizer of DeepSpeed ZeRO (engine.save_checkpoint, with its own `latest`)."""
+STEP_PATH = f"RUN_DIR/{CHECKPOINTS_DIR}/{STEP_PREFIX}N"
+"""How messages tell a user which directory to pass."""
 
 
 class LayoutError(ValueError):
@@ -35,7 +43,7 @@ class LayoutError(ValueError):
 
 
 def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+    return f"{STEP_PREFIX}{step:08d}"
 
 
 def step_of(path: Path | str) -> int | None:

@@ -301,9 +301,9 @@ def _fresh_start_problems(cfg: Config) -> list[str]:
     retention and the new run's own step numbers would replace them, and metrics.jsonl with them."""
     if cfg.checkpoint.resume:
         return []
-    from train.checkpoint_layout import complete_checkpoints
+    from train.checkpoint_layout import CHECKPOINTS_DIR, complete_checkpoints
 
-    found = complete_checkpoints(Path(cfg.run.dir) / "checkpoints")
+    found = complete_checkpoints(Path(cfg.run.dir) / CHECKPOINTS_DIR)
     if not found:
         return []
     return [f"checkpoint.resume=false but run.dir={cfg.run.dir!r} holds the checkpoints of an earlier run "

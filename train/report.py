@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from data_pipeline.fsutil import atomic_write, atomic_write_text
+from train.checkpoint_layout import STEP_PREFIX
 
 log = logging.getLogger("scaletrain.report")
 
@@ -225,7 +226,7 @@ def export_quality_lines(run_dir: Path) -> list[str]:
 
     from train.export.quality import QUALITY_NAME, table
 
-    found = sorted((run_dir / "exports").glob(f"step_*/{QUALITY_NAME}"))
+    found = sorted((run_dir / "exports").glob(f"{STEP_PREFIX}*/{QUALITY_NAME}"))
     if not found:
         return []
     try:

@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoint_layout import (
+    CHECKPOINTS_DIR,
+    DEEPSPEED_DIR,
     LATEST,
+    MODEL_DIR,
     STATE_FILE,
+    STEP_PATH,
     TMP_PREFIX,
     LayoutError,
     check_checkpoint,
@@ -64,17 +68,17 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     """Accept step_N, a checkpoints/ dir or a run dir (the last two follow their `latest` file)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"checkpoint={str(path)!r} does not exist: pass RUN_DIR/checkpoints/step_N")
-    for base in (p, p / "checkpoints"):
+        raise CheckpointError(f"checkpoint={str(path)!r} does not exist: pass {STEP_PATH}")
+    for base in (p, p / CHECKPOINTS_DIR):
         name = None if (p / STATE_FILE).exists() else read_latest(base)
         if name is not None and (base / name).is_dir():
             return base / name
         if not (p / STATE_FILE).exists() and (base / LATEST).exists():
             raise CheckpointError(f"{base / LATEST} {_latest_problem(base, name)}: pass "
-                                  "RUN_DIR/checkpoints/step_N explicitly")
+                                  f"{STEP_PATH} explicitly")
     if p.name.startswith(TMP_PREFIX):
         raise CheckpointError(f"{p} is an incomplete checkpoint (still being written, or its writer "
-                              "was killed): pass a complete RUN_DIR/checkpoints/step_N")
+                              f"was killed): pass a complete {STEP_PATH}")
     return p
 
 
@@ -92,18 +96,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     p = resolve_checkpoint_dir(path)
     if not (p / STATE_FILE).exists():  # present but a directory or garbage: check_checkpoint names it
         raise CheckpointError(f"{p} has no {STATE_FILE}: it is not a complete checkpoint; "
-                              "pass RUN_DIR/checkpoints/step_N (written by `python -m train`)")
+                              f"pass {STEP_PATH} (written by `python -m train`)")
     problem = check_checkpoint(p, verify=True)  # checksums, when checkpoint.verify recorded them
     if problem:
-        raise CheckpointError(f"{p} cannot be exported: {problem}; pass another RUN_DIR/checkpoints/step_N")
+        raise CheckpointError(f"{p} cannot be exported: {problem}; pass another {STEP_PATH}")
     state = read_state(p)
     if not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{p / STATE_FILE} lacks model_config: it was not written by this trainer")
-    if (p / "deepspeed").is_dir():
-        weights: WeightSource = ZeroWeights(p / "deepspeed")
-    elif (p / "model").is_dir():
-        weights = DCPWeights(p / "model")
+    if (p / DEEPSPEED_DIR).is_dir():
+        weights: WeightSource = ZeroWeights(p / DEEPSPEED_DIR)
+    elif (p / MODEL_DIR).is_dir():
+        weights = DCPWeights(p / MODEL_DIR)
     else:
-        raise CheckpointError(f"{p} has neither model/ (DDP/FSDP) nor deepspeed/ (ZeRO): "
+        raise CheckpointError(f"{p} has neither {MODEL_DIR}/ (DDP/FSDP) nor {DEEPSPEED_DIR}/ (ZeRO): "
                               "no weights to export")
     return Checkpoint(path=p.resolve(), state=state, weights=weights)

@@ -20,10 +20,10 @@ from typing import Any
 
 from data_pipeline.fsutil import file_sha256, fsync_dir
 from train import faults
-from train.checkpoint_layout import LayoutError, read_text
+from train.checkpoint_layout import STEP_PREFIX, LayoutError, read_text
 
 META_NAME = "export.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(rf"^{STEP_PREFIX}(\d+)$")
 
 
 class ExportVerifyError(ValueError):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from data_pipeline.fsutil import file_sha256
 from train import faults
+from train.checkpoint_layout import CONFIG_FILE
 from train.export.adapter_checkpoint import (
     Adapter,
     export_parts,
@@ -85,7 +86,7 @@ def export_names(config: Any, ckpt: Checkpoint) -> tuple[dict[str, str], list[st
 
 
 def _digest_config(ckpt: Checkpoint) -> str | None:
-    path = ckpt.path / "config.yaml"
+    path = ckpt.path / CONFIG_FILE
     return "sha256:" + file_sha256(path) if path.is_file() else None
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from train.checkpoint_layout import step_dir_name
 from train.export.config import ExportConfig, hook_problems, hook_target
 from train.export.files import prune
 
@@ -75,7 +76,7 @@ class ExportHook:
         return verify_batch(vocab_size, max_positions)
 
     def out_dir(self, step: int) -> Path:
-        return self.exports_dir / f"step_{step:08d}"
+        return self.exports_dir / step_dir_name(step)  # named as the checkpoint it comes from
 
     def __call__(self, step: int, checkpoint_dir: str | Path, reference_logits: torch.Tensor | None = None,
                  reference_precision: str = "fp32") -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from train.checkpoint_layout import CONFIG_FILE
 from train.export.verify import ExportVerificationError, materialize_buffers
 
 QUALITY_NAME = "quality.json"
@@ -32,7 +33,7 @@ def run_config(ckpt_path: Path) -> dict[str, Any]:
     """The run's resolved config.yaml saved with the checkpoint ({} when absent or unreadable)."""
     import yaml
 
-    path = Path(ckpt_path) / "config.yaml"
+    path = Path(ckpt_path) / CONFIG_FILE
     try:
         raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
     except (OSError, yaml.YAMLError):

@@ -69,7 +69,7 @@ class ZeroWeights:
 
     def __init__(self, root: Path):
         root = Path(root)
-        latest = root / "latest"
+        latest = root / "latest"  # DeepSpeed's own tag file (engine.save_checkpoint), not checkpoints/latest
         tag = read_text(latest, limit=4096).strip() if latest.is_file() else None
         tags = [d for d in root.iterdir() if d.is_dir()] if tag is None else [root / tag]
         if len(tags) != 1 or not tags[0].is_dir():
