@@ -25,6 +25,8 @@ from train.loss import unwrap
 from train.model import weight_source
 from train.model_weights import is_meta, materialize_full, resolve_base_dtype, set_param_dtypes
 from train.objectives.dpo import model_logps
+from train.strategies.base import compute_dtype
+from train.strategies.parallelize import apply_frozen_upcast, apply_fsdp
 
 log = logging.getLogger("scaletrain")
 
@@ -69,8 +71,6 @@ def frozen_copy(model: nn.Module, cfg, info) -> nn.Module:
     strategy), materialized as `cfg.strategy` keeps the policy: no rank of a sharded strategy ever
     holds the whole of it (see the module docstring)."""
     assert is_meta(model), "the DPO reference is built from the meta model (adapters use AdapterOff)"
-    from train.strategies.base import compute_dtype
-
     ref = copy.deepcopy(model)  # meta: shapes and names only
     ref.requires_grad_(False)
     ref.eval()
@@ -79,17 +79,13 @@ def frozen_copy(model: nn.Module, cfg, info) -> nn.Module:
     dtype = compute_dtype(cfg, info.device)
     s = cfg.strategy
     if s.kind == "fsdp":
-        from train.strategies.parallelize import apply_fsdp
-
         # Sharded on meta, then each rank allocates and fills only its rows; FSDP2's
         # MixedPrecisionPolicy gathers them in the training dtype.
         return apply_fsdp(ref, s, info, dtype, weights)
     if s.kind == "deepspeed" and s.zero_stage == 3:
-        from train.strategies.deepspeed import frozen_zero3
+        from train.strategies.deepspeed import frozen_zero3  # deepspeed is imported only when used
 
         return frozen_zero3(ref, weights, cfg, info)
-    from train.strategies.parallelize import apply_frozen_upcast
-
     materialize_full(ref, weights, info.device)  # every rank needs it whole: one copy, a tensor at a time
     if s.kind == "deepspeed" and dtype != torch.float32:
         ref.to(dtype)  # DeepSpeed computes the policy in its module dtype (bf16), without autocast
