@@ -68,7 +68,8 @@ class ModelConfig:
     base_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Dtype of the frozen base parameters under an adapter (adapter=lora): `auto` = the dtype the
     safetensors files store (bf16 for a model built from config), so the base is never rounded;
-    trainable parameters always keep fp32 masters. Full fine-tuning ignores it."""
+    trainable parameters always keep fp32 masters. Full fine-tuning trains in fp32 masters; its DPO
+    reference copy (objective=dpo) is stored in this dtype (`auto` there: fp32 for a from-config model)."""
     attention: Literal["sdpa", "flex", "flash"] = "sdpa"
     """Attention kernel. `sdpa`: torch SDPA with the block-diagonal mask of packed documents (portable);
     `flex`: FlexAttention with a document block mask built once per batch; `flash`: flash-attn varlen

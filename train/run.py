@@ -139,7 +139,7 @@ def setup(cfg: Config, raw_cfg: dict[str, Any]) -> Run:
                          "model.vocab_size >= the data's vocabulary")
     check_targets(model, cfg.adapter)  # every adapter.target_modules / modules_to_save entry matches a module
     adapter = _adapter_info(cfg, model, info)
-    objective = build_objective(cfg, model, info, loader)  # a DPO reference copy: of the plain model
+    objective = build_objective(cfg, model, info, loader, phases)  # a DPO reference copy: of the plain model
     with phases.phase("build"):
         base_dtype = resolve_base_dtype(cfg.model.base_dtype, cfg.model.path)
         model = apply_adapter(model, cfg.adapter, base_dtype)  # before checkpointing and sharding (docs/STYLE.md §2)

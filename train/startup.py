@@ -8,7 +8,8 @@ optimizer) and `first_step`; rank 0 logs them and writes one `startup` record to
                             "peak_rss_bytes_before_first_step", "peak_rss_bytes_after_first_step",
                             "rank_peak_rss_bytes_before_first_step": [per rank],
                             "rank_peak_rss_bytes_after_first_step": [per rank],
-                            "phase_peak_rss_bytes": {"build": .., "load": .., "engine": ..}}}
+                            "phase_peak_rss_bytes": {"build": .., "load": .., "engine": ..},
+                            "reference": {...}}}   (objective=dpo with a frozen reference model only)
 
 Peak RSS is the process's high-water mark so far (getrusage ru_maxrss), so a phase's figure is the
 peak up to its end; the `peak_rss_bytes_*` values are the maximum over ranks. `engine_s` excludes
@@ -41,6 +42,8 @@ class Phases:
         self.peak: dict[str, int] = {}
         self.t0 = time.perf_counter()
         self._open: list[str] = []
+        self.notes: dict[str, Any] = {}
+        """Extra entries of the `startup` record (DPO's `reference`: what each rank holds of it)."""
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -66,7 +69,7 @@ class Phases:
         out["rank_peak_rss_bytes_before_first_step"] = rank_peaks_before
         out["rank_peak_rss_bytes_after_first_step"] = rank_peaks_after
         out["phase_peak_rss_bytes"] = {k: v for k, v in self.peak.items() if k != "first_step"}
-        return out
+        return {**out, **self.notes}
 
 
 NULL = Phases()  # what strategies built outside the trainer (tests, benches) time into

@@ -110,3 +110,37 @@ def test_losses_are_torch_logsigmoid_forms():
     zero = torch.zeros(2)
     out = pair_losses(z, zero, zero, zero, beta=2.0, loss="sigmoid", label_smoothing=0.1).losses
     torch.testing.assert_close(out, -0.9 * F.logsigmoid(2 * z) - 0.1 * F.logsigmoid(-2 * z))
+
+
+@pytest.mark.parametrize("adapter,reference,base_dtype,want", [
+    ("lora", "model", "auto", None), ("lora", "auto", "auto", None),
+    ("none", "model", "auto", torch.float32), ("none", "auto", "bf16", torch.bfloat16)])
+def test_reference_kind_and_storage_dtype(tmp_path, adapter, reference, base_dtype, want):
+    """Under an adapter, `auto` and `model` alike are the base with the adapter disabled (no second
+    copy); full fine-tuning builds a frozen copy from the meta model, in `model.base_dtype`
+    (`auto` on a from-config model: its fp32 init), fully materialized for DDP on one rank, its
+    bytes in the startup notes."""
+    from types import SimpleNamespace
+
+    from tests.helpers import compose_train
+    from train.config import load_config
+    from train.dist import DistInfo
+    from train.model import build_meta_model
+    from train.objectives.build import build_objective
+    from train.objectives.reference import AdapterOff
+    from train.startup import Phases
+
+    cfg = load_config(compose_train(["model=tiny", f"run.dir={tmp_path}", "objective=dpo", f"adapter={adapter}",
+                                     f"objective.reference={reference}", f"model.base_dtype={base_dtype}",
+                                     "data=webdataset", f"data.urls={tmp_path}"]),
+                      world_size=1)
+    phases = Phases()
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    obj = build_objective(cfg, build_meta_model(cfg.model, 256), info, SimpleNamespace(pairs=True), phases)
+    if want is None:
+        assert isinstance(obj.reference, AdapterOff) and "reference" not in phases.notes
+        return
+    ref = obj.reference.module
+    assert {(p.dtype, p.requires_grad, p.is_meta) for p in ref.parameters()} == {(want, False, False)}
+    note = phases.notes["reference"]
+    assert note["rank_bytes"] == [note["bytes_whole"]] == [sum(p.numel() for p in ref.parameters()) * want.itemsize]

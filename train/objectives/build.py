@@ -9,11 +9,14 @@ from torch import nn
 
 from train.objectives.dpo import DPOObjective
 from train.objectives.lm import TokenMeanLoss
-from train.objectives.reference import AdapterOff, FrozenCopy, frozen_copy
+from train.objectives.reference import AdapterOff, FrozenCopy, describe, frozen_copy
+from train.startup import NULL, Phases
 
 
-def build_objective(cfg, model: nn.Module, info, loader):
-    """The objective of `cfg.objective`; `model` is the plain model, `loader` the train loader."""
+def build_objective(cfg, model: nn.Module, info, loader, phases: Phases | None = None):
+    """The objective of `cfg.objective`; `model` is the plain (meta) model, `loader` the train
+    loader. A frozen reference's loading is timed into `phases` (`load`) and described in its
+    `startup` record (`reference`: dtype, whole bytes, the bytes each rank holds)."""
     o = cfg.objective
     pairs = bool(getattr(loader, "pairs", False))
     if o.kind == "lm":
@@ -26,10 +29,17 @@ def build_objective(cfg, model: nn.Module, info, loader):
                          "`python -m data_pipeline.prepare mode=preference ...` and set data.urls to them")
     if o.reference == "precompute":
         reference = None  # filled by setup(), after the strategy exists
-    elif o.reference == "auto" and cfg.adapter.kind != "none":
+    elif cfg.adapter.kind != "none":
+        # `auto` and `model` alike: with the adapter disabled the base *is* the starting model
+        # (LoRA's B starts at 0), so a second copy would only cost memory.
         reference = AdapterOff()
     else:
-        reference = FrozenCopy(frozen_copy(model, cfg, info))
+        with (phases or NULL).phase("load"):
+            module = frozen_copy(model, cfg, info)
+        held = describe(module, cfg.strategy.name)  # collective
+        if phases is not None:
+            phases.notes["reference"] = held
+        reference = FrozenCopy(module)
     return DPOObjective(o, reference)
 
 

@@ -19,9 +19,10 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0
     """dpo, sigmoid: the probability that a pair's labels are flipped (conservative DPO, cDPO)."""
     reference: Literal["auto", "model", "precompute"] = "auto"
-    """dpo: `auto` (adapter=lora: the base with the adapter disabled; full fine-tuning: a frozen
-    copy), `model` (a frozen copy of the starting model, sharded like the policy), `precompute`
-    (one pass before training stores the reference log-probs in the run directory)."""
+    """dpo: `auto` and `model` (under an adapter: the base with the adapter disabled, no second
+    copy; full fine-tuning: a frozen copy of the starting model in `model.base_dtype`, loaded and
+    sharded like the policy, so a sharded rank holds only its part), `precompute` (one pass before
+    training stores the reference log-probs in the run directory)."""
 
     def validate(self) -> list[str]:
         if self.kind == "lm":

@@ -158,6 +158,24 @@ class DeepSpeedStrategy:
         apply_optim_settings(self.engine.optimizer, self.scheduler, self.full_cfg)
 
 
+def frozen_zero3(model: nn.Module, weights: Weights, cfg: Config, info: DistInfo) -> nn.Module:
+    """A frozen meta-built module (DPO's reference) partitioned as it is created, exactly as the
+    policy is (`_materialize`), then held by an engine without optimizer (TRL's `prepare_deepspeed`:
+    the run's ZeRO settings less the optimizer, the scheduler and optimizer offload), whose hooks
+    gather each module's parameters for its forward. Frozen parameters keep their meta dtype
+    (model.base_dtype) and compute in the training dtype. Returns the module (call it directly)."""
+    config = ds_config(cfg, info, accum=1)
+    for key in ("optimizer", "scheduler", "gradient_clipping", "zero_allow_untested_optimizer"):
+        config.pop(key, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    dtype = compute_dtype(cfg, info.device)
+    _materialize(model, weights, config, info, dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    apply_frozen_upcast(engine.module, dtype)  # after DeepSpeed's own hooks, as for the policy
+    return engine.module
+
+
 def _materialize(model: nn.Module, weights: Weights, config: dict[str, Any], info: DistInfo,
                  dtype: torch.dtype) -> None:
     """Trainable parameters in the engine's module dtype (bf16 when DeepSpeed trains in bf16: its
