@@ -30,7 +30,9 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     from train.config import ConfigError, load_config
+    from train.host_memory import tune_allocator
 
+    tune_allocator()  # before the model is built: every later large block is returned when freed
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s r{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -98,7 +98,8 @@ class DeepSpeedStrategy:
             model=model, model_parameters=param_groups(model, cfg.optim), config=config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.schedule, cfg.trainer.max_steps))
         self.model = self.engine
-        apply_frozen_upcast(self.engine.module, self.compute_dtype)  # after DeepSpeed's own hooks
+        apply_frozen_upcast(self.engine.module, self.compute_dtype,  # after DeepSpeed's own hooks
+                            saved_low=not cfg.trainer.activation_checkpointing)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
                          loss_fn: LossFn | None = None) -> torch.Tensor:

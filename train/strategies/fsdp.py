@@ -24,7 +24,8 @@ class FSDPStrategy:
         self.compute_dtype = compute_dtype(cfg, info.device)
         self.loss_kind = cfg.trainer.loss
         apply_block_transforms(model, cfg.trainer)
-        self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype, weights, phases)
+        self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype, weights, phases,
+                                activation_checkpointing=cfg.trainer.activation_checkpointing)
         self.optim = TorchOptim(self.model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
         self.state_tensors = self.optim.state_tensors

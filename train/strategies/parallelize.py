@@ -62,11 +62,17 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
-def apply_frozen_upcast(model: nn.Module, dtype: torch.dtype) -> int:
+def apply_frozen_upcast(model: nn.Module, dtype: torch.dtype, saved_low: bool = True) -> int:
     """Frozen parameters kept in a lower precision than a fp32 compute (a bf16 base under LoRA on
     CPU, where autocast does not help): each module computes with an fp32 copy of them made for
     its forward and dropped after it, as FSDP2's MixedPrecisionPolicy does for its all-gathers.
     Registered after the engine's own hooks (ZeRO-3 gathers first, releases after).
+
+    Autograd would keep each copy until backward (a linear layer saves its weight to compute the
+    input's gradient): a whole fp32 copy of the base held through the step. With `saved_low`,
+    the forward saves the low-precision parameter instead and backward upcasts it again (the
+    FrozenUpcast saved-tensor hooks). Without activation checkpointing only: a recomputed block
+    keeps its copies for its own backward alone, and its own hooks must see every saved tensor.
     Returns the number of modules hooked."""
     if dtype != torch.float32:
         return 0  # autocast (DDP) or the engine (DeepSpeed bf16) computes in the base's precision
@@ -74,27 +80,82 @@ def apply_frozen_upcast(model: nn.Module, dtype: torch.dtype) -> int:
     for module in model.modules():
         low = [k for k, p in module._parameters.items()
                if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype]
-        if low:
-            module.register_forward_pre_hook(_upcast(low, dtype))
+        if low and isinstance(module, nn.Embedding):  # a lookup is exact in any dtype: upcast the rows only
+            module.register_forward_hook(_cast_output(dtype))
+            hooked += 1
+        elif low:
+            module.register_forward_pre_hook(_upcast(low, dtype, saved_low))
             module.register_forward_hook(_restore, prepend=True)
             hooked += 1
     return hooked
 
 
-def _upcast(names: list[str], dtype: torch.dtype):
+class FrozenUpcast(torch.autograd.graph.saved_tensors_hooks):
+    """While a module runs on fp32 copies of its frozen low-precision parameters: a tensor that
+    autograd saves and that lives in one of those copies (the weight, or a view of it such as
+    its transpose) is stored as the low-precision parameter and upcast again when backward
+    unpacks it. Every other tensor is saved as usual."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        storages = {copy.untyped_storage().data_ptr(): low for low, copy in pairs}
+        dtype = pairs[0][1].dtype
+
+        def pack(t: torch.Tensor):
+            low = storages.get(t.untyped_storage().data_ptr()) if t.dtype == dtype else None
+            if low is None:
+                return t
+            return low, t.size(), t.stride(), t.storage_offset()
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            low, size, stride, offset = saved
+            return low.detach().to(dtype).as_strided(size, stride, offset)
+
+        super().__init__(pack, unpack)
+
+
+def _cast_output(dtype: torch.dtype):
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        return output.to(dtype)
+    return hook
+
+
+def _upcast(names: list[str], dtype: torch.dtype, saved_low: bool):
     def hook(module: nn.Module, args) -> None:
-        module._scaletrain_frozen = {k: module._parameters[k] for k in names}
-        for k in names:
-            module._parameters[k] = module._scaletrain_frozen[k].detach().to(dtype)
+        frozen = {k: module._parameters[k] for k in names}
+        copies = {k: frozen[k].detach().to(dtype) for k in names}
+        module._parameters.update(copies)
+        hooks = FrozenUpcast([(frozen[k], copies[k]) for k in names]) if saved_low else None
+        if hooks is not None:
+            hooks.__enter__()
+        module._scaletrain_frozen = (frozen, hooks)
     return hook
 
 
 def _restore(module: nn.Module, args, output) -> None:
-    module._parameters.update(module.__dict__.pop("_scaletrain_frozen", {}))
+    frozen, hooks = module.__dict__.pop("_scaletrain_frozen", ({}, None))
+    if hooks is not None:
+        hooks.__exit__(None, None, None)
+    module._parameters.update(frozen)
+
+
+def _has_low_frozen(model: nn.Module, dtype: torch.dtype) -> bool:
+    return any(not p.requires_grad and p.is_floating_point() and p.dtype != dtype for p in model.parameters())
+
+
+def _vocab_modules(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the output head, each its own FSDP unit so that neither stays
+    gathered beside the decoder blocks (the root would keep them unsharded for the whole step).
+    Tied ones stay in the root: one parameter cannot belong to two units."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None or embed.weight is head.weight:
+        return []
+    return [embed, head]
 
 
 def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.dtype,
-               weights: Weights | None = None, phases=None) -> nn.Module:
+               weights: Weights | None = None, phases=None, activation_checkpointing: bool = False) -> nn.Module:
     """`fully_shard` every decoder block, then the root; fp32 gradient reduction. A meta model is
     sharded on meta, then each rank allocates its shards and fills them from `weights` (torchtitan:
     meta init -> parallelize -> to_empty -> load)."""
@@ -111,11 +172,21 @@ def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.d
     owners = buffer_owners(model)
     if not isinstance(offload, CPUOffloadPolicy) and not meta:
         model.to(info.device)
-    kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+    # A frozen base stored below an fp32 compute (bf16 under LoRA on CPU) is gathered as stored,
+    # half the bytes of an fp32 all-gather, and each module upcasts it while it runs
+    # (apply_frozen_upcast, registered below). FSDP2 all-gathers mixed dtypes; only the trainable
+    # parameters of a group must share one dtype.
+    upcast = dtype == torch.float32 and _has_low_frozen(model, dtype)
+    param_dtype = None if upcast else dtype
+    kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                   offload_policy=offload, reshard_after_forward=cfg.reshard_after_forward)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
+    for module in _vocab_modules(model):  # torchtitan: the embedding and the output head on their own
+        fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    if upcast:
+        apply_frozen_upcast(model, dtype, saved_low=not activation_checkpointing)
     if meta:
         assert weights is not None, "a meta-built model needs a Weights source"
         with phases.phase("load") if phases is not None else contextlib.nullcontext():
