@@ -20,7 +20,7 @@ from train.strategies.base import (
     forward_only,
     token_scale,
 )
-from train.strategies.parallelize import apply_block_transforms, apply_ddp, apply_frozen_upcast
+from train.strategies.parallelize import apply_block_transforms, apply_ddp, apply_frozen_upcast, saves_low
 
 
 class DDPStrategy:
@@ -35,7 +35,7 @@ class DDPStrategy:
             with (phases or NULL).phase("load"):
                 materialize_full(model, require_weights(weights), info.device)
         apply_block_transforms(model, cfg.trainer)
-        apply_frozen_upcast(model, self.compute_dtype, saved_low=not cfg.trainer.activation_checkpointing)
+        apply_frozen_upcast(model, self.compute_dtype, saved_low=saves_low(cfg.trainer))
         self.model = apply_ddp(model, info)
         self.optim = TorchOptim(model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load

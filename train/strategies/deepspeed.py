@@ -37,7 +37,7 @@ from train.model_weights import (
 from train.schedule import apply_optim_settings, build_scheduler
 from train.startup import NULL, Phases
 from train.strategies.base import LossFn, compute_dtype, forward_only, param_groups, token_scale
-from train.strategies.parallelize import apply_block_transforms, apply_frozen_upcast
+from train.strategies.parallelize import apply_block_transforms, apply_frozen_upcast, saves_low
 
 log = logging.getLogger("scaletrain")
 TAG = "state"
@@ -99,7 +99,7 @@ class DeepSpeedStrategy:
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.schedule, cfg.trainer.max_steps))
         self.model = self.engine
         apply_frozen_upcast(self.engine.module, self.compute_dtype,  # after DeepSpeed's own hooks
-                            saved_low=not cfg.trainer.activation_checkpointing)
+                            saved_low=saves_low(cfg.trainer))
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
                          loss_fn: LossFn | None = None) -> torch.Tensor:

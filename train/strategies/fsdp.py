@@ -12,7 +12,7 @@ from train.loss import token_loss_sum
 from train.model_weights import Weights
 from train.startup import Phases
 from train.strategies.base import LossFn, TorchOptim, compute_dtype, forward_only, token_scale
-from train.strategies.parallelize import apply_block_transforms, apply_fsdp
+from train.strategies.parallelize import apply_block_transforms, apply_fsdp, saves_low
 
 
 class FSDPStrategy:
@@ -25,7 +25,7 @@ class FSDPStrategy:
         self.loss_kind = cfg.trainer.loss
         apply_block_transforms(model, cfg.trainer)
         self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype, weights, phases,
-                                activation_checkpointing=cfg.trainer.activation_checkpointing)
+                                saved_low=saves_low(cfg.trainer))
         self.optim = TorchOptim(self.model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
         self.state_tensors = self.optim.state_tensors

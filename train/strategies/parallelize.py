@@ -72,8 +72,8 @@ def apply_frozen_upcast(model: nn.Module, dtype: torch.dtype, saved_low: bool = 
     input's gradient): a whole fp32 copy of the base held through the step. With `saved_low`,
     the forward saves the low-precision parameter instead and backward upcasts it again (the
     FrozenUpcast saved-tensor hooks). Without activation checkpointing only: a recomputed block
-    keeps its copies for its own backward alone, and its own hooks must see every saved tensor.
-    Returns the number of modules hooked."""
+    keeps its copies for its own backward alone, and its own hooks must see every saved tensor
+    (`saves_low`). Returns the number of modules hooked."""
     if dtype != torch.float32:
         return 0  # autocast (DDP) or the engine (DeepSpeed bf16) computes in the base's precision
     hooked = 0
@@ -113,6 +113,14 @@ class FrozenUpcast(torch.autograd.graph.saved_tensors_hooks):
             return low.detach().to(dtype).as_strided(size, stride, offset)
 
         super().__init__(pack, unpack)
+
+
+def saves_low(cfg: TrainerConfig) -> bool:
+    """Whether `apply_frozen_upcast` saves the low-precision parameters for backward: not under
+    activation checkpointing (a recomputed block keeps its copies for its own backward only, and
+    its hooks must see every saved tensor) nor torch.compile (the hooks inside a compiled block
+    recompile it at every call)."""
+    return not (cfg.activation_checkpointing or cfg.compile)
 
 
 def _cast_output(dtype: torch.dtype):
@@ -155,7 +163,7 @@ def _vocab_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.dtype,
-               weights: Weights | None = None, phases=None, activation_checkpointing: bool = False) -> nn.Module:
+               weights: Weights | None = None, phases=None, saved_low: bool = True) -> nn.Module:
     """`fully_shard` every decoder block, then the root; fp32 gradient reduction. A meta model is
     sharded on meta, then each rank allocates its shards and fills them from `weights` (torchtitan:
     meta init -> parallelize -> to_empty -> load)."""
@@ -186,7 +194,7 @@ def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.d
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     if upcast:
-        apply_frozen_upcast(model, dtype, saved_low=not activation_checkpointing)
+        apply_frozen_upcast(model, dtype, saved_low)
     if meta:
         assert weights is not None, "a meta-built model needs a Weights source"
         with phases.phase("load") if phases is not None else contextlib.nullcontext():
