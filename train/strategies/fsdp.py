@@ -27,7 +27,7 @@ class FSDPStrategy:
         self.model = apply_fsdp(model, cfg.strategy, info, self.compute_dtype, weights, phases)
         self.optim = TorchOptim(self.model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
-        self.state_tensors = self.optim.state_tensors
+        self.clip_grads, self.state_tensors = self.optim.clip_grads, self.optim.state_tensors
         self.save_async = self.optim.save_async
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
