@@ -2,7 +2,8 @@
 
     run = setup(cfg, raw_cfg)              train/run.py: everything the loop uses, built once
     while run.stop is None:
-        result = train_step(run, batches)  forward/backward, the guard's verdict, optimizer step
+        data = fetcher.fetch()             the step's micro-batches (train/data_loss.py)
+        result = train_step(run, data)     forward/backward, clip, the guard's verdict, optimizer step
         after_step(run, result)            log, roll back, evaluate, stop condition, checkpoint, export
     finish(run)
 
