@@ -2,7 +2,8 @@
 them rolls back to the newest finite checkpoint instead of training on (or saving) NaN.
 
 A step is bad when its loss (the mean over all ranks, so NaN or inf on any rank makes it
-non-finite everywhere) or its global gradient norm is not finite, or, with
+non-finite everywhere) or its global gradient norm is not finite (judged before the update
+from the step's one host read; DeepSpeed judges its own norm inside its step), or, with
 `trainer.spike_factor`, when its loss is over that many times the median of recent good
 losses. A bad step applies no optimizer update and no LR-schedule step; the strategy skips it
 (`Strategy.step(skip=...)`). The decision uses only values every rank holds identically (the
@@ -50,8 +51,9 @@ class StepGuard:
     skipped: int = 0
     rollbacks: int = 0
 
-    def verdict(self, loss: float) -> str | None:
-        """Why a step with this global loss must be skipped before its update, or None."""
+    def verdict(self, loss: float, grad_norm: float | None = None) -> str | None:
+        """Why a step with this global loss (and global grad norm, where the engine gave it before
+        its update) must be skipped before its update, or None."""
         if not math.isfinite(loss):
             return f"loss is {loss}"
         f = self.cfg.spike_factor
@@ -59,11 +61,14 @@ class StepGuard:
             median = statistics.median(self.recent)
             if loss > f * median:
                 return f"loss {loss:.4g} is over {f} x the running median {median:.4g}"
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return f"gradient norm is {grad_norm}"
         return None
 
-    def record(self, step: int, loss: float, grad_norm: float, reason: str | None) -> bool:
-        """Count step `step`; True when its update was applied."""
-        if reason is None and not math.isfinite(grad_norm):
+    def record(self, step: int, loss: float, grad_norm: float | None, reason: str | None) -> bool:
+        """Count step `step`; True when its update was applied. `grad_norm` None: not known on
+        the host (the engine judged it itself, and said so through `reason`)."""
+        if reason is None and grad_norm is not None and not math.isfinite(grad_norm):
             reason = f"gradient norm is {grad_norm}"
         if reason is None:
             self.recent.append(loss)

@@ -2,14 +2,15 @@
 
     run = setup(cfg, raw_cfg)              train/run.py: everything the loop uses, built once
     while run.stop is None:
-        result = train_step(run, batches)  forward/backward, the guard's verdict, optimizer step
+        data = fetcher.fetch()             the step's micro-batches (train/data_loss.py)
+        result = train_step(run, data)     forward/backward, clip, the guard's verdict, optimizer step
         after_step(run, result)            log, roll back, evaluate, stop condition, checkpoint, export
     finish(run)
 
 Per step the loop makes two small all-reduces and ONE host read (train/step.py): the step's
-counts (kept on the device), then [loss sum, stop flag]; the read feeds the NaN guard, which must
-judge every step before its update. Everything else is read only on logging steps. The strategy's
-own step reads its global grad norm (train/strategies/).
+counts (kept on the device), then [loss sum, stop flag, lost-source flag]; the read (those, and
+the grad norm the strategy left on the device) feeds the NaN guard, which must judge every step
+before its update. Everything else is read only on logging steps.
 
 Extension points (each a small addition):
 - another objective (DPO over paired batches): a class following `train.step.Objective` set as
@@ -19,8 +20,8 @@ Extension points (each a small addition):
   `StepResult.counts`; `log_step` writes the keys it is given.
 - another reason to stop: one more branch in `stop_reason`, returning `Stop(reason,
   complete=False, interrupted=True)`; `save_and_export` then checkpoints that step and the loop
-  ends. (A lost data source is found before the step's forward, so `fetch_step` handles it: the
-  last completed step is checkpointed and the run ends with one line, train/data_loss.py.)
+  ends. (A lost data source is a stop before the step's update, so `stop_for_lost_data` handles
+  it: the last completed step is checkpointed and the run ends with one line, train/data_loss.py.)
 - set-up records: `setup` times its phases (train/startup.py); the `startup` record is written
   after the first step (`write_startup`).
 """
@@ -32,7 +33,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -41,7 +42,7 @@ from train import dist as d
 from train.checkpoint import TrainState
 from train.checkpoint_layout import step_of
 from train.config import Config
-from train.data_loss import DataSourceStop, fetch_step, stop_message
+from train.data_loss import DataSourceStop, StepData, StepFetcher, agree_on_loss, stop_message
 from train.export.hook import ExportHook
 from train.guard import DivergedError, first_nonfinite
 from train.loss import token_loss_sum
@@ -49,7 +50,7 @@ from train.objectives.build import evaluate_pairs
 from train.resume import candidates, restore
 from train.run import Run, Stop, finish, setup
 from train.startup import peak_rss_bytes
-from train.step import read_back, reduce_counts, reduce_loss_and_stop
+from train.step import read_back, reduce_counts, reduce_loss_and_flags
 from train.strategies.base import Strategy
 from train.tracking.flops import mfu
 
@@ -59,12 +60,12 @@ log = logging.getLogger("scaletrain")
 def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
     run = setup(cfg, raw_cfg)
     run.stop = stop_reason(run, requested=False)  # a resumed run may already be complete
+    fetcher = StepFetcher(run.batches, run.loader, run.accum, run.info.device)
     while run.stop is None:
-        micro_batches, data_wait, lost = fetch_step(run.batches, run.loader, run.accum, run.info.device)
-        if lost is not None:  # the source is gone on some rank: checkpoint the last completed step, one line
-            saved = checkpoint(run, blocking=True) if run.state.step else None
-            raise DataSourceStop(stop_message(lost, run.state.step, saved))
-        result = train_step(run, micro_batches, data_wait)
+        data = fetcher.fetch()
+        result = None if data.lost_everywhere else train_step(run, data)
+        if result is None or result.data_lost:
+            stop_for_lost_data(run, data)
         after_step(run, result)
     finish(run)
     return run.state
@@ -75,7 +76,8 @@ class StepResult:
     """One step; everything but the timings is identical on every rank."""
     loss: float
     """Global mean of the objective (token mean over the global batch)."""
-    grad_norm: float
+    grad_norm: float | torch.Tensor
+    """A device tensor where the engine computed it inside its step (DeepSpeed): read on logging steps."""
     lr: float
     applied: bool
     """The optimizer update was applied (False: the NaN guard skipped the step)."""
@@ -85,26 +87,45 @@ class StepResult:
     """Some rank was asked to stop (signal, STOP file, dead launcher, lost lock)."""
     data_wait_s: float
     step_time_s: float
+    data_lost: bool = False
+    """Some rank's data source is lost: no update was applied, the loop stops (train/data_loss.py)."""
 
 
-def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], data_wait: float) -> StepResult:
-    """Forward and backward over the step's micro-batches, the guard's verdict, the optimizer
-    step. Two all-reduces and one host read (train/step.py)."""
-    t0 = time.perf_counter() - data_wait
+def train_step(run: Run, data: StepData) -> StepResult:
+    """Forward and backward over the step's micro-batches, the clip, the guard's verdict, the
+    optimizer step. Two all-reduces and one host read (train/step.py)."""
+    t0 = time.perf_counter() - data.wait
     d.note_step(run.state.step)  # the last completed step, for a collective that times out
-    local = run.objective.counts(micro_batches)
+    local = run.objective.counts(data.micro_batches)
     counts = reduce_counts(local)  # collective 1, stays on the device
     normaliser = counts[list(local).index(run.objective.normaliser)]
-    loss_sum = run.objective.forward_backward(run.strategy, micro_batches, normaliser)
-    packed = reduce_loss_and_stop(loss_sum, run.stop_request.local())  # collective 2
-    *totals, global_sum, stoppers = read_back(counts, packed)  # the one host read
-    step_counts = {k: int(v) for k, v in zip(local, totals)}
-    loss = global_sum / max(1, step_counts[run.objective.normaliser])
-    skip = run.guard.verdict(loss)  # every rank reaches the same verdict from the same values
-    grad_norm = run.strategy.step(skip=skip is not None)
-    applied = run.guard.record(run.state.step + 1, loss, grad_norm, skip)
+    loss_sum = run.objective.forward_backward(run.strategy, data.micro_batches, normaliser)
+    norm = run.strategy.clip_grads()  # on the device; None: the engine clips inside its step (DeepSpeed)
+    packed = reduce_loss_and_flags(loss_sum, run.stop_request.local(), data.lost is not None)  # collective 2
+    host = read_back(counts, packed, norm)  # the one host read
+    step_counts = dict(zip(local, host.counts))
+    loss = host.loss_sum / max(1, step_counts[run.objective.normaliser])
+    if host.losers:  # a rank ran on a stand-in batch: no update on any rank
+        return StepResult(loss=loss, grad_norm=math.nan, lr=run.strategy.lr(), applied=False, counts=step_counts,
+                          stop_requested=host.stoppers > 0, data_wait_s=data.wait,
+                          step_time_s=time.perf_counter() - t0, data_lost=True)
+    skip = run.guard.verdict(loss, host.grad_norm)  # every rank reaches the same verdict from the same values
+    update = run.strategy.step(skip=skip is not None)
+    if skip is None and not update.applied:  # the engine's own overflow check (DeepSpeed): a skipped step logs
+        skip = f"gradient norm is {float(update.grad_norm)}"
+    applied = run.guard.record(run.state.step + 1, loss, host.grad_norm, skip)
+    grad_norm = host.grad_norm if host.grad_norm is not None else update.grad_norm
     return StepResult(loss=loss, grad_norm=grad_norm, lr=run.strategy.lr(), applied=applied, counts=step_counts,
-                      stop_requested=stoppers > 0, data_wait_s=data_wait, step_time_s=time.perf_counter() - t0)
+                      stop_requested=host.stoppers > 0, data_wait_s=data.wait,
+                      step_time_s=time.perf_counter() - t0)
+
+
+def stop_for_lost_data(run: Run, data: StepData) -> NoReturn:
+    """Some rank's data source is gone: every rank checkpoints the last completed step and the run
+    ends with one line (train/data_loss.py)."""
+    reason = agree_on_loss(data, run.loader)
+    saved = checkpoint(run, blocking=True) if run.state.step else None
+    raise DataSourceStop(stop_message(reason, run.state.step, saved))
 
 
 def after_step(run: Run, result: StepResult) -> None:
@@ -155,10 +176,11 @@ def stop_reason(run: Run, requested: bool) -> Stop | None:
 def log_step(run: Run, result: StepResult) -> None:
     """One metrics.jsonl record (+ tracker, progress bar or log line) covering the window since the last one."""
     state, t, w = run.state, run.cfg.trainer, run.window
+    grad_norm = float(result.grad_norm)  # DeepSpeed's device norm: read here, on logging steps only
     elapsed = time.perf_counter() - w.t0
     tokens_per_s = w.tokens / elapsed
     capacity = run.rows_per_step * t.seq_len * w.steps  # input positions of the window, padding included
-    record = {"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+    record = {"step": state.step, "loss": result.loss, "lr": result.lr, "grad_norm": grad_norm,
               "tokens": state.tokens, "trained_tokens": state.trained_tokens, "tokens_per_s": tokens_per_s,
               "padding_frac": 1.0 - w.tokens / capacity, "samples_per_s": run.rows_per_step * w.steps / elapsed,
               "step_time_s": result.step_time_s, "data_wait_s": result.data_wait_s,
@@ -175,7 +197,7 @@ def log_step(run: Run, result: StepResult) -> None:
     run.progress.update(state.step, record)
     if run.info.is_main and run.progress.bar is None:  # on a terminal the bar shows these
         log.info("step %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | wait %.1f%%", state.step, result.loss,
-                 result.lr, result.grad_norm, tokens_per_s, 100 * record["data_wait_frac"])
+                 result.lr, grad_norm, tokens_per_s, 100 * record["data_wait_frac"])
 
 
 def save_and_export(run: Run) -> None:

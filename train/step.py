@@ -1,5 +1,5 @@
 """One optimizer step's forward and backward, weighted by trained tokens over the global batch,
-and the step's two small collectives.
+the step's two small collectives and its one host read.
 
 The loss of a step is the mean over every trained token (label != -100) of the global batch,
 across micro-batches, accumulation and ranks: the fix transformers made with
@@ -8,17 +8,40 @@ few trained tokens the weight of one with many, depending on how the batch was s
 step's micro-batches are taken up front, their trained tokens counted and summed over ranks
 once, and every strategy scales its micro-batch token-loss sum by that global count.
 
-Syncs per step (tests/unit/test_loop_syncs.py counts them): the step's counts are summed over
-ranks in one all-reduce that stays on the device (the strategies scale by a device tensor, no
-host read); after backward the loss sum and the stop flag go in a second all-reduce; the loop
-then reads everything back to the host in ONE transfer (`read_back`), which the NaN guard needs
-every step anyway. The counts must be global before backward, so they cannot share the second
-all-reduce.
+Syncs per step (tests/unit/test_loop_syncs.py counts them on a gloo group):
+
+1. all-reduce 1, the step's counts, left on the device: the strategies scale by the device
+   count, so nothing waits for it. It must be global before backward, so it cannot share 2.
+2. all-reduce 2, [loss sum, ranks asking to stop, ranks whose data source is lost]: the data-loss
+   agreement rides here (train/data_loss.py: a rank that lost its source runs the step on its
+   previous batch so that every collective still matches, and no rank applies the update).
+3. ONE host read (`read_back`): the global counts, those three values and the strategy's grad
+   norm (`Strategy.clip_grads`, a device tensor computed before the update) in one transfer.
+   DeepSpeed computes and checks its norm inside its own step (it reads it to the host itself
+   for its overflow check; we add nothing): its norm stays on the device until a logging step.
+
+Why one host read on every step, not only on logging steps (torchtitan reads nothing on the
+others): the NaN guard skips a bad step, and skipping is a host decision made before the update:
+`optimizer.step()` and the LR schedule's `step()` are not called, the guard's streak and
+rollback are counted. That needs the global loss and grad norm on the host before the optimizer
+runs, on every step. torchtitan can defer its `.item()` because it never skips: it clips and
+steps whatever the norm, and a NaN shows at the next log, after the weights took it. GradScaler
+makes the same trade as we do: `GradScaler.step` reads `found_inf` with `.item()` every step
+before it calls `optimizer.step()`, unless the optimizer is a fused one that takes `found_inf`
+as a device tensor and skips on the device. That escape does not fit here: it needs fused
+AdamW (another kernel than the foreach AdamW that DDP, FSDP2 and DeepSpeed's `torch_adam`
+share, so the strategies would no longer match step for step), the LR schedule would still
+step on the host, and the spike test (a running median of good losses) and the rollback are
+host logic. Given that one read, the stop flag, the lost-source flag and the counts (read for
+`trainer.max_tokens` and the token totals) ride in it for free: deferring them would save no
+sync. On a GPU the two all-reduces are queued on the device without the host waiting; the
+host waits once per step, after backward and the clip, before the optimizer.
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -43,19 +66,49 @@ def reduce_counts(local: dict[str, torch.Tensor]) -> torch.Tensor:
     return d.sum_tensor(torch.stack([v.to(torch.int64) for v in local.values()]))
 
 
-def reduce_loss_and_stop(loss_sum: torch.Tensor, stop: bool) -> torch.Tensor:
-    """Collective 2: [global loss sum, number of ranks that want to stop], float64 on the device.
-    A NaN or inf on any rank makes the sum non-finite on every rank."""
-    packed = torch.zeros(2, dtype=torch.float64, device=loss_sum.device)
+def reduce_loss_and_flags(loss_sum: torch.Tensor, stop: bool, lost: bool) -> torch.Tensor:
+    """Collective 2: [global loss sum, ranks that want to stop, ranks whose data source is lost],
+    float64 on the device. A NaN or inf on any rank makes the sum non-finite on every rank."""
+    packed = torch.zeros(3, dtype=torch.float64, device=loss_sum.device)
     packed[0] = loss_sum
     if stop:
         packed[1] = 1.0
+    if lost:
+        packed[2] = 1.0
     return d.sum_tensor(packed)
 
 
-def read_back(counts: torch.Tensor, loss_and_stop: torch.Tensor) -> list[float]:
-    """The step's one host read: the global counts, then loss sum and stop flag."""
-    return torch.cat([counts.to(torch.float64), loss_and_stop]).tolist()
+class HostValues(NamedTuple):
+    """The step's one host read."""
+    counts: list[int]
+    loss_sum: float
+    stoppers: int
+    losers: int
+    """Ranks whose data source is lost this step."""
+    grad_norm: float | None
+    """None where the engine computes its norm inside its step (DeepSpeed)."""
+
+
+def read_back(counts: torch.Tensor, packed: torch.Tensor, grad_norm: torch.Tensor | None) -> HostValues:
+    """The step's one host read: the global counts, [loss sum, stoppers, losers] and the grad norm."""
+    parts = [counts.to(torch.float64), packed]
+    if grad_norm is not None:  # on the CPU under FSDP2 parameter offload
+        parts.append(grad_norm.detach().reshape(1).to(device=packed.device, dtype=torch.float64))
+    values = torch.cat(parts).tolist()
+    n = len(counts)
+    return HostValues([int(v) for v in values[:n]], values[n], int(values[n + 1]), int(values[n + 2]),
+                      values[n + 3] if grad_norm is not None else None)
+
+
+def optimizer_step(strategy: Strategy, skip: bool = False) -> float:
+    """Clip, then step unless `skip` or the grad norm is not finite; the global grad norm, read to
+    the host. The loop's sequence, for tools and tests (the loop folds this read into `read_back`)."""
+    norm = strategy.clip_grads()
+    if norm is not None:
+        norm = float(norm)
+        skip = skip or not math.isfinite(norm)
+    update = strategy.step(skip=skip)
+    return norm if norm is not None else float(update.grad_norm)
 
 
 def forward_backward(strategy: Strategy, micro_batches: list[dict[str, torch.Tensor]],

@@ -26,7 +26,7 @@ def run(base: str, strategy: str, micro: int, accum: int) -> dict:
     from train import dist as d
     from train.config import Config, ModelConfig, TrainerConfig
     from train.model import build_model
-    from train.step import forward_backward, global_loss
+    from train.step import forward_backward, global_loss, optimizer_step
     from train.strategies import build_strategy
     from train.strategies.config import DDPConfig, DeepSpeedConfig
 
@@ -44,7 +44,7 @@ def run(base: str, strategy: str, micro: int, accum: int) -> dict:
     if strategy == "ddp":
         module = getattr(strat.model, "module", strat.model)
         out["grads"] = {n: p.grad.clone() for n, p in module.named_parameters()}
-    out["grad_norm"] = strat.step()
+    out["grad_norm"] = optimizer_step(strat)
     return out
 
 

@@ -81,7 +81,7 @@ def test_base_stays_bit_identical_and_the_adapter_trains(hf_base):
     from train.adapters.lora import apply_adapter
     from train.config import Config, ModelConfig, TrainerConfig
     from train.model import build_model
-    from train.step import forward_backward, next_micro_batches
+    from train.step import forward_backward, next_micro_batches, optimizer_step
     from train.strategies import build_strategy
 
     cfg = Config(model=ModelConfig(kind="hf_local", path=str(hf_base)), adapter=AdapterConfig(kind="lora"),
@@ -94,7 +94,7 @@ def test_base_stays_bit_identical_and_the_adapter_trains(hf_base):
     batches = iter(build_loader(cfg.data, rank=0, world_size=1, micro_batch_size=2, seq_len=32))
     for _ in range(3):
         forward_backward(strategy, next_micro_batches(batches, 1, info.device)[0], info.device)
-        strategy.step()
+        optimizer_step(strategy)
     saved = load_file(hf_base / "model.safetensors")
     base = model.get_base_model().state_dict()
     frozen = {n.replace(".base_layer", ""): t for n, t in base.items() if "lora_" not in n}

@@ -21,7 +21,7 @@ from dist_state_bytes import (
 
 from train.loss import lm_loss, output_head
 from train.step import forward_backward as step_backward
-from train.step import global_loss
+from train.step import global_loss, optimizer_step
 
 CASES = {"ddp": [], "fsdp": ["model.tie_word_embeddings=true"], "zero3": []}
 
@@ -37,7 +37,7 @@ def run(name: str, kind: str, info) -> tuple[list[float], set[tuple[int, ...]]]:
                                 seq_len=32))
     loss_sum, num_tokens = step_backward(strategy, [next(batches)], info.device)
     first = global_loss(loss_sum, num_tokens, info.device)
-    strategy.step()
+    optimizer_step(strategy)
     with torch.no_grad():
         second = lm_loss(strategy.model, next(batches), kind).item()
     return [first, second], seen

@@ -29,6 +29,7 @@ from train.adapters.lora import apply_adapter  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.model import build_model  # noqa: E402
 from train.step import forward_backward as step_backward
+from train.step import optimizer_step
 from train.strategies import build_strategy  # noqa: E402
 
 
@@ -161,7 +162,7 @@ def main() -> None:
         batches = iter(build_loader(cfg.data, rank=info.rank, world_size=info.world_size,
                                     micro_batch_size=2, seq_len=32))
         step_backward(strategy, [next(batches)], info.device)
-        strategy.step()
+        optimizer_step(strategy)
         mine = state_bytes(strategy, next(batches))
         every = [None] * info.world_size
         dist.all_gather_object(every, mine)

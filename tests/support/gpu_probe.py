@@ -22,6 +22,7 @@ from dist_state_bytes import (
 
 from train.model import decoder_layers
 from train.step import forward_backward as step_backward
+from train.step import optimizer_step
 
 
 def spy_attention(kernel: str, seen: dict[str, str]) -> None:
@@ -51,7 +52,7 @@ def main() -> None:
                                    seq_len=64)))
     batch = {k: v.to(info.device) for k, v in batch.items()}
     loss, _ = step_backward(strategy, [batch], info.device)
-    strategy.step()
+    optimizer_step(strategy)
     if info.is_main:
         print(json.dumps({"backend": dist.get_backend(), "device": str(info.device),
                           "block_type": type(decoder_layers(model)[0]).__name__,

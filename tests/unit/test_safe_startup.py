@@ -25,7 +25,7 @@ from train.adapters.config import AdapterConfig
 from train.adapters.targets import check_targets
 from train.checkpoint import _retain
 from train.config import load_config
-from train.data_loss import fetch_step, last_line
+from train.data_loss import StepFetcher, agree_on_loss, last_line
 
 
 def tiny_llama():
@@ -145,8 +145,9 @@ def test_a_shard_changed_after_its_manifest_stops_naming_both_digests(served, tm
     with ShardServer(changed) as server:
         loader = _loader(server.url + "/", cache_dir=str(tmp_path / "c"))
         before = loader.state_dict()
-        micro, _, reason = fetch_step(iter(loader), loader, 2, torch.device("cpu"))
-    assert micro == [] and "\n" not in reason
+        data = StepFetcher(iter(loader), loader, 2, torch.device("cpu")).fetch()
+        micro, reason = data.micro_batches, agree_on_loss(data, loader)
+    assert micro == [] and data.lost_everywhere and "\n" not in reason
     assert f"shard {server.url}/train/shard-000000.tar has sha256 {got} but the manifest says {want}" in reason
     assert loader.state_dict() == before  # the checkpoint of the last step resumes at this step
 

@@ -8,10 +8,9 @@ strategy it has.
 from __future__ import annotations
 
 import contextlib
-import math
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,16 @@ from torch.distributed.checkpoint.state_dict import (
 from train.config import Config, OptimConfig
 from train.guard import optimizer_tensors
 from train.schedule import apply_optim_settings, build_scheduler
+
+
+class Update(NamedTuple):
+    """What `Strategy.step` did."""
+    applied: bool
+    """The optimizer and the LR schedule stepped (False: `skip`, or the engine's own overflow check)."""
+    grad_norm: torch.Tensor | float | None = None
+    """The global grad norm where the engine computes it inside its step (DeepSpeed), left on the
+    device; None when `clip_grads` returned it."""
+
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 """A micro-batch's differentiable loss *sum* (train/objectives): token losses, or DPO pair losses."""
@@ -49,10 +58,16 @@ class Strategy(Protocol):
         `loss_fn(model, batch)` replaces the token-loss sum (an objective's, e.g. DPO's pair
         losses; `num_tokens` is then its global weight, e.g. the pair count)."""
 
-    def step(self, skip: bool = False) -> float:
-        """Clip, optimizer step, LR schedule step, zero grads; returns the global grad norm.
-        With `skip`, or when that norm is not finite, the grads are dropped and neither the
-        optimizer nor the schedule steps (the NaN guard, train/guard.py)."""
+    def clip_grads(self) -> torch.Tensor | None:
+        """Clip the step's accumulated gradients (trainer.grad_clip) and return their global norm
+        before clipping: a 0-d device tensor, the same on every rank, NOT read to the host (the
+        loop reads it in the step's one host read, train/step.py, before it decides the update).
+        None where the engine clips inside its own `step` (DeepSpeed)."""
+
+    def step(self, skip: bool = False) -> Update:
+        """After `clip_grads`: optimizer step, LR schedule step, zero grads. With `skip` the grads
+        are dropped and neither the optimizer nor the schedule steps (the NaN guard, train/guard.py,
+        decided from the loss and the norm). Reads nothing to the host itself."""
 
     def lr(self) -> float: ...
 
@@ -138,17 +153,20 @@ class TorchOptim:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.trainer.max_steps)
         self._ckpt_groups: list[dist.ProcessGroup] = []
 
-    def step(self, skip: bool = False) -> float:
+    def clip_grads(self) -> torch.Tensor:
+        """torch's clip is free of host syncs: the norm and the clip factor stay on the device (a
+        non-finite norm makes the grads non-finite; the loop then skips the step)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        norm = float(norm)  # the same on every rank: grads are all-reduced (DDP) or a DTensor norm (FSDP)
-        if not skip and math.isfinite(norm):
+        # FSDP2: a DTensor norm, made whole by one all-reduce over the mesh (DDP: grads already all-reduced)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def step(self, skip: bool = False) -> Update:
+        if not skip:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return Update(applied=not skip)
 
     def state_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.model.named_parameters()

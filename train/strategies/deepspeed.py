@@ -36,7 +36,7 @@ from train.model_weights import (
 )
 from train.schedule import apply_optim_settings, build_scheduler
 from train.startup import NULL, Phases
-from train.strategies.base import LossFn, compute_dtype, forward_only, param_groups, token_scale
+from train.strategies.base import LossFn, Update, compute_dtype, forward_only, param_groups, token_scale
 from train.strategies.parallelize import apply_block_transforms, apply_frozen_upcast, saves_low
 
 log = logging.getLogger("scaletrain")
@@ -110,15 +110,21 @@ class DeepSpeedStrategy:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         return loss.detach()
 
-    def step(self, skip: bool = False) -> float:
-        """A non-finite grad norm takes DeepSpeed's own overflow path (ZeRO 1-3, any precision):
-        grads dropped, no optimizer or scheduler step, `engine.skipped_steps` counted. `skip`
-        forces that path by reporting an infinite norm to it."""
+    def clip_grads(self) -> None:
+        """DeepSpeed clips inside `engine.step()` (config `gradient_clipping`)."""
+        return None
+
+    def step(self, skip: bool = False) -> Update:
+        """A non-finite grad norm takes DeepSpeed's own overflow path (ZeRO 1-3, any precision:
+        `bf16.check_grad_overflow` defaults to true): grads dropped, no optimizer or scheduler step,
+        `engine.skipped_steps` counted. `skip` forces that path by reporting an infinite norm to it.
+        The engine reads its norm to the host itself for that check; we add no read: the norm is
+        returned as the device tensor DeepSpeed keeps, read only on a logging step."""
         assert self.engine.is_gradient_accumulation_boundary()
         with _forced_overflow(self.engine.optimizer) if skip else contextlib.nullcontext():
             self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()  # a tensor, or float("inf") after an overflow
+        return Update(applied=self.engine.was_step_applied(), grad_norm=float("nan") if norm is None else norm)
 
     def state_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.engine.module.named_parameters():

@@ -28,7 +28,7 @@ class FSDPStrategy:
                                 saved_low=saves_low(cfg.trainer))
         self.optim = TorchOptim(self.model, cfg)
         self.step, self.lr, self.save, self.load = self.optim.step, self.optim.lr, self.optim.save, self.optim.load
-        self.state_tensors = self.optim.state_tensors
+        self.clip_grads, self.state_tensors = self.optim.clip_grads, self.optim.state_tensors
         self.save_async = self.optim.save_async
 
     def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool, num_tokens: int,
