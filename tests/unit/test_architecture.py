@@ -94,3 +94,20 @@ def test_every_third_party_import_is_declared():
                 if dist not in declared and top.lower() not in declared:
                     missing.add(f"{top} ({path.relative_to(REPO)})")
     assert not missing, f"declare these in pyproject.toml [project] dependencies: {sorted(missing)}"
+
+
+LAYOUT_NAMES = {"checkpoints", "trainer_state.json"}  # train/checkpoint_layout.py's distinctive names
+
+
+def test_the_checkpoint_layout_names_are_spelled_in_one_module():
+    """The layout's distinctive names appear as string constants only in checkpoint_layout.py
+    (generic ones such as "latest", "model", "step_" or ".tmp-" are left to review: W&B aliases,
+    the prepare and remote-cache temp folders use them for other things)."""
+    found = []
+    for path in sorted(p for pkg in ("train", "launch", "data_pipeline") for p in (REPO / pkg).rglob("*.py")):
+        if path.name == "checkpoint_layout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in LAYOUT_NAMES:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert not found, "import the name from train/checkpoint_layout.py instead:\n" + "\n".join(found)

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from train.checkpoint_layout import MODEL_DIR
 from train.config import Config, OptimConfig
 from train.guard import optimizer_tensors
 from train.schedule import apply_optim_settings, build_scheduler
@@ -182,7 +183,7 @@ class TorchOptim:
         return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
 
     def save(self, path: Path) -> None:
-        dcp.save(get_model_state_dict(self.model, options=self._model_options()), checkpoint_id=str(path / "model"))
+        dcp.save(get_model_state_dict(self.model, options=self._model_options()), checkpoint_id=str(path / MODEL_DIR))
         dcp.save(get_optimizer_state_dict(self.model, self.optimizer), checkpoint_id=str(path / "optim"))
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
 
@@ -196,7 +197,7 @@ class TorchOptim:
             self._ckpt_groups = [dist.new_group(backend="gloo") for _ in range(2)]
         groups = self._ckpt_groups or [None, None]
         futures = [dcp.async_save(get_model_state_dict(self.model, options=self._model_options()),
-                                  checkpoint_id=str(path / "model"), process_group=groups[0]),
+                                  checkpoint_id=str(path / MODEL_DIR), process_group=groups[0]),
                    dcp.async_save(get_optimizer_state_dict(self.model, self.optimizer),
                                   checkpoint_id=str(path / "optim"), process_group=groups[1])]
         torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
@@ -206,7 +207,7 @@ class TorchOptim:
         """DCP reshards by itself: the saved world size does not matter here."""
         options = self._model_options()
         model_sd = get_model_state_dict(self.model, options=options)
-        dcp.load(model_sd, checkpoint_id=str(path / "model"))
+        dcp.load(model_sd, checkpoint_id=str(path / MODEL_DIR))
         set_model_state_dict(self.model, model_sd, options=options)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer)
         dcp.load(optim_sd, checkpoint_id=str(path / "optim"))

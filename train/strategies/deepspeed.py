@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from train import dist as d
+from train.checkpoint_layout import DEEPSPEED_DIR
 from train.config import Config
 from train.dist import DistInfo
 from train.guard import optimizer_tensors
@@ -41,7 +42,7 @@ from train.strategies.parallelize import apply_block_transforms, apply_frozen_up
 
 log = logging.getLogger("scaletrain")
 TAG = "state"
-NATIVE = "deepspeed"
+NATIVE = DEEPSPEED_DIR  # the engine's own checkpoint folder inside a step directory
 # DeepSpeed's world-size-independent copy of a checkpoint, made next to deepspeed/ (once) when
 # resuming on another number of ranks.
 UNIVERSAL = "deepspeed_universal"
