@@ -9,8 +9,9 @@ MixedPrecisionPolicy), so 4Ψ + 4Ψ + 8Ψ (FSDP2: all over N). On CPU (fp32) Dee
 
 With an adapter only the trainable parameters (LoRA's A and B, `modules_to_save`) have
 gradients and optimizer state; the frozen base is held in `model.base_dtype` (bf16 by
-default), sharded like every parameter under fsdp and zero3. No torch import: this runs on
-a login node.
+default), sharded like every parameter under fsdp and zero3, except that ZeRO-3 keeps tensors
+below its persistence threshold (1e5 elements) whole on every rank: LoRA's A and B of a small
+model. No torch import: this runs on a login node.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 
 SHARDED = ("zero3", "fsdp", "zero3_offload", "fsdp_offload")
 """Strategies that keep 1/N of every parameter per rank."""
+PERSISTENCE_THRESHOLD = 100_000
+"""DeepSpeed's `stage3_param_persistence_threshold` default: ZeRO-3 keeps a parameter of fewer
+elements whole on every rank instead of partitioning it (LoRA's A and B of a small model)."""
 NF4_BYTES = 33 / 64
 """Bytes per 4-bit NF4 weight with bitsandbytes' double quantization (an 8-bit absmax per 64
 weights, an fp32 one per 256 blocks)."""
@@ -84,6 +88,19 @@ class Adapter:
         saved = {"lm_head": shape.vocab * shape.hidden, "embed_tokens": shape.vocab * shape.hidden}
         return count + sum(saved.get(name, 0) for name in self.modules_to_save)
 
+    def persistent(self, shape: Shape, threshold: int = PERSISTENCE_THRESHOLD) -> int:
+        """Trainable parameters in tensors below ZeRO-3's persistence threshold (A is r x in, B
+        out x r): those stay whole on every rank."""
+        if self.kind == "none":
+            return 0
+        dims = shape.linear_dims()
+        count = 0
+        for name in self.target_modules:
+            if name in dims:
+                copies = 1 if name == "lm_head" else shape.layers
+                count += sum(self.r * d for d in dims[name] if self.r * d < threshold) * copies
+        return count
+
 
 NO_ADAPTER = Adapter()
 
@@ -134,8 +151,9 @@ def model_state(psi: int, strategy: str, world: int, bf16: bool) -> dict[str, in
 
 
 def frozen_width(s: Setup) -> float:
-    """Bytes per frozen base parameter: `model.base_dtype`, except that DeepSpeed casts the whole
-    module to bf16 when it trains in bf16."""
+    """Bytes per frozen base parameter: `model.base_dtype` (`auto` resolved by the caller to the
+    dtype of the weight files), except that DeepSpeed casts the whole module to bf16 when it
+    trains in bf16."""
     if s.base_dtype == "bf16" or (s.bf16 and not s.strategy.startswith(("ddp", "fsdp"))):
         return 2
     return 4
@@ -156,6 +174,9 @@ def state_bytes(shape: Shape, s: Setup) -> dict[str, int]:
     if s.adapter.kind == "none":
         return model_state(shape.params, s.strategy, s.world, s.bf16)
     out = model_state(s.adapter.trainable(shape), s.strategy, s.world, s.bf16)
+    if s.strategy == "zero3" and s.world > 1:  # small adapter tensors are not partitioned
+        width = 2 if s.bf16 else 4
+        out["params"] += width * s.adapter.persistent(shape) * (s.world - 1) // s.world
     on_host = s.strategy.endswith("offload")
     out["params"] += 0 if on_host else frozen_bytes(shape, s) // (s.world if s.strategy in SHARDED else 1)
     return out
