@@ -59,6 +59,13 @@ class Shape:
         return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h), "lm_head": (h, self.vocab)}
 
+    def tensors(self) -> list[tuple[int, int]]:
+        """(elements, how many) of every parameter tensor of the base model."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        per_layer = [(h * h, 2), (h * kv, 2), (h * i, 3), (h, 2)]
+        out = [(n, c * self.layers) for n, c in per_layer]
+        return [*out, (h, 1), (self.vocab * h, 1 if self.tied else 2)]
+
     @property
     def largest_param(self) -> int:
         """Elements of the largest single parameter (the embedding in every Llama we know)."""
@@ -88,18 +95,16 @@ class Adapter:
         saved = {"lm_head": shape.vocab * shape.hidden, "embed_tokens": shape.vocab * shape.hidden}
         return count + sum(saved.get(name, 0) for name in self.modules_to_save)
 
-    def persistent(self, shape: Shape, threshold: int = PERSISTENCE_THRESHOLD) -> int:
-        """Trainable parameters in tensors below ZeRO-3's persistence threshold (A is r x in, B
-        out x r): those stay whole on every rank."""
+    def tensors(self, shape: Shape) -> list[tuple[int, int]]:
+        """(elements, how many) of every adapter tensor: A is r x in, B out x r (modules_to_save:
+        the copy of the head or the embedding)."""
         if self.kind == "none":
-            return 0
+            return []
         dims = shape.linear_dims()
-        count = 0
-        for name in self.target_modules:
-            if name in dims:
-                copies = 1 if name == "lm_head" else shape.layers
-                count += sum(self.r * d for d in dims[name] if self.r * d < threshold) * copies
-        return count
+        out = [(self.r * d, 1 if name == "lm_head" else shape.layers)
+               for name in self.target_modules if name in dims for d in dims[name]]
+        return out + [(shape.vocab * shape.hidden, 1) for name in self.modules_to_save
+                      if name in ("lm_head", "embed_tokens")]
 
 
 NO_ADAPTER = Adapter()
@@ -172,14 +177,25 @@ def frozen_bytes(shape: Shape, s: Setup) -> int:
 def state_bytes(shape: Shape, s: Setup) -> dict[str, int]:
     """Device bytes per rank of parameters (frozen base included), gradients and optimizer state."""
     if s.adapter.kind == "none":
-        return model_state(shape.params, s.strategy, s.world, s.bf16)
+        return _persistent(model_state(shape.params, s.strategy, s.world, s.bf16), shape, s)
     out = model_state(s.adapter.trainable(shape), s.strategy, s.world, s.bf16)
-    if s.strategy == "zero3" and s.world > 1:  # small adapter tensors are not partitioned
-        width = 2 if s.bf16 else 4
-        out["params"] += width * s.adapter.persistent(shape) * (s.world - 1) // s.world
     on_host = s.strategy.endswith("offload")
     out["params"] += 0 if on_host else frozen_bytes(shape, s) // (s.world if s.strategy in SHARDED else 1)
-    return out
+    return _persistent(out, shape, s)
+
+
+def _persistent(out: dict[str, int], shape: Shape, s: Setup) -> dict[str, int]:
+    """ZeRO-3 keeps every tensor below its persistence threshold whole on each rank (the norms;
+    LoRA's A and B of a small model; every tensor of a tiny one), beside the partition its
+    optimizer updates (measured: tests/support/dist_state_bytes.py)."""
+    if s.strategy != "zero3" or s.world == 1:
+        return out
+    width = 2 if s.bf16 else 4
+    trainable = s.adapter.tensors(shape) if s.adapter.kind != "none" else shape.tensors()
+    frozen = shape.tensors() if s.adapter.kind == "lora" else []
+    small = lambda ts: sum(n * c for n, c in ts if n < PERSISTENCE_THRESHOLD)  # noqa: E731
+    whole = width * small(trainable) + int(frozen_width(s) * small(frozen))
+    return {**out, "params": out["params"] + whole}
 
 
 def resident_param_bytes(shape: Shape, s: Setup) -> int:
