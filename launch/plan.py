@@ -85,7 +85,9 @@ def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
     output of one while it is copied out into the unsharded parameters, the largest vocabulary
     unit, and, when every parameter trains, one block's unsharded fp32 gradients before they are
     reduce-scattered. ZeRO-3 gathers straight into the parameters (no copy-out) and reduces
-    through its bucket (`reduce_bucket_size`, 5e8 elements). Each in `gather_width`."""
+    through its bucket (`reduce_bucket_size`, 5e8 elements) and a flat copy of it, then steps its
+optimizer on an fp32 flat copy of the rank's gradient partition. Gathered layers in
+`gather_width`, buckets in the compute dtype."""
     a, gw = (2 if s.bf16 else 4), gather_width(s)
     layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
     if s.strategy == "ddp":
@@ -93,7 +95,11 @@ def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
     elif s.strategy.startswith("fsdp"):
         comm = int(gw * (3 * layer + vocab_unit)) + (4 * layer if s.adapter.kind == "none" else 0)
     elif s.strategy.startswith("zero3"):
-        comm = int(gw * (2 * layer + vocab_unit)) + a * min(psi, 500_000_000)
+        # the reduce bucket, and the interleaved flat copy of it that DeepSpeed's
+        # reduce_scatter_coalesced builds (torch.cat) to reduce-scatter several gradients at once
+        comm = int(gw * (2 * layer + vocab_unit)) + 2 * a * min(psi, 500_000_000)
+        if s.strategy == "zero3":  # the optimizer steps on an fp32 flat copy of the gradient partition
+            comm += 4 * psi // s.world  # (stage3.py _prepare_fp32_grad_for_sub_group)
     else:
         comm = 2 * a * min(psi, 500_000_000)  # reduce and all-gather buckets (5e8 elements)
     return comm + upcast_bytes(shape, s) + FRAMEWORK_RESERVE
