@@ -84,10 +84,11 @@ def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
     two blocks gathered at a time (the one computing and the one prefetched) plus the all-gather
     output of one while it is copied out into the unsharded parameters, the largest vocabulary
     unit, and, when every parameter trains, one block's unsharded fp32 gradients before they are
-    reduce-scattered. ZeRO-3 gathers straight into the parameters (no copy-out) and reduces
-    through its bucket (`reduce_bucket_size`, 5e8 elements) and a flat copy of it, then steps its
-optimizer on an fp32 flat copy of the rank's gradient partition. Gathered layers in
-`gather_width`, buckets in the compute dtype."""
+    reduce-scattered. ZeRO-3 gathers straight into the parameters (no copy-out), reduces through
+    its bucket (`reduce_bucket_size`, 5e8 elements) and a flat copy of it, then steps its
+    optimizer one sub-group (`sub_group_size`, 1e9 elements) at a time on an fp32 flat copy of
+    that part of the rank's gradient partition. Gathered layers in `gather_width`, buckets in the
+    compute dtype."""
     a, gw = (2 if s.bf16 else 4), gather_width(s)
     layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
     if s.strategy == "ddp":
@@ -98,8 +99,8 @@ optimizer on an fp32 flat copy of the rank's gradient partition. Gathered layers
         # the reduce bucket, and the interleaved flat copy of it that DeepSpeed's
         # reduce_scatter_coalesced builds (torch.cat) to reduce-scatter several gradients at once
         comm = int(gw * (2 * layer + vocab_unit)) + 2 * a * min(psi, 500_000_000)
-        if s.strategy == "zero3":  # the optimizer steps on an fp32 flat copy of the gradient partition
-            comm += 4 * psi // s.world  # (stage3.py _prepare_fp32_grad_for_sub_group)
+        if s.strategy == "zero3":  # the optimizer steps on an fp32 flat copy of a sub-group's
+            comm += 4 * min(psi // s.world, 1_000_000_000)  # gradients (_prepare_fp32_grad_for_sub_group)
     else:
         comm = 2 * a * min(psi, 500_000_000)  # reduce and all-gather buckets (5e8 elements)
     return comm + upcast_bytes(shape, s) + FRAMEWORK_RESERVE
