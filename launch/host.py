@@ -24,10 +24,9 @@ in fp32 makes in the loss. All of it is the steady state from step 2 on (Adam's 
 through forward and backward); a run of one step peaks lower when every parameter trains.
 
 Checked against 2-rank CPU runs (tests/integration/test_plan_memory.py, bench/startup.py,
-docs/BENCHMARKS.md): LoRA under fsdp and zero3 within a few percent (100M to 1B shapes), FSDP
-full fine-tuning within ~5% of a 2-step run; ZeRO-3 full fine-tuning on the CPU measures
-~1.4-1.7x the plan (DeepSpeed's fp32 engine holds more partition-sized buffers than the ZeRO
-paper's 16 bytes a parameter plus its bucket; not modelled).
+docs/BENCHMARKS.md): LoRA under fsdp and zero3 within 11% (100M to 1B shapes), FSDP full
+fine-tuning within 5% of a 2-step run, ZeRO-3 full fine-tuning within 5% of a 1-step run (its
+second step grows ~10% more on the CPU, not modelled).
 Every rank also pays a baseline for the interpreter, torch, transformers, DeepSpeed and (on a
 GPU) the CUDA context: measured, not derived. Checkpoint staging (`checkpoint.async=true`
 copies the rank's state to host memory) is not counted.
