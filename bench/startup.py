@@ -7,7 +7,9 @@ For each size a Llama is built from a config and saved as bf16 safetensors in se
 (cached under --cache), then trained for one step by the real trainer on 2 CPU ranks
 (`model=hf_local`, torchrun, gloo) for every strategy x adapter x variant. A variant is a set of
 extra overrides (`--variant old=model.base_dtype=fp32 --variant new=`): the loading path to
-compare is one flag. Without --variant the path on this checkout runs once, as `today`.
+compare is one flag. Without --variant the path on this checkout runs once, as `today`; an
+older path that no flag reproduces runs from its own checkout with the same --cache (models are
+built once): `git worktree add /tmp/old <commit> && cd /tmp/old && python bench/startup.py ...`.
 
 Peak host memory is the largest peak resident set of any process of the run (the kernel's
 ru_maxrss of the reaped tree, read by a small parent process so that nothing inherits a big

@@ -17,7 +17,7 @@ from typing import Any
 
 from launch.gpus import GPU, GiB, lookup
 from launch.host import host_bytes
-from launch.state import Adapter, Setup, Shape, model_state, state_bytes
+from launch.state import Adapter, Setup, Shape, frozen_width, model_state, state_bytes
 
 __all__ = ["Adapter", "Setup", "Shape", "model_state", "plan", "plan_request", "render"]
 
@@ -58,20 +58,52 @@ def logits_bytes(shape: Shape, s: Setup) -> int:
     return chunk * (8 + a) + (4 * v * h if head_trains else 0) + a * tokens * h
 
 
-def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
-    """Communication buffers (defaults of each engine) plus the framework reserve; `psi` counts
-    the parameters that have gradients (all, or an adapter's)."""
+def gather_width(s: Setup) -> float:
+    """Bytes per parameter of a gathered (all-gathered, unsharded) layer: the compute dtype, or
+    the frozen base as stored when it is narrower (a bf16 base under LoRA on the CPU is gathered
+    in bf16 and upcast one module at a time, train/strategies/parallelize.py)."""
     a = 2 if s.bf16 else 4
-    root = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    return min(a, frozen_width(s)) if s.adapter.kind == "lora" else a
+
+
+def upcast_bytes(shape: Shape, s: Setup) -> int:
+    """A frozen base stored below an fp32 compute (CPU, LoRA, bf16 base): each module computes on
+    an fp32 copy of its weights made for its forward (and its backward) and dropped after it.
+    One copy lives at a time; the largest is the output head's, upcast by the chunked loss."""
+    if s.bf16 or s.adapter.kind != "lora" or frozen_width(s) >= 4:
+        return 0
+    return 4 * max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)
+
+
+def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
+    """What a step holds beside the model state: gathered layers, gradient buckets, upcast
+    copies, plus the framework reserve; `psi` counts the parameters that have gradients (all,
+    or an adapter's).
+
+    FSDP2 (every decoder block its own unit, the embedding and the head each their own):
+    two blocks gathered at a time (the one computing and the one prefetched) plus the all-gather
+    output of one while it is copied out into the unsharded parameters, the largest vocabulary
+    unit, and, when every parameter trains, one block's unsharded fp32 gradients before they are
+    reduce-scattered. ZeRO-3 gathers straight into the parameters (no copy-out), reduces through
+    its bucket (`reduce_bucket_size`, 5e8 elements) and a flat copy of it, then steps its
+    optimizer one sub-group (`sub_group_size`, 1e9 elements) at a time on an fp32 flat copy of
+    that part of the rank's gradient partition. Gathered layers in `gather_width`, buckets in the
+    compute dtype."""
+    a, gw = (2 if s.bf16 else 4), gather_width(s)
+    layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
     if s.strategy == "ddp":
         comm = 4 * psi  # the reducer's flat gradient buckets
     elif s.strategy.startswith("fsdp"):
-        comm = a * (2 * shape.layer_params + root) + 4 * shape.layer_params  # 2 gathered layers + root
+        comm = int(gw * (3 * layer + vocab_unit)) + (4 * layer if s.adapter.kind == "none" else 0)
     elif s.strategy.startswith("zero3"):
-        comm = a * (2 * shape.layer_params + root) + a * min(psi, 500_000_000)
+        # the reduce bucket, and the interleaved flat copy of it that DeepSpeed's
+        # reduce_scatter_coalesced builds (torch.cat) to reduce-scatter several gradients at once
+        comm = int(gw * (2 * layer + vocab_unit)) + 2 * a * min(psi, 500_000_000)
+        if s.strategy == "zero3":  # the optimizer steps on an fp32 flat copy of a sub-group's
+            comm += 4 * min(psi // s.world, 1_000_000_000)  # gradients (_prepare_fp32_grad_for_sub_group)
     else:
         comm = 2 * a * min(psi, 500_000_000)  # reduce and all-gather buckets (5e8 elements)
-    return comm + FRAMEWORK_RESERVE
+    return comm + upcast_bytes(shape, s) + FRAMEWORK_RESERVE
 
 
 def step_seconds(shape: Shape, psi: int, s: Setup, gpu: GPU) -> float:
@@ -203,6 +235,25 @@ def shape_from_config(model: Any, data_vocab: int | None) -> Shape:
                  model.num_attention_heads, model.num_key_value_heads, model.tie_word_embeddings)
 
 
+def base_dtype_of(model: Any) -> str:
+    """`model.base_dtype` as the trainer resolves it (train/model_weights.py): `auto` is the most
+    common floating dtype in the safetensors headers of a local checkpoint (read as JSON, no
+    torch), bf16 for a model built from config. f16 counts as 2 bytes, like bf16."""
+    chosen = getattr(model, "base_dtype", "auto")
+    if chosen != "auto":
+        return chosen
+    if model.kind != "hf_local":
+        return "bf16"
+    counts: dict[str, int] = {}
+    for f in sorted(Path(model.path).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, meta in header.items():
+            if key != "__metadata__" and meta["dtype"] in ("BF16", "F16", "F32"):
+                counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + 1
+    return "fp32" if counts and max(counts, key=counts.get) == "F32" else "bf16"
+
+
 def strategy_name(strategy: Any) -> str:
     """conf/strategy name of a train.config.StrategyConfig (offload variants included)."""
     if strategy.kind == "ddp":
@@ -226,6 +277,6 @@ def plan_request(cfg: Any, lc: Any) -> dict[str, Any]:
                   seq_len=t.seq_len, checkpointing=t.activation_checkpointing,
                   bf16=t.dtype == "bf16" if device == "cpu" else t.dtype != "fp32",
                   loss=t.loss, attention=cfg.model.attention, adapter=adapter,
-                  base_dtype=getattr(cfg.model, "base_dtype", "bf16"), device=device)
+                  base_dtype=base_dtype_of(cfg.model), device=device)
     shape = shape_from_config(cfg.model, getattr(cfg.data, "vocab_size", None))
     return plan(shape, setup, lookup(lc.gpu), global_batch)

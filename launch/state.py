@@ -9,8 +9,9 @@ MixedPrecisionPolicy), so 4Ψ + 4Ψ + 8Ψ (FSDP2: all over N). On CPU (fp32) Dee
 
 With an adapter only the trainable parameters (LoRA's A and B, `modules_to_save`) have
 gradients and optimizer state; the frozen base is held in `model.base_dtype` (bf16 by
-default), sharded like every parameter under fsdp and zero3. No torch import: this runs on
-a login node.
+default), sharded like every parameter under fsdp and zero3, except that ZeRO-3 keeps tensors
+below its persistence threshold (1e5 elements) whole on every rank: LoRA's A and B of a small
+model. No torch import: this runs on a login node.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 
 SHARDED = ("zero3", "fsdp", "zero3_offload", "fsdp_offload")
 """Strategies that keep 1/N of every parameter per rank."""
+PERSISTENCE_THRESHOLD = 100_000
+"""DeepSpeed's `stage3_param_persistence_threshold` default: ZeRO-3 keeps a parameter of fewer
+elements whole on every rank instead of partitioning it (LoRA's A and B of a small model)."""
 NF4_BYTES = 33 / 64
 """Bytes per 4-bit NF4 weight with bitsandbytes' double quantization (an 8-bit absmax per 64
 weights, an fp32 one per 256 blocks)."""
@@ -55,6 +59,13 @@ class Shape:
         return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h), "lm_head": (h, self.vocab)}
 
+    def tensors(self) -> list[tuple[int, int]]:
+        """(elements, how many) of every parameter tensor of the base model."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        per_layer = [(h * h, 2), (h * kv, 2), (h * i, 3), (h, 2)]
+        out = [(n, c * self.layers) for n, c in per_layer]
+        return [*out, (h, 1), (self.vocab * h, 1 if self.tied else 2)]
+
     @property
     def largest_param(self) -> int:
         """Elements of the largest single parameter (the embedding in every Llama we know)."""
@@ -83,6 +94,17 @@ class Adapter:
                 count += self.r * (fan_in + fan_out) * (1 if name == "lm_head" else shape.layers)
         saved = {"lm_head": shape.vocab * shape.hidden, "embed_tokens": shape.vocab * shape.hidden}
         return count + sum(saved.get(name, 0) for name in self.modules_to_save)
+
+    def tensors(self, shape: Shape) -> list[tuple[int, int]]:
+        """(elements, how many) of every adapter tensor: A is r x in, B out x r (modules_to_save:
+        the copy of the head or the embedding)."""
+        if self.kind == "none":
+            return []
+        dims = shape.linear_dims()
+        out = [(self.r * d, 1 if name == "lm_head" else shape.layers)
+               for name in self.target_modules if name in dims for d in dims[name]]
+        return out + [(shape.vocab * shape.hidden, 1) for name in self.modules_to_save
+                      if name in ("lm_head", "embed_tokens")]
 
 
 NO_ADAPTER = Adapter()
@@ -134,8 +156,9 @@ def model_state(psi: int, strategy: str, world: int, bf16: bool) -> dict[str, in
 
 
 def frozen_width(s: Setup) -> float:
-    """Bytes per frozen base parameter: `model.base_dtype`, except that DeepSpeed casts the whole
-    module to bf16 when it trains in bf16."""
+    """Bytes per frozen base parameter: `model.base_dtype` (`auto` resolved by the caller to the
+    dtype of the weight files), except that DeepSpeed casts the whole module to bf16 when it
+    trains in bf16."""
     if s.base_dtype == "bf16" or (s.bf16 and not s.strategy.startswith(("ddp", "fsdp"))):
         return 2
     return 4
@@ -154,11 +177,25 @@ def frozen_bytes(shape: Shape, s: Setup) -> int:
 def state_bytes(shape: Shape, s: Setup) -> dict[str, int]:
     """Device bytes per rank of parameters (frozen base included), gradients and optimizer state."""
     if s.adapter.kind == "none":
-        return model_state(shape.params, s.strategy, s.world, s.bf16)
+        return _persistent(model_state(shape.params, s.strategy, s.world, s.bf16), shape, s)
     out = model_state(s.adapter.trainable(shape), s.strategy, s.world, s.bf16)
     on_host = s.strategy.endswith("offload")
     out["params"] += 0 if on_host else frozen_bytes(shape, s) // (s.world if s.strategy in SHARDED else 1)
-    return out
+    return _persistent(out, shape, s)
+
+
+def _persistent(out: dict[str, int], shape: Shape, s: Setup) -> dict[str, int]:
+    """ZeRO-3 keeps every tensor below its persistence threshold whole on each rank (the norms;
+    LoRA's A and B of a small model; every tensor of a tiny one), beside the partition its
+    optimizer updates (measured: tests/support/dist_state_bytes.py)."""
+    if s.strategy != "zero3" or s.world == 1:
+        return out
+    width = 2 if s.bf16 else 4
+    trainable = s.adapter.tensors(shape) if s.adapter.kind != "none" else shape.tensors()
+    frozen = shape.tensors() if s.adapter.kind == "lora" else []
+    small = lambda ts: sum(n * c for n, c in ts if n < PERSISTENCE_THRESHOLD)  # noqa: E731
+    whole = width * small(trainable) + int(frozen_width(s) * small(frozen))
+    return {**out, "params": out["params"] + whole}
 
 
 def resident_param_bytes(shape: Shape, s: Setup) -> int:

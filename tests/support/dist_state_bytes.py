@@ -135,7 +135,9 @@ def state_bytes(strategy, batch) -> dict[str, int]:
     """params / grads / optimizer bytes this rank holds, read from the engine's own objects."""
     params, _, inner = _parts(strategy)
     tally = Tally()
-    out = {"params": tally.add([getattr(p, "ds_tensor", p) for p in params])}
+    # ZeRO-3 keeps tensors below its persistence threshold whole beside their partition
+    whole = [p.data for p in params if getattr(p, "ds_persist", False)]
+    out = {"params": tally.add([*(getattr(p, "ds_tensor", p) for p in params), *whole])}
     masters = [p for g in inner.param_groups for p in g["params"]]  # ZeRO's fp32 partitions
     out["optimizer"] = tally.add([*masters, *_flat(list(inner.state.values()))])
     out["grads"] = peak_grad_bytes(strategy, batch)
