@@ -113,7 +113,7 @@ def random_model(layers: int, hidden: int, ffn: int, vocab: int, heads: int) -> 
 
 def run_export(name: str, model: Any, tok_dir: Path, held_out: Path, formats: list[str], tokens: int,
                root: Path, sampler: Sampler) -> dict[str, Any]:
-    from tests.unit.test_export_support import make_checkpoint
+    from tests.helpers.export_checkpoints import make_checkpoint
     from train.export import gguf_export
     from train.export.config import ExportConfig
     from train.export.hf_export import export_checkpoint

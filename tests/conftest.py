@@ -1,12 +1,28 @@
 """Fixtures shared by the test files; plain helpers live in tests/helpers."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import TINY, losses, run_train
 from tests.support.slurm_cluster import session_cluster
 
 TIERS = ("unit", "integration", "system")
+SHARED_GROUPS = {
+    # Files that share a session resource which must exist once: the launcher tests' reference
+    # curve and the local SLURM clusters (one worker runs them all, one after the other).
+    "launch-slurm": ("test_slurm.py", "test_slurm_multinode.py", "test_launch_multinode.py"),
+}
+"""Under pytest-xdist (`make test`: `-n 2 --dist loadfile`) every file runs on one worker, and so
+do the files of each group here."""
+RUN_FIRST = ("system", "integration", "unit")
+"""Under pytest-xdist, the files are handed out in this tier order: the long, mostly waiting system
+tests start first and the many short unit files fill the end."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,21 +32,53 @@ def pytest_collection_modifyitems(config, items):
         for tier in TIERS:
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the order in which the scheduler below hands files out
+        rank = {tier: k for k, tier in enumerate(RUN_FIRST)}
+        items.sort(key=lambda item: next((rank[t] for t in RUN_FIRST if t in item.path.parts), len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the SHARED_GROUPS files as one unit, in RUN_FIRST order."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            name = path.rsplit("/", 1)[-1]
+            return next((g for g, files in SHARED_GROUPS.items() if name in files), path)
+
+    config.option.loadscopereorder = False  # keep the collection's (RUN_FIRST) order
+    return GroupedFiles(config, log)
+
+
+def shared_tmp(tmp_path_factory, name: str) -> Path:
+    """A folder of this session that every pytest-xdist worker sees (the workers' base temp dirs
+    are siblings); the base temp dir itself without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(exist_ok=True)
+    return root
 
 
 @pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory):
-    """Uninterrupted runs shared by parity and resume tests, computed once per strategy on demand."""
-    cache: dict[tuple, dict[int, float]] = {}
-    root = tmp_path_factory.mktemp("reference")
+    """Uninterrupted runs shared by parity and resume tests, computed once per strategy on demand,
+    and once per session across pytest-xdist workers (the first to ask trains, under a file lock)."""
+    root = shared_tmp(tmp_path_factory, "reference")
 
     def get(strategy: str, nproc: int, extra: tuple[str, ...] = ()) -> dict[int, float]:
-        key = (strategy, nproc, extra)
-        if key not in cache:
-            run_dir = root / f"{strategy}-{nproc}-{abs(hash(extra))}"
-            run_train([*TINY, f"strategy={strategy}", f"run.dir={run_dir}", *extra], nproc=nproc)
-            cache[key] = losses(run_dir)
-        return cache[key]
+        name = f"{strategy}-{nproc}-{hashlib.sha1(repr(extra).encode()).hexdigest()[:12]}"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = root / f"{name}.json"
+            if not result.exists():
+                run_dir = root / name
+                run_train([*TINY, f"strategy={strategy}", f"run.dir={run_dir}", *extra], nproc=nproc)
+                result.write_text(json.dumps(losses(run_dir)))
+        return {int(step): loss for step, loss in json.loads(result.read_text()).items()}
 
     return get
 
@@ -109,3 +157,4 @@ def hf_base(tmp_path_factory):
     from tests.helpers import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("hf_base"), seed=7)
+

@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 # Small and fast: the tiny model on 32-token sequences, constant LR unless a test says otherwise.
 TINY = ["model=tiny", "trainer.seq_len=32", "trainer.log_every=1"]
+# Constant LR and a global batch of 4 (2 ranks x micro 2, or 1 rank x micro 2 x accumulation 2): a
+# run's curve does not depend on max_steps, so runs of different lengths compare step by step.
+CONSTANT_B4 = ("schedule=constant", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")
 
 
 def compose_train(overrides: list[str]) -> dict:

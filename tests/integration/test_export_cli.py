@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO
-from tests.unit.test_export_support import make_checkpoint
+from tests.helpers.export_checkpoints import make_checkpoint
 from train.export.config import ExportConfig
 from train.export.files import clean_stale, verify_dir
 from train.export.hf_export import export_checkpoint

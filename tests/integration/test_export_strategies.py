@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import TINY, run_train
-from tests.unit.test_export_support import export_tensors
+from tests.helpers.export_checkpoints import export_tensors
 from train.export.config import ExportConfig
 from train.export.hf_export import export_checkpoint
 from train.metrics import read_metrics

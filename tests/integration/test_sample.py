@@ -6,7 +6,7 @@ import subprocess
 import torch
 
 from tests.helpers import PY, REPO, child_env
-from tests.unit.test_export_support import make_tokenizer
+from tests.helpers.export_checkpoints import make_tokenizer
 
 
 def test_sample_prints_the_greedy_continuation_of_an_export(tmp_path):

@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch._dynamo.eval_frame import OptimizedModule
 
-from tests.helpers import TINY, child_env, losses, run_train
+from tests.helpers import CONSTANT_B4, TINY, child_env, losses, run_train
 from train.checkpoint import Checkpointer, TrainState
 from train.config import load_config
 from train.dist import DistInfo
 from train.model import build_model, decoder_layers
 from train.strategies import build_strategy
 
-BASE = (*TINY, "schedule=constant", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")
-REF = ("trainer.max_steps=12", "schedule=constant", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")
+BASE = (*TINY, *CONSTANT_B4)
+REF = ("trainer.max_steps=12", *CONSTANT_B4)  # the same reference runs as test_trainer_resume.py's
 
 
 def ckpt_names(run_dir: Path) -> list[str]:

@@ -30,13 +30,24 @@ def args(shards, run_dir, steps, workers=1):
             "trainer.micro_batch_size=2", "checkpoint.every_steps=5"]
 
 
-def test_two_ranks_on_three_uneven_shards_finish_multiple_epochs(shards, tmp_path):
+EVAL = ("trainer.eval_every=15", "trainer.eval_batches=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    """The 30-step 2-rank run with held-out evaluation: checked by the first test, and the
+    reference of the SIGKILL + resume test (one run for both)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_train([*args(shards, run_dir, 30), *EVAL], nproc=2, timeout=240)
+    return run_dir
+
+
+def test_two_ranks_on_three_uneven_shards_finish_multiple_epochs(uninterrupted):
     # 30 steps x 4 sequences x 32 tokens is several passes over ~400 tokens: epochs roll over.
-    run_train([*args(shards, tmp_path, 30), "trainer.eval_every=15", "trainer.eval_batches=2"], nproc=2, timeout=240)
-    got = losses(tmp_path)
+    got = losses(uninterrupted)
     assert sorted(got) == list(range(1, 31))
     assert got[30] < got[1]
-    records = read_metrics(tmp_path)
+    records = read_metrics(uninterrupted)
     last = [r for r in records if "loss" in r][-1]
     assert last["data_epoch"] >= 2, last
     assert "data_wait_frac" in last and 0 <= last["data_wait_frac"] <= 1
@@ -46,13 +57,12 @@ def test_two_ranks_on_three_uneven_shards_finish_multiple_epochs(shards, tmp_pat
         assert e["eval_ppl"] == pytest.approx(__import__("math").exp(e["eval_loss"]))
 
 
-def test_sigkill_and_resume_with_webdataset_matches_uninterrupted(shards, tmp_path):
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    run_train(args(shards, ref_dir, 30), nproc=2)
-    proc = start_train(args(shards, run_dir, 30), nproc=2)
+def test_sigkill_and_resume_with_webdataset_matches_uninterrupted(shards, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_train([*args(shards, run_dir, 30), *EVAL], nproc=2)
     wait_for(lambda: logged_steps(run_dir) >= 12, proc=proc, what="step 12", timeout=200)
     kill_all(proc)
     resumed_from = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
     assert 10 <= resumed_from < 30
-    run_train(args(shards, run_dir, 30), nproc=2)
-    assert losses(run_dir) == losses(ref_dir)
+    run_train([*args(shards, run_dir, 30), *EVAL], nproc=2)
+    assert losses(run_dir) == losses(uninterrupted)

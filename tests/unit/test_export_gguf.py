@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.test_export_support import (
+from tests.helpers.export_checkpoints import (
     TINY_LLAMA,
     export_tensors,
     logits,

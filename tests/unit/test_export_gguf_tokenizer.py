@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.unit.test_export_support import CHAT_TEMPLATE, make_bpe_tokenizer, make_checkpoint
+from tests.helpers.export_checkpoints import CHAT_TEMPLATE, make_bpe_tokenizer, make_checkpoint
 from train.export.config import ExportConfig
 from train.export.gguf_vocab import TokenizerFidelityError, add_vocab, chkhsh
 from train.export.hf_export import export_checkpoint

@@ -130,7 +130,7 @@ def test_adapter_checkpoint_exports_merged_and_peft_that_agree(trained, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.unit.test_export_support import export_tensors
+    from tests.helpers.export_checkpoints import export_tensors
     from train.export.config import ExportConfig
     from train.export.hf_export import export_checkpoint
 
@@ -155,7 +155,7 @@ def test_adapter_checkpoint_exports_merged_and_peft_that_agree(trained, tmp_path
 
 
 def test_cli_accepts_export_adapter_and_refuses_it_for_a_full_checkpoint(trained, tmp_path, capsys):
-    from tests.unit.test_export_support import make_checkpoint
+    from tests.helpers.export_checkpoints import make_checkpoint
     from train.export.__main__ import main
 
     base_dir, peft_model = trained

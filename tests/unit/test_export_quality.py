@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.unit.test_export_support import TEXTS, make_checkpoint, make_tokenizer
+from tests.helpers.export_checkpoints import TEXTS, make_checkpoint, make_tokenizer
 from train.export.config import ExportConfig
 from train.export.hf_export import export_checkpoint
 

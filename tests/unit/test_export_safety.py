@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_export_support import make_checkpoint
+from tests.helpers.export_checkpoints import make_checkpoint
 from train.export.__main__ import main
 from train.export.config import ExportConfig
 from train.export.hf_export import export_checkpoint

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_pipeline.fsutil import file_sha256
-from tests.unit.test_export_support import (
+from tests.helpers.export_checkpoints import (
     TINY_LLAMA,
     export_tensors,
     logits,
