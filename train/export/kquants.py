@@ -16,8 +16,17 @@ into FMA (e.g. -march=native without -ffp-contract=off) can differ in the last b
 scale, and then in the odd code; tests/fixtures/kquant_blocks.json holds blocks from the C code
 compiled with -ffp-contract=off (tests/fixtures/make_kquant_fixture.py).
 
-Vectorized over blocks; a tensor is processed CHUNK_VALUES values at a time, so the working
-memory per tensor is a few tens of MB per thread (WORKERS) whatever its size.
+Vectorized over sub-blocks, column-major: the work arrays hold one sub-block per column (values
+along axis 0), so each C accumulation loop is one `np.add.reduce(axis=0)`, which adds row after row
+(`_colsum`, tested against the explicit loop); the one difference from the old left-to-right loop is
+that a sum starts from +0 as the C code's `float s = 0` does. `nearest_int` followed by a clip is
+computed as (v + 1.5 * 2^23) - 1.5 * 2^23 in float32 when every v of the trial is within +-2^22 (the
+same integer, checked per trial from the two extreme inputs), else by the bit trick. The levels the
+scale searches find are only kept for the few sub-blocks whose scale rounds to 0 (the others are
+requantized from the packed scales, as in C): the search runs again on those columns with levels.
+A tensor is processed CHUNK_VALUES values at a time (work arrays of about 1 MB, near the CPU caches),
+in WORKERS threads. tests/helpers/kquants_rowmajor.py keeps the previous row-major port, and a test
+compares the bytes of both on random and adversarial blocks (NaN, inf, denormals, zeros, outliers).
 """
 from __future__ import annotations
 
@@ -29,9 +38,9 @@ import numpy as np
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
-CHUNK_VALUES = 1 << 20
+CHUNK_VALUES = 1 << 18
 WORKERS = min(4, os.cpu_count() or 1)
-"""Threads quantizing chunks of one tensor at once (each holds a few tens of MB of work arrays)."""
+"""Threads quantizing chunks of one tensor at once (each holds about 10 MB of work arrays)."""
 F32 = np.float32
 # bytes per 256-value super-block (ggml-common.h block_q*_K), checked against gguf.GGML_QUANT_SIZES in tests
 BLOCK_BYTES = {"Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -65,12 +74,6 @@ def _colsum(a: np.ndarray) -> np.ndarray:
     return np.add.reduce(np.ascontiguousarray(a, dtype=F32), axis=0)
 
 
-def _seqsum(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis, left to right in float32 (a transposed copy through _colsum)."""
-    a = np.asarray(a, dtype=F32)
-    return _colsum(np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)).reshape(a.shape[:-1])
-
-
 def _fp16(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=F32).astype(np.float16)
 
@@ -82,10 +85,11 @@ def _signed_absmax(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarra
     return np.abs(signed), signed
 
 
-def _exact_by_float(*ends: np.ndarray) -> bool:
-    """Whether every value to round lies within +-2^22 (so float rounding equals nearest_int). Each
-    caller passes the values its two extreme inputs give per row: x -> fl(s * fl(x - m)) is monotone."""
-    return all(bool((np.abs(e) < EXACT).all()) for e in ends)
+def _exact_by_float(low: np.ndarray, high: np.ndarray) -> bool:
+    """Whether every value to round lies strictly within +-2^22 (then float rounding equals nearest_int;
+    NaN fails). The caller passes, per column, the values its smallest and largest x give: each value is
+    fl(s * fl(x - m)) or fl(x * s), monotone in x, so these two bound the column."""
+    return bool((np.maximum(np.abs(low), np.abs(high)) < EXACT).all())
 
 
 def _round_clip(t: np.ndarray, lo: int, hi: int, by_float: bool) -> np.ndarray:
@@ -381,8 +385,11 @@ def quantize(array: np.ndarray, qtype: object) -> np.ndarray:
 
     def one(start: int) -> None:
         chunk = flat[start:start + step]
-        out[start:start + step] = (kquant(chunk) if kquant else
-                                   gguf.quants.quantize(chunk, qtype).reshape(-1, type_size))
+        if kquant is None:
+            out[start:start + step] = gguf.quants.quantize(chunk, qtype).reshape(-1, type_size)
+            return
+        with np.errstate(all="ignore"):  # per thread; only non-finite or extreme weights overflow
+            out[start:start + step] = kquant(chunk)
 
     starts = range(0, flat.shape[0], step)
     if kquant is None or len(starts) == 1 or WORKERS == 1:
