@@ -109,8 +109,8 @@ def test_colsum_adds_rows_in_order_from_zero():
     """The product sums along axis 0 with np.add.reduce: it must add row after row, as the C loop
     `float s = 0; for (...) s += a[i];` does (numpy sums a contiguous axis pairwise instead)."""
     rng = np.random.default_rng(3)
-    for columns in [1, 2, 3, 7, 15, 16, 17, 64, 3000]:
-        for rows in (16, 32):
+    for columns, rows in [(c, r) for c in (1, 2, 3, 7, 15, 16, 17, 64, 3000) for r in (16, 32)]:
+        with np.errstate(over="ignore", invalid="ignore"):  # sums may overflow: to the same inf both ways
             a = (rng.standard_cauchy((rows, columns)) * 10.0 ** rng.integers(-40, 38, (rows, columns))).astype(np.float32)
             a[rng.random(a.shape) < 0.2] = -0.0
             a[:, 0] = -0.0  # all negative zeros: C's sum starting at +0 gives +0
@@ -153,3 +153,19 @@ def test_bytes_equal_the_row_major_port_on_adversarial_blocks(name, monkeypatch)
         expected = kquants_rowmajor.K_QUANTIZERS[name](x)
     bad = [i for i in range(len(x)) if not np.array_equal(got[i], expected[i])]
     assert bad == [], f"{name}: blocks {bad} differ from the row-major port"
+
+
+def test_float_rounding_equals_nearest_int_below_the_bound_only():
+    """Within +-EXACT, (v + 1.5*2^23) - 1.5*2^23 then clip equals nearest_int then clip (ties to even
+    included); at 2^22 - 0.25 they differ, which is why the bound is 2^21 and checked per trial."""
+    e = float(kquants.EXACT)
+    edges = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -0.0, 0.49999997, 15.5, 16.5, -32.5, 31.5, e - 0.5, e - 1], np.float32)
+    v = np.concatenate([edges, -edges, np.random.default_rng(5).uniform(-e, e, 100_000).astype(np.float32)])
+    v = v[np.abs(v) < kquants.EXACT]
+    assert kquants._exact_by_float(v, v)
+    for lo, hi in ((0, 15), (0, 31), (-32, 31), (-4, 3), (-(1 << 30), 1 << 30)):
+        by_float = kquants._round_clip(v.copy(), lo, hi, True)
+        assert np.array_equal(by_float, kquants._round_clip(v.copy(), lo, hi, False)), (lo, hi)
+    far = np.array([4194303.75, np.nan], np.float32)
+    assert kquants._round_clip(far[:1].copy(), 0, 15, True) != kquants._round_clip(far[:1].copy(), 0, 15, False)
+    assert not kquants._exact_by_float(far[:1], far[:1]) and not kquants._exact_by_float(far[1:], far[1:])

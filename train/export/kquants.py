@@ -9,7 +9,7 @@ with their helpers `make_qx_quants` (rmse_type 1, no importance weights), `make_
 (do_rmse) and `make_qkx2_quants`. They are the functions `llama-quantize` runs when no
 importance matrix is given (`quantize_q*_K(..., quant_weights=NULL)` calls the `_ref` rows).
 Bit-exactness with the C code: every value is float32; sums are accumulated sequentially
-(column by column, unlike `np.sum`'s pairwise reduction) in the C loop's
+(row after row of a column-major array, unlike `np.sum`'s pairwise reduction) in the C loop's
 order and operand grouping; `nearest_int` is emulated bit for bit (the 1.5 * 2^23 trick); fp16
 scales round to nearest even as GGML_FP32_TO_FP16 does. A C compiler that contracts `a*b + c`
 into FMA (e.g. -march=native without -ffp-contract=off) can differ in the last bit of a
@@ -20,7 +20,7 @@ Vectorized over sub-blocks, column-major: the work arrays hold one sub-block per
 along axis 0), so each C accumulation loop is one `np.add.reduce(axis=0)`, which adds row after row
 (`_colsum`, tested against the explicit loop); the one difference from the old left-to-right loop is
 that a sum starts from +0 as the C code's `float s = 0` does. `nearest_int` followed by a clip is
-computed as (v + 1.5 * 2^23) - 1.5 * 2^23 in float32 when every v of the trial is within +-2^22 (the
+computed as (v + 1.5 * 2^23) - 1.5 * 2^23 in float32 when every v of the trial is within +-2^21 (the
 same integer, checked per trial from the two extreme inputs), else by the bit trick. The levels the
 scale searches find are only kept for the few sub-blocks whose scale rounds to 0 (the others are
 requantized from the packed scales, as in C): the search runs again on those columns with levels.
@@ -54,9 +54,10 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 MAGIC = F32(12582912.0)
-"""1.5 * 2^23: nearest_int's constant; (v + MAGIC) - MAGIC is v rounded half to even for |v| < 2^22."""
-EXACT = F32(4194304.0)
-"""2^22: below it the float rounding above equals nearest_int; above it (or NaN) the bit trick is used."""
+"""1.5 * 2^23: nearest_int's constant; (v + MAGIC) - MAGIC rounds v half to even (see EXACT for the range)."""
+EXACT = F32(2097152.0)
+"""2^21: for |v| below it the float rounding above equals nearest_int (v + MAGIC stays well inside
+[2^23, 2^24), where the float32 spacing is 1); otherwise (or NaN) the bit trick is used."""
 REDUCE_MIN_COLUMNS = 16
 """np.add.reduce over axis 0 of a C-contiguous (n, m) array adds row after row (out[j] += a[i, j]) when
 m > 1; with one column it is a contiguous pairwise sum. Below this many columns rows are added in a loop."""
@@ -86,7 +87,7 @@ def _signed_absmax(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarra
 
 
 def _exact_by_float(low: np.ndarray, high: np.ndarray) -> bool:
-    """Whether every value to round lies strictly within +-2^22 (then float rounding equals nearest_int;
+    """Whether every value to round lies strictly within +-2^21 (then float rounding equals nearest_int;
     NaN fails). The caller passes, per column, the values its smallest and largest x give: each value is
     fl(s * fl(x - m)) or fl(x * s), monotone in x, so these two bound the column."""
     return bool((np.maximum(np.abs(low), np.abs(high)) < EXACT).all())
