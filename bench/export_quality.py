@@ -2,6 +2,7 @@
 
     python bench/export_quality.py                  # demo model (trained) + a ~100M model from config
     python bench/export_quality.py --smoke          # seconds: a 1-layer model, two formats
+    python bench/export_quality.py --models quantizers --rounds 7   # the quantizers alone, q8_0 interleaved
 
 Two models, each exported by the real exporter (`export_checkpoint`, bf16 HF + every GGUF type, quality
 measured by the exporter itself on held-out text):
@@ -15,6 +16,9 @@ measured by the exporter itself on held-out text):
   deltas are those of an untrained model and only say that nothing broke.
 Per format: the GGUF write (quantization included) is timed, and the process RSS is sampled every
 5 ms during it (psutil): peak minus the RSS when it started. Ends with one JSON line, ratios first.
+- quantizers: `kquants.quantize` alone on a (2048, 2048) Gaussian tensor, Q8_0 then each K type in turn,
+  --rounds times; each K type's time over the Q8_0 time of the same round, median over rounds (on a
+  shared machine the load changes between runs; interleaving keeps each ratio's two timings close).
 """
 from __future__ import annotations
 
@@ -154,14 +158,46 @@ def run_export(name: str, model: Any, tok_dir: Path, held_out: Path, formats: li
             "quality_tokens": meta["quality"]["tokens"], "formats": rows}
 
 
+def time_quantizers(rows: int, cols: int, rounds: int) -> dict[str, Any]:
+    """Median over rounds of (K-quant time / Q8_0 time of the same round), and the median seconds."""
+    import statistics
+
+    import gguf
+    import numpy as np
+
+    from train.export import kquants
+
+    x = np.random.default_rng(0).normal(0, 0.02, (rows, cols)).astype(np.float32)
+    names = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K"]
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            t0 = time.perf_counter()
+            kquants.quantize(x, gguf.GGMLQuantizationType[n])
+            seconds[n].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"values": rows * cols, "rounds": rounds, "workers": kquants.WORKERS}
+    for n in names:
+        out[f"{n.lower()}_s"] = round(statistics.median(seconds[n]), 4)
+        if n != "Q8_0":
+            out[f"{n.lower()}_over_q8_0"] = round(statistics.median(
+                k / q for k, q in zip(seconds[n], seconds["Q8_0"])), 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a 1-layer model and two formats, in seconds")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the demo model")
     parser.add_argument("--tokens", type=int, default=65536, help="perplexity tokens (demo model)")
     parser.add_argument("--big-tokens", type=int, default=4096, help="perplexity tokens (100M model)")
-    parser.add_argument("--models", default="demo,big", help="which of demo,big to run")
+    parser.add_argument("--models", default="demo,big", help="which of demo,big,quantizers to run")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the quantizers timing")
     args = parser.parse_args()
+    if args.models == "quantizers":
+        quantizers = time_quantizers(2048, 2048, args.rounds)
+        print(json.dumps({f"quantize_{k}": v for k, v in quantizers.items() if k.endswith("over_q8_0")}
+                         | {"quantizers": quantizers}))
+        return
 
     import transformers
 
@@ -181,6 +217,7 @@ def main() -> None:
             result = {"demo": run_export("demo", model, root / "tok", root / "held_out.txt", ["q8_0", "q4_k_m"],
                                          512, root, sampler)}
             result["demo"]["train_loss"] = loss
+            result["quantizers"] = time_quantizers(16, 512, 1)
         else:
             result = {}
             if "demo" in args.models:
@@ -193,6 +230,8 @@ def main() -> None:
                 result["big"] = run_export("big", big, root / "tok", root / "held_out.txt",
                                            ["f16", "q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m"],
                                            args.big_tokens, root, sampler)
+            if "quantizers" in args.models:
+                result["quantizers"] = time_quantizers(2048, 2048, args.rounds)
     sampler.stop.set()
     ratios: dict[str, Any] = {}
     if "demo" in result:

@@ -103,3 +103,69 @@ def test_rows_that_are_not_multiples_of_256_fall_back_as_llama_quantize_does():
     assert {n: t.name for n, t in mix("q3_k_m", _llama_tensors(2, 64, 128), 2)[0].items()}["blk.0.ffn_up.weight"] == "Q4_0"
     odd = {n: t.name for n, t in mix("q4_k_m", _llama_tensors(2, 48, 96), 2)[0].items()}
     assert odd["blk.0.attn_q.weight"] == "F16" and odd["blk.0.ffn_down.weight"] == "Q5_0"  # rows of 48 and 96
+
+
+def test_colsum_adds_rows_in_order_from_zero():
+    """The product sums along axis 0 with np.add.reduce: it must add row after row, as the C loop
+    `float s = 0; for (...) s += a[i];` does (numpy sums a contiguous axis pairwise instead)."""
+    rng = np.random.default_rng(3)
+    for columns, rows in [(c, r) for c in (1, 2, 3, 7, 15, 16, 17, 64, 3000) for r in (16, 32)]:
+        with np.errstate(over="ignore", invalid="ignore"):  # sums may overflow: to the same inf both ways
+            a = (rng.standard_cauchy((rows, columns)) * 10.0 ** rng.integers(-40, 38, (rows, columns))).astype(np.float32)
+            a[rng.random(a.shape) < 0.2] = -0.0
+            a[:, 0] = -0.0  # all negative zeros: C's sum starting at +0 gives +0
+            expected = np.float32(0) + a[0]
+            for row in a[1:]:
+                expected += row
+            assert np.array_equal(kquants._colsum(a).view(np.int32), expected.view(np.int32)), (rows, columns)
+
+
+def _adversarial_blocks() -> list[np.ndarray]:
+    rng = np.random.default_rng(4)
+    wild = rng.normal(0, 1, (32, 256)) * 10.0 ** rng.integers(-45, 30, (32, 256))  # denormals to 1e30
+    scaled = rng.normal(0, 1, (32, 256)) * 10.0 ** rng.integers(-40, 38, (32, 1))  # whole blocks at each scale
+    zeros = rng.normal(0, 0.02, (16, 256))
+    zeros[rng.random(zeros.shape) < 0.6] = 0
+    zeros[rng.random(zeros.shape) < 0.2] = -0.0
+    outliers = rng.normal(0, 0.02, (16, 256))
+    outliers[:, rng.integers(0, 256, 4)] = rng.normal(0, 20, (16, 4))  # sub-blocks whose scale rounds to 0
+    bad = rng.normal(0, 1, (16, 256))
+    for value in (np.nan, np.inf, -np.inf):
+        bad[rng.random(bad.shape) < 0.01] = value  # rounding by the bit trick
+    huge = np.where(rng.random((8, 256)) < 0.5, 3.4e38, -3.4e38) * rng.random((8, 256))
+    steps = rng.integers(-3, 4, (16, 256)) * np.array([1, 1e-20, 1e-38, 1e30])[rng.integers(0, 4, (16, 1))]
+    return [rng.normal(0, 0.02, (32, 256)), rng.standard_t(2, (32, 256)) * 0.05, rng.standard_cauchy((16, 256)),
+            wild, scaled, zeros, outliers, bad, huge, steps, np.abs(rng.normal(0.5, 0.1, (8, 256)))]
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_equal_the_row_major_port_on_adversarial_blocks(name, monkeypatch):
+    """The column-major product against the previous port (tests/helpers/kquants_rowmajor.py, which
+    matched the C fixture): every byte, through chunks small enough to split a tensor."""
+    import gguf
+
+    from tests.helpers import kquants_rowmajor
+
+    monkeypatch.setattr(kquants, "CHUNK_VALUES", 16 * 256)
+    x = np.concatenate(_adversarial_blocks()).astype(np.float32)
+    with np.errstate(all="ignore"):
+        got = kquants.quantize(x, gguf.GGMLQuantizationType[name])
+        expected = kquants_rowmajor.K_QUANTIZERS[name](x)
+    bad = [i for i in range(len(x)) if not np.array_equal(got[i], expected[i])]
+    assert bad == [], f"{name}: blocks {bad} differ from the row-major port"
+
+
+def test_float_rounding_equals_nearest_int_below_the_bound_only():
+    """Within +-EXACT, (v + 1.5*2^23) - 1.5*2^23 then clip equals nearest_int then clip (ties to even
+    included); at 2^22 - 0.25 they differ, which is why the bound is 2^21 and checked per trial."""
+    e = float(kquants.EXACT)
+    edges = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -0.0, 0.49999997, 15.5, 16.5, -32.5, 31.5, e - 0.5, e - 1], np.float32)
+    v = np.concatenate([edges, -edges, np.random.default_rng(5).uniform(-e, e, 100_000).astype(np.float32)])
+    v = v[np.abs(v) < kquants.EXACT]
+    assert kquants._exact_by_float(v, v)
+    for lo, hi in ((0, 15), (0, 31), (-32, 31), (-4, 3), (-(1 << 30), 1 << 30)):
+        by_float = kquants._round_clip(v.copy(), lo, hi, True)
+        assert np.array_equal(by_float, kquants._round_clip(v.copy(), lo, hi, False)), (lo, hi)
+    far = np.array([4194303.75, np.nan], np.float32)
+    assert kquants._round_clip(far[:1].copy(), 0, 15, True) != kquants._round_clip(far[:1].copy(), 0, 15, False)
+    assert not kquants._exact_by_float(far[:1], far[:1]) and not kquants._exact_by_float(far[1:], far[1:])
