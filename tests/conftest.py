@@ -18,11 +18,19 @@ SHARED_GROUPS = {
     # curve and the local SLURM clusters (one worker runs them all, one after the other).
     "launch-slurm": ("test_slurm.py", "test_slurm_multinode.py", "test_launch_multinode.py"),
 }
-"""Under pytest-xdist (`make test`: `-n 2 --dist loadfile`) every file runs on one worker, and so
+"""Under pytest-xdist (`make test`: `-n 3 --dist loadfile`) every file runs on one worker, and so
 do the files of each group here."""
 RUN_FIRST = ("system", "integration", "unit")
 """Under pytest-xdist, the files are handed out in this tier order: the long, mostly waiting system
 tests start first and the many short unit files fill the end."""
+
+
+LONG_FIRST = ("test_plan_memory.py", "test_dpo_train.py", "test_export_strategies.py", "test_guard_resume.py",
+              "test_lora.py", "test_guard_nan.py", "test_trainer_resume.py", "test_model_loading.py",
+              "test_trainer_compile_async.py", "test_trainer_parity.py", "test_trainer_remote.py", "test_bench_dpo.py")
+"""Within a tier, the files that take longest (measured on a fresh clone) are handed out first, so
+that the end of the run is many short files spread over the workers rather than one long file
+on one worker while the other waits."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,7 +42,9 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, tier))
     if os.environ.get("PYTEST_XDIST_WORKER"):  # the order in which the scheduler below hands files out
         rank = {tier: k for k, tier in enumerate(RUN_FIRST)}
-        items.sort(key=lambda item: next((rank[t] for t in RUN_FIRST if t in item.path.parts), len(rank)))
+        long = {name: k for k, name in enumerate(LONG_FIRST)}
+        items.sort(key=lambda item: (next((rank[t] for t in RUN_FIRST if t in item.path.parts), len(rank)),
+                                     long.get(item.path.name, len(long))))
 
 
 @pytest.hookimpl(optionalhook=True)
