@@ -78,11 +78,11 @@ demo: setup
 	$(PY) -m train.sample $(DEMO_DIR)/exports/step_00000200 --prompt 'def main('
 	@echo "done: $(DEMO_DIR)/exports/step_00000200 (HF + GGUF), $(DEMO_DIR)/report/summary.md, W&B offline files in $(DEMO_DIR)/wandb"
 
-# pytest-xdist: whole files per worker (tests/conftest.py keeps the files that share a SLURM cluster
-# on one worker and hands the longest out first). One worker more than the 2 cores CI has: part of
-# the suite waits (SLURM's requeue holds, pip downloads, timeouts) rather than computes.
+# pytest-xdist: one worker per core, whole files per worker (tests/conftest.py keeps the files that
+# share a SLURM cluster on one worker and hands the longest out first). A third worker on 2 cores was
+# slower (20.8 min against 17.3) and overloaded the timing of the kill/resume tests.
 # WORKERS=0 runs everything in this process, one test at a time.
-WORKERS ?= 3
+WORKERS ?= 2
 XDIST = $(if $(filter-out 0,$(WORKERS)),-n $(WORKERS) --dist loadfile)
 test: setup lint
 	$(PY) -m pytest -q $(XDIST) --durations=25 tests

@@ -18,7 +18,7 @@ SHARED_GROUPS = {
     # curve and the local SLURM clusters (one worker runs them all, one after the other).
     "launch-slurm": ("test_slurm.py", "test_slurm_multinode.py", "test_launch_multinode.py"),
 }
-"""Under pytest-xdist (`make test`: `-n 3 --dist loadfile`) every file runs on one worker, and so
+"""Under pytest-xdist (`make test`: `-n 2 --dist loadfile`) every file runs on one worker, and so
 do the files of each group here."""
 RUN_FIRST = ("system", "integration", "unit")
 """Under pytest-xdist, the files are handed out in this tier order: the long, mostly waiting system
