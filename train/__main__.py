@@ -31,8 +31,10 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 def main(dcfg: DictConfig) -> None:
     from train.config import ConfigError, load_config
     from train.host_memory import tune_allocator
+    from train.signals import enable_stack_dumps
 
     tune_allocator()  # before the model is built: every later large block is returned when freed
+    enable_stack_dumps()  # kill -USR2 <pid>: every thread's stack to stderr
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s r{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")

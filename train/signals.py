@@ -13,9 +13,13 @@ nothing tells them: a rank notices that its parent pid changed (one cheap getppi
 checkpoints and exits instead of training on as an orphan whose output is lost.
 
 A second Ctrl-C aborts at once: the first one restores the default SIGINT action.
+
+SIGUSR2 prints every thread's Python stack to the rank's stderr and training goes on
+(`enable_stack_dumps`, Python's faulthandler): where a hung rank waits, without a debugger.
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -26,6 +30,16 @@ log = logging.getLogger("scaletrain")
 
 STOP_CHECK_S = 1.0
 """Seconds between two looks at RUN_DIR/STOP by rank 0."""
+
+
+DUMP_SIGNAL = signal.SIGUSR2
+"""`kill -USR2 <rank pid>`: every thread's stack to stderr, then the rank goes on."""
+
+
+def enable_stack_dumps() -> None:
+    """Install the SIGUSR2 handler (faulthandler: async-signal-safe, works while the main thread is
+    blocked in a collective or a write)."""
+    faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
 
 
 def _process_start() -> float:

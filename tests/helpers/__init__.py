@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,16 +69,99 @@ def train_cmd(args: list[str], nproc: int = 1) -> list[str]:
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 300, check: bool = True,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(args, nproc), cwd=REPO, env=env or child_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = run_reporting_hangs(train_cmd(args, nproc), timeout=timeout, cwd=REPO, env=env or child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def start_train(args: list[str], nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(args, nproc), cwd=REPO, env=env or child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+class TrainProcess(subprocess.Popen):
+    """A trainer started in the background whose output (stdout and stderr) goes to an unlinked
+    temporary file, not a pipe: a test that waits on the ranks before reading would otherwise
+    stop them once 64 KiB of log lines fill the pipe (rank 0 blocks in write, the others in the
+    step's collective). `stdout.read()` returns what was written so far; `communicate` waits first."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        fd, path = tempfile.mkstemp(prefix="scaletrain-test-", suffix=".log")
+        try:
+            super().__init__(cmd, cwd=REPO, env=env, stdout=fd, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+            self.stdout = open(path, encoding="utf-8", errors="replace")
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    def communicate(self, input=None, timeout: float | None = None) -> tuple[str, None]:
+        try:
+            self.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            dumped = dump_stacks(_train_args(self.args))
+            out = self.stdout.read()
+            raise AssertionError(f"still running after {timeout:g} s; its output ends:\n{out[-6000:]}\n"
+                                 f"stacks of its {dumped} rank(s) (SIGUSR2):\n{stacks(out)}") from None
+        return self.stdout.read(), None
+
+
+def _is_rank(cmd: list[str]) -> bool:
+    """`python ... -m train ...` (a rank), not a launcher whose arguments name the module."""
+    if not cmd or not Path(cmd[0]).name.startswith("python") or "-m" not in cmd:
+        return False
+    i = cmd.index("-m")
+    return cmd[i + 1:i + 2] == ["train"]
+
+
+def _train_args(cmd: list[str]) -> list[str]:
+    """The trainer's overrides in a launcher's command line (what follows `-m train`)."""
+    return cmd[cmd.index("train") + 1:] if "train" in cmd else cmd
+
+
+def dump_stacks(args: list[str], wait_s: float = 3.0) -> int:
+    """SIGUSR2 to every running trainer rank started with exactly these `args` (a run.dir among
+    them makes them unique): each prints its threads' stacks to its stderr (train/signals.py).
+    Returns how many were signalled."""
+    import psutil
+
+    n = 0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if _is_rank(cmd) and cmd[-len(args):] == list(args):
+            try:
+                p.send_signal(signal.SIGUSR2)
+                n += 1
+            except psutil.NoSuchProcess:
+                pass
+    if n:
+        time.sleep(wait_s)
+    return n
+
+
+def stacks(text: str) -> str:
+    """The thread stacks that faulthandler printed into `text` (a rank's output, log lines between)."""
+    keep = [line for line in text.splitlines()
+            if re.match(r"(Current thread|Thread) 0x[0-9a-f]+ |  File \"|Stack \(most recent", line)]
+    return "\n".join(keep) or "(none printed)"
+
+
+def run_reporting_hangs(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`, except that a
+    command still running at the timeout first has its trainer ranks print their stacks, and the
+    AssertionError carries the tail of what it printed (where a hang waits, not only that it did)."""
+    args = _train_args(cmd)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            dumped = dump_stacks(args)
+            kill_all(proc)
+            out, err = proc.communicate()
+            raise AssertionError(f"{' '.join(cmd[:6])} ... still running after {timeout:g} s; its output ends:\n"
+                                 f"{out[-3000:]}\n{err[-6000:]}\nstacks of its {dumped} rank(s) (SIGUSR2):\n"
+                                 f"{stacks(out + err)}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def start_train(args: list[str], nproc: int = 1, env: dict[str, str] | None = None) -> TrainProcess:
+    return TrainProcess(train_cmd(args, nproc), env or child_env())
 
 
 def kill_all(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -113,6 +113,23 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     assert proc.returncode == -signal.SIGINT and time.monotonic() - t0 < 30
 
 
+def test_sigusr2_prints_every_threads_stack_and_the_process_goes_on():
+    script = textwrap.dedent("""
+        import os, signal, threading, time
+        from train.signals import enable_stack_dumps
+        enable_stack_dumps()
+        threading.Thread(target=time.sleep, args=(30,), name="sleeper", daemon=True).start()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        print("went on", flush=True)
+    """)
+    proc = subprocess.run([PY, "-c", script], cwd=REPO, env=child_env(PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "went on\n", proc.stderr
+    main, other = proc.stderr.split("Current thread 0x")[::-1]
+    assert 'File "<string>", line 6 in <module>' in main  # the os.kill line: where the main thread was
+    assert other.startswith("Thread 0x") and "threading.py" in other  # the sleeper's stack too
+
+
 def test_ranks_whose_launcher_died_checkpoint_and_exit(tmp_path):
     """torchrun dies on SIGUSR1 (it does not forward it); its ranks, in sessions of their own, see
     their parent change, agree to stop, checkpoint the same step and exit."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.fsutil import free_port
+from tests.helpers import run_reporting_hangs
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CRED_EXPIRE_S = 10
@@ -145,7 +146,7 @@ class SlurmCluster:
     def run(self, *cmd: str, check: bool = True, timeout: float = 60,
             **kw) -> subprocess.CompletedProcess:
         env = {**self.env, **kw.pop("env", {})}
-        res = subprocess.run(self.nodes[0].wrap(list(cmd)), env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        res = run_reporting_hangs(self.nodes[0].wrap(list(cmd)), timeout=timeout, env=env, **kw)
         if check and res.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}{res.stderr}"
                                f"\n{self.logs()}")
