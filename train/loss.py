@@ -7,7 +7,8 @@ hidden states, and projects + scores them a chunk of tokens at a time, computing
 gradients of each chunk right away (as Liger's fused linear cross-entropy does) so that only
 one chunk of logits ever exists. Under DeepSpeed ZeRO-3 the head's weight is whole only inside
 the head's own forward/backward, so there the head module is called per chunk with activation
-recompute instead. `fused` is Liger's kernel itself, on CUDA.
+recompute instead. `fused` is Liger's kernel itself, on CUDA. A micro-batch of at most
+SMALL_LOGITS logits skips the chunk loop (`small_cross_entropy_sum`: one piece, autograd's kernels).
 
 Every kind returns the *sum* of token losses and the number of labelled tokens
 (`token_loss_sum`), so the loop can normalise over the global batch; `lm_loss` is the mean.
@@ -28,6 +29,9 @@ LossKind = Literal["plain", "chunked", "fused"]
 IGNORE = -100
 # Tokens per chunk: 2^25 logits (128 MiB in fp32) whatever the vocabulary.
 CHUNK_LOGITS = 2**25
+# At most this many logits (4 MiB in fp32), a micro-batch is scored in one piece by autograd's own
+# kernels: memory does not matter there, and the chunk loop's ~30 small ops cost more than the math.
+SMALL_LOGITS = 2**20
 
 
 class TokenLoss(NamedTuple):
@@ -75,6 +79,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
     with _full_weight(model, head) as weight:
         if kind == "fused":
             total = _liger_sum(hidden, weight, labels.reshape(-1))
+        elif hidden.size(0) * weight.size(0) <= min(SMALL_LOGITS, CHUNK_LOGITS):
+            total = small_cross_entropy_sum(hidden, weight, labels.reshape(-1))
         else:
             total = linear_cross_entropy_sum(hidden, weight, labels.reshape(-1))
     return TokenLoss(total, tokens)
@@ -86,6 +92,17 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     chunk = chunk or max(1, CHUNK_LOGITS // weight.size(0))
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, need, projection_dtype(hidden))
+
+
+def small_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`linear_cross_entropy_sum` for a micro-batch of at most SMALL_LOGITS logits, in one piece:
+    the projection and `F.cross_entropy` with autograd's backward (what `plain` computes, from the
+    hidden states). Not for a weight that exists only inside a context (a frozen ZeRO-3 head):
+    autograd keeps it for backward."""
+    dtype = projection_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
 def projection_dtype(hidden: torch.Tensor) -> torch.dtype:

@@ -47,6 +47,18 @@ def test_chunked_equals_plain_and_transformers(model_and_batch, monkeypatch):
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_small_batch_in_one_piece_equals_chunk_loop(model_and_batch, monkeypatch):
+    """Up to SMALL_LOGITS the chunked loss skips its chunk loop: same loss and gradients as the loop."""
+    model, batch, _ = model_and_batch
+    assert 2 * SEQ * VOCAB <= L.SMALL_LOGITS
+    one_piece, one_piece_grads = _loss_and_grads(model, batch, "chunked")
+    monkeypatch.setattr(L, "SMALL_LOGITS", 0)  # every micro-batch through the chunk loop
+    looped, looped_grads = _loss_and_grads(model, batch, "chunked")
+    torch.testing.assert_close(one_piece, looped, rtol=1e-6, atol=1e-6)
+    for name, grad in looped_grads.items():
+        torch.testing.assert_close(one_piece_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_sum_and_count(model_and_batch):
     model, batch, _ = model_and_batch
     with torch.no_grad():
