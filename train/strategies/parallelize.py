@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
@@ -162,6 +163,18 @@ def _vocab_modules(model: nn.Module) -> list[nn.Module]:
     return [embed, head]
 
 
+def no_backward_prefetch(model: nn.Module) -> None:
+    """Backward gathers one block at a time. FSDP2's default gathers the next block while one
+    computes its gradients, to overlap the all-gather with compute on an accelerator; on CPU
+    ranks (gloo) there is nothing to overlap with, and the prefetched block is host memory held
+    at the step's peak: ~0.07x the bf16 weight files of a 150M LoRA run on 2 ranks (issue 17,
+    docs/BENCHMARKS.md). A unit that names itself as the one to prefetch turns FSDP2's default
+    off (it is already gathered when its backward starts, so the prefetch is a no-op)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_modules_to_backward_prefetch([module])
+
+
 def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.dtype,
                weights: Weights | None = None, phases=None, saved_low: bool = True) -> nn.Module:
     """`fully_shard` every decoder block, then the root; fp32 gradient reduction. A meta model is
@@ -193,6 +206,8 @@ def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.d
     for module in _vocab_modules(model):  # torchtitan: the embedding and the output head on their own
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    if info.device.type == "cpu":
+        no_backward_prefetch(model)
     if upcast:
         apply_frozen_upcast(model, dtype, saved_low)
     if meta:
