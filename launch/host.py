@@ -18,13 +18,14 @@ and Adam state) and, on the CPU, everything the planner counts as device memory
 (launch/plan.py `breakdown`, the same bytes a GPU holds in its own memory): the rank's shards,
 trainable parameters' gradients and Adam state, activations, the loss's chunk of logits, and the
 step's transients in `buffers`: the gathered blocks in the dtype they are gathered in (a bf16
-base under LoRA stays bf16 on the CPU), FSDP2's copy-out of one of them, the larger vocabulary
-unit, ZeRO-3's reduce bucket, and the fp32 copy of the output head that a bf16 base computing
-in fp32 makes in the loss. All of it is the steady state from step 2 on (Adam's state exists
-through forward and backward); a run of one step peaks lower when every parameter trains.
+base under LoRA stays bf16 on the CPU), FSDP2's copy-out, ZeRO-3's reduce bucket, and the output
+head with the fp32 copy that a bf16 base computing in fp32 makes of it; on CPU ranks the larger of
+one block and the head, not their sum (launch/plan.py `cpu_sharded_buffers`). All of it is the
+steady state from step 2 on (Adam's state exists through forward and backward); a run of one step
+peaks lower when every parameter trains.
 
 Checked against 2-rank CPU runs (tests/integration/test_plan_memory.py, bench/startup.py,
-docs/BENCHMARKS.md): LoRA under fsdp and zero3 within 11% (100M to 1B shapes), FSDP full
+docs/BENCHMARKS.md): LoRA under fsdp and zero3 within 12% (152M test model, 100M bench model), FSDP full
 fine-tuning within 5% of a 2-step run, ZeRO-3 full fine-tuning within 5% of a 1-step run (its
 second step grows ~10% more on the CPU, not modelled).
 Every rank also pays a baseline for the interpreter, torch, transformers, DeepSpeed and (on a

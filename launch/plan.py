@@ -69,7 +69,8 @@ def gather_width(s: Setup) -> float:
 def upcast_bytes(shape: Shape, s: Setup) -> int:
     """A frozen base stored below an fp32 compute (CPU, LoRA, bf16 base): each module computes on
     an fp32 copy of its weights made for its forward (and its backward) and dropped after it.
-    One copy lives at a time; the largest is the output head's, upcast by the chunked loss."""
+    One copy lives at a time; the largest is the output head's, upcast whole when the model's
+    own forward runs it on the last position (the chunked loss itself upcasts it in blocks)."""
     if s.bf16 or s.adapter.kind != "lora" or frozen_width(s) >= 4:
         return 0
     return 4 * max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)
@@ -88,9 +89,11 @@ def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
     its bucket (`reduce_bucket_size`, 5e8 elements) and a flat copy of it, then steps its
     optimizer one sub-group (`sub_group_size`, 1e9 elements) at a time on an fp32 flat copy of
     that part of the rank's gradient partition. Gathered layers in `gather_width`, buckets in the
-    compute dtype."""
+    compute dtype. CPU ranks hold less (`cpu_sharded_buffers`)."""
     a, gw = (2 if s.bf16 else 4), gather_width(s)
     layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
+    if s.device == "cpu" and s.strategy.startswith(("fsdp", "zero3")):
+        return cpu_sharded_buffers(shape, psi, s) + FRAMEWORK_RESERVE
     if s.strategy == "ddp":
         comm = 4 * psi  # the reducer's flat gradient buckets
     elif s.strategy.startswith("fsdp"):
@@ -104,6 +107,27 @@ def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
     else:
         comm = 2 * a * min(psi, 500_000_000)  # reduce and all-gather buckets (5e8 elements)
     return comm + upcast_bytes(shape, s) + FRAMEWORK_RESERVE
+
+
+def cpu_sharded_buffers(shape: Shape, psi: int, s: Setup) -> int:
+    """The step's transients of FSDP2 and ZeRO-3 on CPU ranks, which do not add up: FSDP2 holds one
+    block at a time there (no backward prefetch, each all-gather's buffer freed after its own
+    copy-out: train/strategies/parallelize.py `gather_one_block_at_a_time`), and the largest
+    transient is either a decoder block (gathered and copied out; its fp32 gradients under full
+    fine-tuning; under ZeRO-3 the reduce bucket, its flat copy and the fp32 gradient sub-group
+    of backward and the optimizer step) or the output head in the model's forward (gathered,
+    under ZeRO-3 beside gloo's staging copy of it, and its fp32 copy, `upcast_bytes`)."""
+    a, gw = (2 if s.bf16 else 4), gather_width(s)
+    layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
+    if s.strategy.startswith("fsdp"):
+        block = int(2 * gw * layer) + (4 * layer if s.adapter.kind == "none" else 0)
+        head = int(gw * vocab_unit)
+    else:
+        block = int(2 * gw * layer) + 2 * a * min(psi, 500_000_000)
+        if s.strategy == "zero3":
+            block += 4 * min(psi // s.world, 1_000_000_000)
+        head = int(2 * gw * vocab_unit)
+    return max(block, head + upcast_bytes(shape, s))
 
 
 def step_seconds(shape: Shape, psi: int, s: Setup, gpu: GPU) -> float:

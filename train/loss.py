@@ -33,6 +33,9 @@ CHUNK_LOGITS = 2**25
 # At most this many logits (4 MiB in fp32), a micro-batch is scored in one piece by autograd's own
 # kernels: memory does not matter there, and the chunk loop's ~30 small ops cost more than the math.
 SMALL_LOGITS = 2**20
+# Elements of the output matrix cast at a time when it is stored narrower than the projection
+# computes (a frozen bf16 head in an fp32 loss on the CPU): 4 MiB of fp32, not a copy of the head.
+UPCAST_BLOCK = 2**20
 
 
 class TokenLoss(NamedTuple):
@@ -80,7 +83,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
     with _full_weight(model, head) as weight:
         if kind == "fused":
             total = _liger_sum(hidden, weight, labels.reshape(-1))
-        elif hidden.size(0) * weight.size(0) <= min(SMALL_LOGITS, CHUNK_LOGITS):
+        elif hidden.size(0) * weight.size(0) <= min(SMALL_LOGITS, CHUNK_LOGITS) and \
+                projection_dtype(hidden).itemsize <= weight.dtype.itemsize:  # no wider copy of the head
             total = small_cross_entropy_sum(hidden, weight, labels.reshape(-1))
         else:
             total = linear_cross_entropy_sum(hidden, weight, labels.reshape(-1))
@@ -99,7 +103,8 @@ def small_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     """`linear_cross_entropy_sum` for a micro-batch of at most SMALL_LOGITS logits, in one piece:
     the projection and `F.cross_entropy` with autograd's backward (what `plain` computes, from the
     hidden states). Not for a weight that exists only inside a context (a frozen ZeRO-3 head):
-    autograd keeps it for backward."""
+    autograd keeps it for backward; nor for a head stored narrower than the projection computes
+    (a frozen bf16 head in a CPU run's fp32 loss): autograd would keep its whole upcast copy."""
     dtype = projection_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
         logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
@@ -148,7 +153,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk: int, need_grads: bool, dtype: torch.dtype):
         # The projection runs in `dtype` (autocast's, see projection_dtype); logits and softmax in
         # fp32; each gradient is handed back in its input's own dtype.
-        w = weight.to(dtype)
+        w = _Cast(weight, dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_grads and ctx.needs_input_grad[0] else None
         grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -156,7 +161,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.size(0), chunk):
                 h, y = hidden[start:start + chunk].to(dtype), labels[start:start + chunk]
-                logits = (h @ w.t()).float()
+                logits = w.logits(h)
                 lse = torch.logsumexp(logits, dim=-1)
                 valid = y != IGNORE
                 target = y.clamp(min=0)
@@ -168,7 +173,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 probs[torch.arange(len(y), device=y.device), target] -= 1.0
                 probs *= valid[:, None]
                 if grad_h is not None:
-                    grad_h[start:start + chunk] = probs.to(dtype) @ w
+                    grad_h[start:start + chunk] = w.times(probs.to(dtype))
                 if grad_w is not None:
                     grad_w += (probs.t().to(dtype) @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -181,6 +186,40 @@ class _ChunkedLinearCE(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
+
+
+class _Cast:
+    """The output matrix `weight` [vocab, hidden] as the projection's `dtype`. Cast whole once
+    when that is no wider (bf16 on a GPU, autocast's downcast); upcast UPCAST_BLOCK elements of
+    rows at a time when it is wider, so that no fp32 copy of the whole head exists: for a bf16
+    head in the fp32 loss of a CPU run that copy is twice the head's bytes, held at the step's
+    peak (issue 17). Each logit and each gradient term is the same product either way; the
+    blocked gradient of the hidden states sums the vocabulary in blocks."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        self.weight, self.dtype = weight, dtype
+        self.blocked = dtype.itemsize > weight.dtype.itemsize
+        self.whole = None if self.blocked else weight.to(dtype)
+        rows = max(1, UPCAST_BLOCK // max(1, weight.size(1)))
+        self.blocks = [(a, min(a + rows, weight.size(0))) for a in range(0, weight.size(0), rows)]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits h @ weight.T."""
+        if self.whole is not None:
+            return (h @ self.whole.t()).float()
+        out = torch.empty(h.size(0), self.weight.size(0), dtype=torch.float32, device=h.device)
+        for a, b in self.blocks:
+            out[:, a:b] = h @ self.weight[a:b].to(self.dtype).t()
+        return out
+
+    def times(self, p: torch.Tensor) -> torch.Tensor:
+        """p @ weight (p: [tokens, vocab] in `dtype`)."""
+        if self.whole is not None:
+            return p @ self.whole
+        out = torch.zeros(p.size(0), self.weight.size(1), dtype=self.dtype, device=p.device)
+        for a, b in self.blocks:
+            out += p[:, a:b] @ self.weight[a:b].to(self.dtype)
+        return out
 
 
 def output_head(model: nn.Module) -> nn.Linear:
@@ -228,7 +267,10 @@ def _full_weight(model: nn.Module, head: nn.Linear):
 
     FSDP2 reshards the root (embedding, final norm, head) after forward: unshard it again
     through its public API; the gradient then lands on the unsharded parameter, which FSDP
-    reduce-scatters after backward as usual. (ZeRO-3 goes through `_module_chunks_sum`.)"""
+    reduce-scatters after backward as usual. A frozen head in its own unit (adapter runs) is
+    resharded right away: the loss computes every gradient in its forward and keeps none of the
+    weight, so backward would only hold the whole head for nothing. (ZeRO-3 goes through
+    `_module_chunks_sum`.)"""
     weight = head.weight
     owner = next((m for m in (head, unwrap(model)) if isinstance(m, FSDPModule)), None)
     if owner is None:
@@ -236,8 +278,8 @@ def _full_weight(model: nn.Module, head: nn.Linear):
         return
     owner.unshard()
     yield head.weight
-    if not torch.is_grad_enabled():
-        owner.reshard()
+    if not torch.is_grad_enabled() or (owner is head and not head.weight.requires_grad):
+        owner.reshard()  # a frozen head's part of backward was done in the loss's forward
 
 
 def _liger_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ With full fine-tuning the planner is checked too (see STEPS), and no rank may ho
 copy before the first step.
 
 Measured on this shape (2 CPU ranks, per rank over the tiny baseline, as a fraction of the bf16
-files): fsdp+lora 1.03-1.05x, zero3+lora 1.06-1.11x (the issue's goal is 0.6x: not met, see
-LORA_BOUND); before the first step fsdp ~0.5x, zero3 ~0.6x.
+files): fsdp+lora 0.79x, zero3+lora 0.91x (1.03-1.05x and 1.06-1.11x before the CPU host-memory
+changes of issue 17's last part; the goal is 0.6x: not met, see LORA_BOUND); before the first step
+fsdp ~0.5x, zero3 ~0.6x.
 """
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ RUN = ["trainer.device=cpu", "trainer.max_steps=1", "trainer.seq_len=32", "train
 ISSUE_GOAL = 0.6
 """Issue 17: per-rank peak over the tiny baseline with adapter=lora under fsdp/zero3 on 2 ranks,
 at most 0.6 x the bf16 weight files."""
-LORA_BOUND = 1.25
-"""What holds today: measured 1.03-1.05x (fsdp) and 1.06-1.11x (zero3). The bf16 shard alone is 0.5x; the
-rest is step 1's transients (two gathered blocks and FSDP2's copy-out, the head's fp32 upcast in
-the loss, activations, LoRA gradients and Adam), which the 0.6x goal leaves no room for at this
-size: they do not shrink with the world size."""
+LORA_BOUND = 0.95
+"""What holds today: measured 0.79x (fsdp, 228 MiB) and 0.91x (zero3, 263 MiB). The bf16 shard and the
+LoRA shard alone are 0.52x and step 1's saved activations another 0.08x, so the 0.6x goal leaves
+nothing for the one unit a rank must hold whole while it computes: a decoder block gathered and
+copied out (0.15x) or the output head in the model's forward (gathered, and its fp32 copy under a
+bf16 base: 0.17x; ZeRO-3 also holds gloo's staging copy of it and its persistent LoRA matrices and
+flat optimizer buffers). Breakdown: docs/BENCHMARKS.md, "Host memory of step 1 on CPU ranks"."""
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +125,7 @@ def test_planner_matches_measured_peak(runs, adapter):
 def test_lora_peak_over_the_bf16_files(runs):
     ratio = (runs["lora"]["peak"] - runs["tiny"]["peak"]) / runs["files"]
     assert ratio <= LORA_BOUND, (f"{runs['strategy']}+lora on 2 ranks: per-rank peak over the tiny baseline is "
-                                 f"{ratio:.2f}x the bf16 files; held at {LORA_BOUND}x (measured 1.03-1.11x), the "
+                                 f"{ratio:.2f}x the bf16 files; held at {LORA_BOUND}x (measured 0.79-0.91x), the "
                                  f"issue's goal is {ISSUE_GOAL}x")
 
 

@@ -9,10 +9,12 @@ import contextlib
 import logging
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
@@ -162,6 +164,45 @@ def _vocab_modules(model: nn.Module) -> list[nn.Module]:
     return [embed, head]
 
 
+class InPlaceAllGather:
+    """FSDP2's all-gather on gloo without gloo's staging copy: gloo's `all_gather_into_tensor`
+    gathers into a flat buffer of its own and then copies it into the output, a second gathered
+    block held for the length of every all-gather. FSDP2's copy-in has already put this rank's
+    shard in its slice of the output, so one broadcast from each rank's slice fills the output
+    in place, the same bytes on the wire. The last broadcast is returned as the pending work
+    when FSDP2 asks for an asynchronous one (`_set_unshard_async_op`, below)."""
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group,
+                 async_op: bool = False) -> dist.Work | None:
+        slices = output_tensor.chunk(group.size())
+        if slices[group.rank()].data_ptr() != input_tensor.data_ptr():
+            slices[group.rank()].copy_(input_tensor)
+        work = None
+        for src, piece in enumerate(slices):
+            last = src == len(slices) - 1
+            work = dist.broadcast(piece, group=group, group_src=src, async_op=async_op and last)
+        return work
+
+
+def gather_one_block_at_a_time(model: nn.Module) -> None:
+    """On CPU ranks (gloo) a gathered block is host memory, and there is no accelerator for a
+    collective to overlap with: hold one block at a time. FSDP2's defaults, made to overlap
+    all-gathers with GPU compute, hold more: backward prefetches the next block while one
+    computes (a unit that names itself as the one to prefetch turns that off: it is already
+    gathered), and a synchronous forward all-gather keeps its output buffer until the next
+    block's is copied out (an asynchronous one frees it after its own copy-out). With gloo's
+    staging copy gone too (`InPlaceAllGather`), a 150M LoRA run on 2 ranks peaks ~0.15x the bf16
+    weight files lower (issue 17, docs/BENCHMARKS.md)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_all_gather(InPlaceAllGather())
+            module.set_modules_to_backward_prefetch([module])
+            module._set_unshard_async_op(True)
+
+
 def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.dtype,
                weights: Weights | None = None, phases=None, saved_low: bool = True) -> nn.Module:
     """`fully_shard` every decoder block, then the root; fp32 gradient reduction. A meta model is
@@ -193,6 +234,8 @@ def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.d
     for module in _vocab_modules(model):  # torchtitan: the embedding and the output head on their own
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    if info.device.type == "cpu" and info.world_size > 1:
+        gather_one_block_at_a_time(model)
     if upcast:
         apply_frozen_upcast(model, dtype, saved_low)
     if meta:
