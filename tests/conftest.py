@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -31,6 +32,20 @@ LONG_FIRST = ("test_plan_memory.py", "test_dpo_train.py", "test_export_strategie
 """Within a tier, the files that take longest (measured on a fresh clone) are handed out first, so
 that the end of the run is many short files spread over the workers rather than one long file
 on one worker while the other waits."""
+
+
+def pytest_configure(config):
+    """The cyclic GC is off while the test files import torch, transformers and the engines (as in
+    the trainer's start-up, train/__main__.py), and what they allocated is frozen out of it once
+    they are collected: every test's full collections then scan only what the tests create. Not in
+    pytest-xdist's controller, which collects nothing and runs the whole session."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", None):
+        gc.disable()
+
+
+def pytest_collection_finish(session):
+    gc.freeze()
+    gc.enable()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,13 +1,21 @@
 """`python -m train [overrides]` under torchrun, the deepspeed launcher, srun, or alone."""
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import warnings
+import gc
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+# Start-up: importing torch, transformers and the engines allocates millions of objects that live
+# as long as the run, and the cyclic collector would scan them again at every full collection while
+# they are being created (about a sixth of the start-up's CPU time: docs/BENCHMARKS.md, "Trainer
+# start-up imports"). Collection is off until they are imported, then they are frozen out of it.
+gc.disable()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
@@ -25,6 +33,13 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def end_of_imports() -> None:
+    """What is alive now (modules, their functions and tables) lives until exit: moved out of the
+    collector's generations (`gc.freeze`), so that the run's collections never scan it again."""
+    gc.freeze()
+    gc.enable()
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -54,7 +69,10 @@ def main(dcfg: DictConfig) -> None:
     from train.guard import DivergedError
     from train.lock import RunLockError, release_all
     from train.loop import train
+    from train.strategies import strategy_class
 
+    strategy_class(cfg.strategy.kind)  # the engine's modules (DeepSpeed's) imported with the rest
+    end_of_imports()
     try:
         train(cfg, raw)
     except DataSourceStop as e:  # every rank stopped at the same step, after its checkpoint

@@ -8,11 +8,14 @@ on a real single-rank gloo group, from the YAML the user runs (composed by Hydra
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.helpers.inprocess import batch, build, one_rank_group
-from train.model import decoder_layers
+from train.config import load_config
+from train.model import build_model, decoder_layers
 from train.step import forward_backward as step_backward
 from train.step import optimizer_step
+from train.strategies import build_strategy
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +80,39 @@ def test_zero3_without_offload_builds_no_offload_path(info, tmp_path):
     facts = offload_facts(strategy.engine)
     assert facts["config"] == (False, False) and facts["flags"] == (False, False)
     assert facts["subgroups"] == set() and not facts["cpu_param_buffer"]
+
+
+def skip_then_apply(info, kind: str, extra: dict) -> list[tuple]:
+    """A strategy of `kind` stepped with skip=True, then skip=False: per step (skip, weights
+    unchanged, LR unchanged, DeepSpeed's skipped_steps)."""
+    cfg = load_config({"strategy": {"kind": kind, "name": kind, **extra},
+                       "trainer": {"seq_len": 16, "max_steps": 10}, "optim": {"weight_decay": 0.0}})
+    strategy = build_strategy(build_model(cfg.model, 256, 0), cfg, info, accum=1)
+    ids = torch.randint(0, 256, (2, 17))
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+             "position_ids": torch.arange(16).expand(2, -1).contiguous()}
+
+    def weights():
+        return torch.cat([t.detach().float().flatten().clone() for _, t in strategy.state_tensors()][:3])
+
+    results = []
+    for skip in (True, False):
+        before, lr = weights(), strategy.lr()
+        strategy.forward_backward(batch, sync_grads=True, num_tokens=32)
+        strategy.clip_grads()  # the protocol's order: clip, then step (None under DeepSpeed)
+        strategy.step(skip=skip)
+        results.append((skip, bool(torch.equal(before, weights())), strategy.lr() == lr,
+                        getattr(getattr(strategy, "engine", None), "skipped_steps", None)))
+    return results
+
+
+@pytest.mark.parametrize("kind, extra", [("ddp", {}), ("deepspeed", {"zero_stage": 2}),
+                                         ("deepspeed", {"zero_stage": 3})])  # both ZeRO norm paths
+def test_a_forced_skip_updates_nothing(info, kind, extra):
+    """The NaN guard's skip (tests/integration/test_guard_nan.py) really skips: step(skip=True)
+    leaves weights (master copies included), LR schedule and DeepSpeed's counters as DeepSpeed's
+    own overflow skip leaves them; its twin step(skip=False) changes them."""
+    results = skip_then_apply(info, kind, extra)
+    ds = kind == "deepspeed"
+    assert results[0] == (True, True, True, 1 if ds else None)  # skipped: unchanged
+    assert results[1] == (False, False, False, 1 if ds else None)  # applied: changed
