@@ -111,7 +111,8 @@ def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
 
 def cpu_sharded_buffers(shape: Shape, psi: int, s: Setup) -> int:
     """The step's transients of FSDP2 and ZeRO-3 on CPU ranks, which do not add up: FSDP2 holds one
-    block at a time there (no backward prefetch, each all-gather's buffer freed after its own
+    block at a time there (blocks of 4 MiB and more; smaller ones keep FSDP2's defaults, a few MiB
+    more than this; no backward prefetch, each all-gather's buffer freed after its own
     copy-out: train/strategies/parallelize.py `gather_one_block_at_a_time`), and the largest
     transient is either a decoder block (gathered and copied out; its fp32 gradients under full
     fine-tuning; under ZeRO-3 the reduce bucket, its flat copy and the fp32 gradient sub-group

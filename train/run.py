@@ -37,6 +37,7 @@ from train.config import Config, grad_accum_steps
 from train.epochs import resolve_max_steps
 from train.export.hook import ExportHook
 from train.guard import StepGuard
+from train.host_memory import tune_allocator
 from train.lock import acquire_run_lock
 from train.metrics import MetricsFile
 from train.model import build_meta_model, num_params, weight_source
@@ -133,6 +134,7 @@ def setup(cfg: Config, raw_cfg: dict[str, Any]) -> Run:
     phases = Phases()  # start-up phases: build, load, engine, first step (train/startup.py)
     with phases.phase("build"):
         model = _build_model(cfg, loader.vocab_size, info)  # on the meta device (qlora: loaded 4-bit)
+    tune_allocator(getattr(model.config, "hidden_size", None))  # a wide model's activations mapped too
     if loader.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data has {loader.vocab_size} token ids but the model's vocabulary has "
                          f"{model.config.vocab_size}: use a tokenizer that matches model.path, or set "

@@ -170,13 +170,19 @@ class InPlaceAllGather:
     block held for the length of every all-gather. FSDP2's copy-in has already put this rank's
     shard in its slice of the output, so one broadcast from each rank's slice fills the output
     in place, the same bytes on the wire. The last broadcast is returned as the pending work
-    when FSDP2 asks for an asynchronous one (`_set_unshard_async_op`, below)."""
+    when FSDP2 asks for an asynchronous one (`_set_unshard_async_op`, below). Units below
+    IN_PLACE_FROM bytes use gloo's own all-gather: their staging copy is small, and one collective
+    costs less time than one per rank (a tiny model's CPU step was ~6% slower with broadcasts)."""
+
+    IN_PLACE_FROM = 1 << 20
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group,
                  async_op: bool = False) -> dist.Work | None:
+        if output_tensor.numel() * output_tensor.element_size() < self.IN_PLACE_FROM:
+            return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
         slices = output_tensor.chunk(group.size())
         if slices[group.rank()].data_ptr() != input_tensor.data_ptr():
             slices[group.rank()].copy_(input_tensor)
@@ -187,6 +193,10 @@ class InPlaceAllGather:
         return work
 
 
+ONE_BLOCK_FROM = 4 << 20
+"""Bytes of a decoder block's parameters from which CPU ranks hold one gathered block at a time."""
+
+
 def gather_one_block_at_a_time(model: nn.Module) -> None:
     """On CPU ranks (gloo) a gathered block is host memory, and there is no accelerator for a
     collective to overlap with: hold one block at a time. FSDP2's defaults, made to overlap
@@ -195,12 +205,20 @@ def gather_one_block_at_a_time(model: nn.Module) -> None:
     gathered), and a synchronous forward all-gather keeps its output buffer until the next
     block's is copied out (an asynchronous one frees it after its own copy-out). With gloo's
     staging copy gone too (`InPlaceAllGather`), a 150M LoRA run on 2 ranks peaks ~0.15x the bf16
-    weight files lower (issue 17, docs/BENCHMARKS.md)."""
+    weight files lower (issue 17, docs/BENCHMARKS.md). gloo's worker threads do overlap a little
+    (a tiny model's CPU step was ~8% slower without the prefetch), so `apply_fsdp` does this only
+    where a block is large enough for its bytes to matter (ONE_BLOCK_FROM)."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_custom_all_gather(InPlaceAllGather())
             module.set_modules_to_backward_prefetch([module])
             module._set_unshard_async_op(True)
+
+
+def _block_bytes(model: nn.Module) -> int:
+    """Bytes of the largest decoder block's parameters (meta or real)."""
+    return max((sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in decoder_layers(model)),
+               default=0)
 
 
 def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.dtype,
@@ -234,7 +252,7 @@ def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.d
     for module in _vocab_modules(model):  # torchtitan: the embedding and the output head on their own
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
-    if info.device.type == "cpu" and info.world_size > 1:
+    if info.device.type == "cpu" and info.world_size > 1 and _block_bytes(model) >= ONE_BLOCK_FROM:
         gather_one_block_at_a_time(model)
     if upcast:
         apply_frozen_upcast(model, dtype, saved_low)
