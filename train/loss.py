@@ -80,11 +80,13 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
         with deepspeed.zero.GatheredParameters([head.weight]):
             total = linear_cross_entropy_sum(hidden, head.weight, labels.reshape(-1))
         return TokenLoss(total, tokens)
-    with _full_weight(model, head) as weight:
+    small = hidden.size(0) * head.out_features <= min(SMALL_LOGITS, CHUNK_LOGITS) and \
+        projection_dtype(hidden).itemsize <= head.weight.dtype.itemsize  # no wider copy of the head
+    # autograd keeps the weight for backward in one piece (and in Liger's kernel), not in the chunk loop
+    with _full_weight(model, head, kept=kind == "fused" or small) as weight:
         if kind == "fused":
             total = _liger_sum(hidden, weight, labels.reshape(-1))
-        elif hidden.size(0) * weight.size(0) <= min(SMALL_LOGITS, CHUNK_LOGITS) and \
-                projection_dtype(hidden).itemsize <= weight.dtype.itemsize:  # no wider copy of the head
+        elif small:
             total = small_cross_entropy_sum(hidden, weight, labels.reshape(-1))
         else:
             total = linear_cross_entropy_sum(hidden, weight, labels.reshape(-1))
@@ -262,15 +264,16 @@ def _function_takes_logits_to_keep(function) -> bool:
 
 
 @contextlib.contextmanager
-def _full_weight(model: nn.Module, head: nn.Linear):
+def _full_weight(model: nn.Module, head: nn.Linear, kept: bool = False):
     """The whole output matrix on this rank, as the parameter its gradient must reach.
 
     FSDP2 reshards the root (embedding, final norm, head) after forward: unshard it again
     through its public API; the gradient then lands on the unsharded parameter, which FSDP
     reduce-scatters after backward as usual. A frozen head in its own unit (adapter runs) is
-    resharded right away: the loss computes every gradient in its forward and keeps none of the
-    weight, so backward would only hold the whole head for nothing. (ZeRO-3 goes through
-    `_module_chunks_sum`.)"""
+    resharded right away when the chunk loop computed every gradient in its forward and kept none
+    of the weight (`kept=False`), so backward would only hold the whole head for nothing; not when
+    autograd kept the weight for backward (`kept`: the one-piece loss, Liger). (ZeRO-3 goes
+    through `_module_chunks_sum`.)"""
     weight = head.weight
     owner = next((m for m in (head, unwrap(model)) if isinstance(m, FSDPModule)), None)
     if owner is None:
@@ -278,7 +281,7 @@ def _full_weight(model: nn.Module, head: nn.Linear):
         return
     owner.unshard()
     yield head.weight
-    if not torch.is_grad_enabled() or (owner is head and not head.weight.requires_grad):
+    if not torch.is_grad_enabled() or (owner is head and not head.weight.requires_grad and not kept):
         owner.reshard()  # a frozen head's part of backward was done in the loss's forward
 
 
