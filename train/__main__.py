@@ -13,6 +13,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -33,6 +34,24 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def exit_after_run() -> NoReturn:
+    """A finished run's process ends here, without destroying its engines and process group.
+
+    Their C++ destructors (gloo's process group, DDP's reducer) can wait forever for a peer that
+    has already exited: seen on CPU as one rank of a finished 2-rank run blocked in the teardown of
+    train()'s locals after every step, checkpoint and `destroy_process_group` was done, so that
+    torchrun, srun and the job around them never returned. Nothing is lost by skipping it: metrics
+    are appended and closed per record, the tracker finished and the checkpoints were published in
+    `finish`, the run lock is released and the logs are flushed here."""
+    from train.lock import release_all
+
+    release_all()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def end_of_imports() -> None:
@@ -73,8 +92,9 @@ def main(dcfg: DictConfig) -> None:
 
     strategy_class(cfg.strategy.kind)  # the engine's modules (DeepSpeed's) imported with the rest
     end_of_imports()
+    finished: list = []  # the Run, kept alive past train(): see exit_after_run
     try:
-        train(cfg, raw)
+        train(cfg, raw, keep=finished)
     except DataSourceStop as e:  # every rank stopped at the same step, after its checkpoint
         release_all()
         report_for_launcher(str(e))  # torchrun's failure summary shows it as the root cause
@@ -95,6 +115,7 @@ def main(dcfg: DictConfig) -> None:
         release_all()
         sys.stderr.flush()
         os._exit(1)  # the process group is wedged: a normal exit could wait on it forever
+    exit_after_run()
 
 
 if __name__ == "__main__":

@@ -57,8 +57,12 @@ from train.tracking.flops import mfu
 log = logging.getLogger("scaletrain")
 
 
-def train(cfg: Config, raw_cfg: dict[str, Any]) -> TrainState:
+def train(cfg: Config, raw_cfg: dict[str, Any], keep: list[Run] | None = None) -> TrainState:
+    """The run; `keep`: a list the Run is appended to, so that the caller can exit without tearing
+    its engines and process group down (train/__main__.py `exit_after_run`)."""
     run = setup(cfg, raw_cfg)
+    if keep is not None:
+        keep.append(run)
     run.stop = stop_reason(run, requested=False)  # a resumed run may already be complete
     fetcher = StepFetcher(run.batches, run.loader, run.accum, run.info.device)
     while run.stop is None:

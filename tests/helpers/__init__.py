@@ -157,6 +157,10 @@ def run_reporting_hangs(cmd: list[str], timeout: float, **kw) -> subprocess.Comp
             raise AssertionError(f"{' '.join(cmd[:6])} ... still running after {timeout:g} s; its output ends:\n"
                                  f"{out[-3000:]}\n{err[-6000:]}\nstacks of its {dumped} rank(s) (SIGUSR2):\n"
                                  f"{stacks(out + err)}") from None
+        except BaseException:  # pytest-timeout's, Ctrl-C: leave no process behind (as subprocess.run)
+            dump_stacks(args, wait_s=0.5)
+            kill_all(proc)
+            raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
