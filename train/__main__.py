@@ -36,22 +36,24 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def exit_after_run() -> NoReturn:
-    """A finished run's process ends here, without destroying its engines and process group.
+def exit_at_once(code: int) -> NoReturn:
+    """The process ends here, without destroying its engines and process group: after a finished
+    run (0), a lost data source or a collective that timed out (1).
 
     Their C++ destructors (gloo's process group, DDP's reducer) can wait forever for a peer that
     has already exited: seen on CPU as one rank of a finished 2-rank run blocked in the teardown of
     train()'s locals after every step, checkpoint and `destroy_process_group` was done, so that
-    torchrun, srun and the job around them never returned. Nothing is lost by skipping it: metrics
-    are appended and closed per record, the tracker finished and the checkpoints were published in
-    `finish`, the run lock is released and the logs are flushed here."""
+    torchrun, srun and the job around them never returned (and a wedged group after a timeout, or
+    DataLoader workers torchrun would SIGTERM after a lost source, likewise). Nothing is lost by
+    skipping it: metrics are appended and closed per record, the tracker finished and the checkpoints
+    were published before, the run lock is released and the logs are flushed here."""
     from train.lock import release_all
 
     release_all()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def end_of_imports() -> None:
@@ -92,17 +94,14 @@ def main(dcfg: DictConfig) -> None:
 
     strategy_class(cfg.strategy.kind)  # the engine's modules (DeepSpeed's) imported with the rest
     end_of_imports()
-    finished: list = []  # the Run, kept alive past train(): see exit_after_run
+    finished: list = []  # the Run, kept alive past train(): see exit_at_once
     try:
         train(cfg, raw, keep=finished)
     except DataSourceStop as e:  # every rank stopped at the same step, after its checkpoint
-        release_all()
         report_for_launcher(str(e))  # torchrun's failure summary shows it as the root cause
-        logging.shutdown()
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # at once, on every rank: no DataLoader teardown for torchrun to SIGTERM, nothing printed after
+        exit_at_once(1)  # on every rank, nothing printed after
     except (RunLockError, ManifestError, ConfigError, DivergedError, CheckpointWriteError) as e:  # no traceback
         release_all()
         if rank == 0:
@@ -112,10 +111,8 @@ def main(dcfg: DictConfig) -> None:
         if not dist.is_timeout(e):
             raise
         logging.getLogger("scaletrain").error("%s", dist.timeout_message(e, cfg.dist.timeout_s))
-        release_all()
-        sys.stderr.flush()
-        os._exit(1)  # the process group is wedged: a normal exit could wait on it forever
-    exit_after_run()
+        exit_at_once(1)  # the process group is wedged
+    exit_at_once(0)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ log = logging.getLogger("scaletrain")
 
 def train(cfg: Config, raw_cfg: dict[str, Any], keep: list[Run] | None = None) -> TrainState:
     """The run; `keep`: a list the Run is appended to, so that the caller can exit without tearing
-    its engines and process group down (train/__main__.py `exit_after_run`)."""
+    its engines and process group down (train/__main__.py `exit_at_once`)."""
     run = setup(cfg, raw_cfg)
     if keep is not None:
         keep.append(run)
