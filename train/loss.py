@@ -1,14 +1,15 @@
 """Next-token cross-entropy without full-vocabulary fp32 logits (`trainer.loss`).
 
-`plain` runs the model to logits and upcasts them all to fp32: for a 128k vocabulary at
-2 x 8192 tokens that is 8 GiB before its gradient. `chunked` runs the model through its
-wrapper (so DDP, FSDP2 and DeepSpeed hooks fire) with `logits_to_keep=1`, takes the final
-hidden states, and projects + scores them a chunk of tokens at a time, computing the
-gradients of each chunk right away (as Liger's fused linear cross-entropy does) so that only
-one chunk of logits ever exists. Under DeepSpeed ZeRO-3 the head's weight is whole only inside
-the head's own forward/backward, so there the head module is called per chunk with activation
-recompute instead. `fused` is Liger's kernel itself, on CUDA. A micro-batch of at most
-SMALL_LOGITS logits skips the chunk loop (`small_cross_entropy_sum`: one piece, autograd's kernels).
+`plain` runs the model to logits and upcasts them all to fp32: for a 128k vocabulary at 2 x 8192
+tokens that is 8 GiB before its gradient. `chunked` runs the model through its wrapper (so DDP,
+FSDP2 and DeepSpeed hooks fire) keeping no logits (`logits_to_keep` an empty index: the head
+projects nothing there), takes the final hidden states, and projects + scores them a chunk of
+tokens at a time, computing the gradients of each chunk right away (as Liger's fused linear
+cross-entropy does) so that only one chunk of logits ever exists. Under DeepSpeed ZeRO-3 the
+head's weight is whole only inside the head's own forward/backward, so there the head module is
+called per chunk with activation recompute instead. `fused` is Liger's kernel itself, on CUDA. A
+micro-batch of at most SMALL_LOGITS logits skips the chunk loop (`small_cross_entropy_sum`: one
+piece, autograd's kernels).
 
 Every kind returns the *sum* of token losses and the number of labelled tokens
 (`token_loss_sum`), so the loop can normalise over the global batch; `lm_loss` is the mean.
@@ -63,8 +64,10 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
         total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
                                 ignore_index=IGNORE, reduction="sum")
         return TokenLoss(total, tokens)
+    # No position kept: the head projects nothing in the model's own forward (its output is not
+    # used), so no gathered or upcast copy of the output matrix is made there (issue 17).
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                output_hidden_states=True, logits_to_keep=1)
+                output_hidden_states=True, logits_to_keep=batch["input_ids"].new_empty(0))
     hidden = out.hidden_states[-1]
     hidden = hidden.reshape(-1, hidden.size(-1))
     head = output_head(model)

@@ -69,7 +69,8 @@ def test_sum_and_count(model_and_batch):
 
 
 def test_chunked_never_builds_full_logits(model_and_batch):
-    """Twin of the equality test: the head really ran on one position, not on the whole batch."""
+    """Twin of the equality test: the head projected no position in the model's forward (the loss
+    projects the hidden states itself), not the whole batch."""
     model, batch, _ = model_and_batch
     shapes = []
     hook = model.lm_head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
@@ -78,7 +79,7 @@ def test_chunked_never_builds_full_logits(model_and_batch):
         L.lm_loss(model, batch, "plain")
     finally:
         hook.remove()
-    assert shapes == [(2, 1, VOCAB), (2, SEQ, VOCAB)]
+    assert shapes == [(2, 0, VOCAB), (2, SEQ, VOCAB)]
 
 
 def test_fused_needs_cuda(model_and_batch):

@@ -87,6 +87,15 @@ def planned_per_rank(overrides: list[str]) -> int:
     return plan_request(req.train, req.launch)["host_bytes_per_node"]["per_rank"]["peak"] - BASELINE["cpu"]
 
 
+def _build_deepspeed_ops() -> None:
+    """DeepSpeed's process group builds its CPU shared-memory op with a C++ compiler in the first
+    process that needs it (~/.cache/torch_extensions): a compiler run inside a measured run would be
+    its peak (a tiny zero3 run once measured 1.5 GiB). Build it here, outside the measurement."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 STEPS = {"fsdp": 2, "zero3": 1}
 """Steps of each full fine-tune: the planner plans the steady state, Adam's state present through
 forward and backward. FSDP2 creates it in step 1's optimizer step, so step 2 is the first to
@@ -98,6 +107,8 @@ second step adds ~10% more on the CPU, not modelled: docs/BENCHMARKS.md, start-u
 def runs(request, model_dir, tmp_path_factory) -> dict:
     """Per strategy: the tiny baseline, the model with LoRA, the model fully fine-tuned (STEPS)."""
     strategy = request.param
+    if strategy.startswith("zero"):
+        _build_deepspeed_ops()
     tmp = tmp_path_factory.mktemp(strategy)
     model = ["model=hf_local", f"model.path={model_dir}", f"strategy={strategy}"]
     out = {"strategy": strategy, "model": model, "files": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),

@@ -132,7 +132,12 @@ def _cast_output(dtype: torch.dtype):
 
 
 def _upcast(names: list[str], dtype: torch.dtype, saved_low: bool):
-    def hook(module: nn.Module, args) -> None:
+    def hook(module: nn.Module, args):
+        if args and all(isinstance(a, torch.Tensor) and a.numel() == 0 for a in args):
+            # Nothing to compute (the output head under the chunked loss, which keeps no position):
+            # the empty input meets the weights in their own dtype, without a copy of them.
+            low = module._parameters[names[0]].dtype
+            return tuple(a.to(low) if a.is_floating_point() else a for a in args)
         frozen = {k: module._parameters[k] for k in names}
         copies = {k: frozen[k].detach().to(dtype) for k in names}
         module._parameters.update(copies)
