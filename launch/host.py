@@ -12,22 +12,22 @@ meta device and materializes only what it keeps.
   full copy in the dtype it keeps (fp32 masters for DDP, DeepSpeed's compute dtype, the frozen
   base in `model.base_dtype`) plus the parameter being read.
 
-Training adds what CPU offload keeps in host memory (FSDP2's CPUOffloadPolicy: parameters,
-gradients and Adam; ZeRO-3 offload: the parameter partition, fp32 gradient partition, master
-and Adam state) and, on the CPU, everything the planner counts as device memory
-(launch/plan.py `breakdown`, the same bytes a GPU holds in its own memory): the rank's shards,
-trainable parameters' gradients and Adam state, activations, the loss's chunk of logits, and the
-step's transients in `buffers`: the gathered blocks in the dtype they are gathered in (a bf16
-base under LoRA stays bf16 on the CPU), FSDP2's copy-out, ZeRO-3's reduce bucket, and the output
-head with the fp32 copy that a bf16 base computing in fp32 makes of it; on CPU ranks the larger of
-one block and the head, not their sum (launch/plan.py `cpu_sharded_buffers`). All of it is the
-steady state from step 2 on (Adam's state exists through forward and backward); a run of one step
-peaks lower when every parameter trains.
+Training adds what CPU offload keeps in host memory (FSDP2's CPUOffloadPolicy: parameters, gradients
+and Adam; ZeRO-3 offload: the parameter partition, fp32 gradient partition, master and Adam state)
+and, on the CPU, everything the planner counts as device memory (launch/plan.py `breakdown`, the
+same bytes a GPU holds in its own memory): the rank's shards, trainable parameters' gradients and
+Adam state, activations, the loss's chunk of logits, and the step's transients in `buffers`: the
+gathered blocks in the dtype they are gathered in (a bf16 base under LoRA stays bf16 on the CPU),
+FSDP2's copy-out, ZeRO-3's reduce bucket, the fp32 copy of one frozen weight that a bf16 base
+computing in fp32 makes for a module, and the output head gathered for the loss; on CPU ranks the
+larger of one block and the head, not their sum (launch/plan.py `cpu_sharded_buffers`). All of it is
+the steady state from step 2 on (Adam's state exists through forward and backward); a run of one
+step peaks lower when every parameter trains.
 
 Checked against 2-rank CPU runs (tests/integration/test_plan_memory.py, bench/startup.py,
-docs/BENCHMARKS.md): LoRA under fsdp and zero3 within 12% (152M test model, 100M bench model), FSDP full
-fine-tuning within 5% of a 2-step run, ZeRO-3 full fine-tuning within 5% of a 1-step run (its
-second step grows ~10% more on the CPU, not modelled).
+docs/BENCHMARKS.md): LoRA under fsdp and zero3 within 13% (152M test model; 350M and 0.94B bench
+models within 8%), FSDP full fine-tuning within 10% of a 2-step run, ZeRO-3 full fine-tuning within
+7% of a 1-step run (its second step grows ~10% more on the CPU, not modelled).
 Every rank also pays a baseline for the interpreter, torch, transformers, DeepSpeed and (on a
 GPU) the CUDA context: measured, not derived. Checkpoint staging (`checkpoint.async=true`
 copies the rank's state to host memory) is not counted.

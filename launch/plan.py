@@ -69,11 +69,12 @@ def gather_width(s: Setup) -> float:
 def upcast_bytes(shape: Shape, s: Setup) -> int:
     """A frozen base stored below an fp32 compute (CPU, LoRA, bf16 base): each module computes on
     an fp32 copy of its weights made for its forward (and its backward) and dropped after it.
-    One copy lives at a time; the largest is the output head's, upcast whole when the model's
-    own forward runs it on the last position (the chunked loss itself upcasts it in blocks)."""
+    One copy lives at a time, the largest a block's MLP projection: the output head is never
+    upcast whole (the model's forward projects no position under the chunked loss, which
+    upcasts the head a few MiB of rows at a time: train/loss.py)."""
     if s.bf16 or s.adapter.kind != "lora" or frozen_width(s) >= 4:
         return 0
-    return 4 * max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)
+    return 4 * max(shape.hidden * shape.hidden, shape.hidden * shape.intermediate)
 
 
 def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
@@ -114,21 +115,22 @@ def cpu_sharded_buffers(shape: Shape, psi: int, s: Setup) -> int:
     block at a time there (blocks of 4 MiB and more; smaller ones keep FSDP2's defaults, a few MiB
     more than this; no backward prefetch, each all-gather's buffer freed after its own
     copy-out: train/strategies/parallelize.py `gather_one_block_at_a_time`), and the largest
-    transient is either a decoder block (gathered and copied out; its fp32 gradients under full
-    fine-tuning; under ZeRO-3 the reduce bucket, its flat copy and the fp32 gradient sub-group
-    of backward and the optimizer step) or the output head in the model's forward (gathered,
-    under ZeRO-3 beside gloo's staging copy of it, and its fp32 copy, `upcast_bytes`)."""
+    transient is either a decoder block (gathered and copied out, with the fp32 copy of one of
+    its frozen weights, `upcast_bytes`; its fp32 gradients under full fine-tuning; under ZeRO-3
+    the reduce bucket, its flat copy and the fp32 gradient sub-group of backward and the
+    optimizer step) or the output head in the loss (gathered, and beside it FSDP2's all-gather
+    buffer during the copy-out or ZeRO-3's gloo staging copy). ZeRO-3 gathers a block's
+    parameters into one flat buffer that they then view (no copy-out), one module's worth at a
+    time beside it: one gathered block, not two."""
     a, gw = (2 if s.bf16 else 4), gather_width(s)
     layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
     if s.strategy.startswith("fsdp"):
         block = int(2 * gw * layer) + (4 * layer if s.adapter.kind == "none" else 0)
-        head = int(gw * vocab_unit)
     else:
-        block = int(2 * gw * layer) + 2 * a * min(psi, 500_000_000)
+        block = int(gw * layer) + 2 * a * min(psi, 500_000_000)
         if s.strategy == "zero3":
             block += 4 * min(psi // s.world, 1_000_000_000)
-        head = int(2 * gw * vocab_unit)
-    return max(block, head + upcast_bytes(shape, s))
+    return max(block + upcast_bytes(shape, s), int(2 * gw * vocab_unit))
 
 
 def step_seconds(shape: Shape, psi: int, s: Setup, gpu: GPU) -> float:
