@@ -1,5 +1,5 @@
 """Meta-device start-up (issue 17): a bf16 model saved in several safetensors files, loaded with
-model=hf_local, gives the single-process step-1 loss under every sharded engine; the start-up
+model=hf_local, gives the single-process step-1 loss under every engine (sharded or replicated); the start-up
 record is written; a requeue of an adapter run does not read the base's weights."""
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ def test_materialized_model_equals_the_files(bf16_base):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("strategy,adapter", [("fsdp", "lora"), ("zero3", "lora"), ("fsdp", "none"), ("zero3", "none")])
-def test_sharded_engines_match_one_process(strategy, adapter, bf16_base, single, tmp_path):
+@pytest.mark.parametrize("strategy,adapter", [(s, a) for s in ("fsdp", "zero3", "ddp", "zero2") for a in ("lora", "none")])
+def test_engines_match_one_process(strategy, adapter, bf16_base, single, tmp_path):
     run_train([*COMMON, f"model.path={bf16_base}", f"adapter={adapter}", f"strategy={strategy}",
                f"run.dir={tmp_path}"], nproc=2, timeout=600)
     # A bf16 base computes in fp32 on CPU under every engine: the same products, summed in another order.
