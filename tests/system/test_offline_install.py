@@ -68,8 +68,10 @@ def test_wheelhouse_installs_offline_next_to_an_existing_torch(tmp_path):
     pin.write_text(f"torch=={importlib.metadata.version('torch')}\n")
     env = {k: v for k, v in child_env().items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
     env["PIP_CONFIG_FILE"] = os.devnull  # no index, no find-links, no constraints from this machine
+    # --no-compile: pip's byte-compilation of every package (89 wheels) was most of this test's time (the
+    # modules imported below compile as they load; the wheels, resolution and pins are the same)
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-index", "--find-links",
-                              str(wheels), "--only-binary=:all:", "-c", str(pin), "scaletrain"],
+                              str(wheels), "--only-binary=:all:", "--no-compile", "-c", str(pin), "scaletrain"],
                              capture_output=True, text=True, env=env, timeout=600)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
 
