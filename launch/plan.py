@@ -19,6 +19,9 @@ from launch.gpus import GPU, GiB, lookup
 from launch.host import host_bytes
 from launch.state import Adapter, Setup, Shape, frozen_width, model_state, state_bytes
 
+UPCAST_BYTES = 4 * 2**20
+"""train/upcast.py UPCAST_BLOCK in fp32: what a frozen low-precision weight is upcast by at a time."""
+
 __all__ = ["Adapter", "Setup", "Shape", "model_state", "plan", "plan_request", "render"]
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "zero3_offload", "fsdp_offload")
@@ -67,14 +70,13 @@ def gather_width(s: Setup) -> float:
 
 
 def upcast_bytes(shape: Shape, s: Setup) -> int:
-    """A frozen base stored below an fp32 compute (CPU, LoRA, bf16 base): each module computes on
-    an fp32 copy of its weights made for its forward (and its backward) and dropped after it.
-    One copy lives at a time, the largest a block's MLP projection: the output head is never
-    upcast whole (the model's forward projects no position under the chunked loss, which
-    upcasts the head a few MiB of rows at a time: train/loss.py)."""
+    """A frozen base stored below an fp32 compute (CPU, LoRA, bf16 base): each frozen projection
+    upcasts its weight a block of rows at a time for its forward and its backward
+    (train/upcast.py), so one block of at most UPCAST_BYTES lives at a time, never a whole fp32
+    weight; the output head likewise in the chunked loss."""
     if s.bf16 or s.adapter.kind != "lora" or frozen_width(s) >= 4:
         return 0
-    return 4 * max(shape.hidden * shape.hidden, shape.hidden * shape.intermediate)
+    return min(UPCAST_BYTES, 4 * max(shape.hidden * shape.hidden, shape.hidden * shape.intermediate))
 
 
 def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:

@@ -27,6 +27,8 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from train.upcast import BlockedWeight
+
 LossKind = Literal["plain", "chunked", "fused"]
 IGNORE = -100
 # Tokens per chunk: 2^25 logits (128 MiB in fp32) whatever the vocabulary.
@@ -34,9 +36,6 @@ CHUNK_LOGITS = 2**25
 # At most this many logits (4 MiB in fp32), a micro-batch is scored in one piece by autograd's own
 # kernels: memory does not matter there, and the chunk loop's ~30 small ops cost more than the math.
 SMALL_LOGITS = 2**20
-# Elements of the output matrix cast at a time when it is stored narrower than the projection
-# computes (a frozen bf16 head in an fp32 loss on the CPU): 4 MiB of fp32, not a copy of the head.
-UPCAST_BLOCK = 2**20
 
 
 class TokenLoss(NamedTuple):
@@ -158,7 +157,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk: int, need_grads: bool, dtype: torch.dtype):
         # The projection runs in `dtype` (autocast's, see projection_dtype); logits and softmax in
         # fp32; each gradient is handed back in its input's own dtype.
-        w = _Cast(weight, dtype)
+        w = BlockedWeight(weight, dtype)  # no fp32 copy of a narrower head (train/upcast.py)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_grads and ctx.needs_input_grad[0] else None
         grad_w = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -166,7 +165,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.size(0), chunk):
                 h, y = hidden[start:start + chunk].to(dtype), labels[start:start + chunk]
-                logits = w.logits(h)
+                logits = w.times_t(h, torch.float32)
                 lse = torch.logsumexp(logits, dim=-1)
                 valid = y != IGNORE
                 target = y.clamp(min=0)
@@ -191,40 +190,6 @@ class _ChunkedLinearCE(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None, None
-
-
-class _Cast:
-    """The output matrix `weight` [vocab, hidden] as the projection's `dtype`. Cast whole once
-    when that is no wider (bf16 on a GPU, autocast's downcast); upcast UPCAST_BLOCK elements of
-    rows at a time when it is wider, so that no fp32 copy of the whole head exists: for a bf16
-    head in the fp32 loss of a CPU run that copy is twice the head's bytes, held at the step's
-    peak (issue 17). Each logit and each gradient term is the same product either way; the
-    blocked gradient of the hidden states sums the vocabulary in blocks."""
-
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
-        self.weight, self.dtype = weight, dtype
-        self.blocked = dtype.itemsize > weight.dtype.itemsize
-        self.whole = None if self.blocked else weight.to(dtype)
-        rows = max(1, UPCAST_BLOCK // max(1, weight.size(1)))
-        self.blocks = [(a, min(a + rows, weight.size(0))) for a in range(0, weight.size(0), rows)]
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits h @ weight.T."""
-        if self.whole is not None:
-            return (h @ self.whole.t()).float()
-        out = torch.empty(h.size(0), self.weight.size(0), dtype=torch.float32, device=h.device)
-        for a, b in self.blocks:
-            out[:, a:b] = h @ self.weight[a:b].to(self.dtype).t()
-        return out
-
-    def times(self, p: torch.Tensor) -> torch.Tensor:
-        """p @ weight (p: [tokens, vocab] in `dtype`)."""
-        if self.whole is not None:
-            return p @ self.whole
-        out = torch.zeros(p.size(0), self.weight.size(1), dtype=self.dtype, device=p.device)
-        for a, b in self.blocks:
-            out += p[:, a:b] @ self.weight[a:b].to(self.dtype)
-        return out
 
 
 def output_head(model: nn.Module) -> nn.Linear:

@@ -6,6 +6,7 @@ compilation of each block, then the sharding or replication wrapper.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -26,6 +27,7 @@ from train.dist import DistInfo
 from train.model import decoder_layers, decoder_stack
 from train.model_weights import Weights, buffer_owners, fill_shards, init_buffers, is_meta
 from train.strategies.config import FSDPConfig
+from train.upcast import frozen_linear
 
 log = logging.getLogger("scaletrain")
 
@@ -66,9 +68,12 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def apply_frozen_upcast(model: nn.Module, dtype: torch.dtype, saved_low: bool = True) -> int:
     """Frozen parameters kept in a lower precision than a fp32 compute (a bf16 base under LoRA on
-    CPU, where autocast does not help): each module computes with an fp32 copy of them made for
-    its forward and dropped after it, as FSDP2's MixedPrecisionPolicy does for its all-gathers.
-    Registered after the engine's own hooks (ZeRO-3 gathers first, releases after).
+    CPU, where autocast does not help). A frozen `nn.Linear` (every projection of the base)
+    computes with its weight as stored, upcast a block of rows at a time (train/upcast.py
+    `frozen_linear`: no fp32 copy of a whole weight, and autograd saves the stored weight). Any
+    other module (norms) computes with an fp32 copy made for its forward and dropped after it, as
+    FSDP2's MixedPrecisionPolicy does for its all-gathers. Registered after the engine's own hooks
+    (ZeRO-3 gathers first, releases after).
 
     Autograd would keep each copy until backward (a linear layer saves its weight to compute the
     input's gradient): a whole fp32 copy of the base held through the step. With `saved_low`,
@@ -84,6 +89,10 @@ def apply_frozen_upcast(model: nn.Module, dtype: torch.dtype, saved_low: bool = 
                if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype]
         if low and isinstance(module, nn.Embedding):  # a lookup is exact in any dtype: upcast the rows only
             module.register_forward_hook(_cast_output(dtype))
+            hooked += 1
+        elif low and isinstance(module, nn.Linear) and not any(p.requires_grad for p in module.parameters(False)):
+            # a frozen projection of the base (or its output head) upcasts a block of rows at a time
+            module.forward = functools.partial(frozen_linear, module)
             hooked += 1
         elif low:
             module.register_forward_pre_hook(_upcast(low, dtype, saved_low))
@@ -133,11 +142,6 @@ def _cast_output(dtype: torch.dtype):
 
 def _upcast(names: list[str], dtype: torch.dtype, saved_low: bool):
     def hook(module: nn.Module, args):
-        if args and all(isinstance(a, torch.Tensor) and a.numel() == 0 for a in args):
-            # Nothing to compute (the output head under the chunked loss, which keeps no position):
-            # the empty input meets the weights in their own dtype, without a copy of them.
-            low = module._parameters[names[0]].dtype
-            return tuple(a.to(low) if a.is_floating_point() else a for a in args)
         frozen = {k: module._parameters[k] for k in names}
         copies = {k: frozen[k].detach().to(dtype) for k in names}
         module._parameters.update(copies)
