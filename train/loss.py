@@ -8,8 +8,7 @@ tokens at a time, computing the gradients of each chunk right away (as Liger's f
 cross-entropy does) so that only one chunk of logits ever exists. Under DeepSpeed ZeRO-3 the
 head's weight is whole only inside the head's own forward/backward, so there the head module is
 called per chunk with activation recompute instead. `fused` is Liger's kernel itself, on CUDA. A
-micro-batch of at most SMALL_LOGITS logits skips the chunk loop (`small_cross_entropy_sum`: one
-piece, autograd's kernels).
+micro-batch of at most SMALL_LOGITS logits is scored as `plain` scores it (`_few_logits`).
 
 Every kind returns the *sum* of token losses and the number of labelled tokens
 (`token_loss_sum`), so the loop can normalise over the global batch; `lm_loss` is the mean.
@@ -58,7 +57,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
     its own `__call__`, so sharded parameters are gathered and gradient hooks fire."""
     labels = batch["labels"]
     tokens = (labels != IGNORE).sum()
-    if kind == "plain" or not _supports_hidden_only(model):
+    if kind == "plain" or not _supports_hidden_only(model) or (kind == "chunked" and _few_logits(model, batch)):
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
                                 ignore_index=IGNORE, reduction="sum")
@@ -82,17 +81,21 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: LossK
         with deepspeed.zero.GatheredParameters([head.weight]):
             total = linear_cross_entropy_sum(hidden, head.weight, labels.reshape(-1))
         return TokenLoss(total, tokens)
-    small = hidden.size(0) * head.out_features <= min(SMALL_LOGITS, CHUNK_LOGITS) and \
-        projection_dtype(hidden).itemsize <= head.weight.dtype.itemsize  # no wider copy of the head
-    # autograd keeps the weight for backward in one piece (and in Liger's kernel), not in the chunk loop
-    with _full_weight(model, head, kept=kind == "fused" or small) as weight:
+    # autograd keeps the weight for backward in Liger's kernel, not in the chunk loop
+    with _full_weight(model, head, kept=kind == "fused") as weight:
         if kind == "fused":
             total = _liger_sum(hidden, weight, labels.reshape(-1))
-        elif small:
-            total = small_cross_entropy_sum(hidden, weight, labels.reshape(-1))
         else:
             total = linear_cross_entropy_sum(hidden, weight, labels.reshape(-1))
     return TokenLoss(total, tokens)
+
+
+def _few_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """At most SMALL_LOGITS logits (and no more than a chunk): the micro-batch is scored as `plain`
+    scores it, in one piece by the model's own head and autograd's kernels. Memory does not matter
+    there, and the chunk loop's ~30 small ops per chunk cost more than the math. A head stored
+    narrower than the compute is upcast in blocks by the head itself (train/upcast.py)."""
+    return batch["input_ids"].numel() * output_head(model).out_features <= min(SMALL_LOGITS, CHUNK_LOGITS)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -101,18 +104,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
     chunk = chunk or max(1, CHUNK_LOGITS // weight.size(0))
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCE.apply(hidden, weight, labels, chunk, need, projection_dtype(hidden))
-
-
-def small_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`linear_cross_entropy_sum` for a micro-batch of at most SMALL_LOGITS logits, in one piece:
-    the projection and `F.cross_entropy` with autograd's backward (what `plain` computes, from the
-    hidden states). Not for a weight that exists only inside a context (a frozen ZeRO-3 head):
-    autograd keeps it for backward; nor for a head stored narrower than the projection computes
-    (a frozen bf16 head in a CPU run's fp32 loss): autograd would keep its whole upcast copy."""
-    dtype = projection_dtype(hidden)
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
 def projection_dtype(hidden: torch.Tensor) -> torch.dtype:

@@ -68,10 +68,19 @@ def test_sum_and_count(model_and_batch):
     torch.testing.assert_close(total.sum / total.tokens, mean)
 
 
-def test_chunked_never_builds_full_logits(model_and_batch):
+def test_chunked_never_builds_full_logits(model_and_batch, monkeypatch):
     """Twin of the equality test: the head projected no position in the model's forward (the loss
-    projects the hidden states itself), not the whole batch."""
+    projects the hidden states itself), not the whole batch; a micro-batch of few logits is
+    projected whole, as `plain` does (SMALL_LOGITS)."""
     model, batch, _ = model_and_batch
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    try:
+        L.lm_loss(model, batch, "chunked")
+    finally:
+        hook.remove()
+    assert shapes == [(2, SEQ, VOCAB)]
+    monkeypatch.setattr(L, "SMALL_LOGITS", 0)  # past the one-piece size: the chunk loop
     shapes = []
     hook = model.lm_head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
     try:
