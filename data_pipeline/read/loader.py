@@ -26,7 +26,14 @@ from data_pipeline.read.order import GlobalOrder
 from data_pipeline.read.pairs import PairSpans, pair_spans
 from data_pipeline.read.rows import RowOrder, RowSpans
 from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
-from data_pipeline.read.stream import RankStream, Taken, check_same_world, check_shape, elastic_start
+from data_pipeline.read.stream import (
+    RankStream,
+    Taken,
+    check_same_world,
+    check_shape,
+    elastic_start,
+    prestart_workers,
+)
 
 STATE_VERSION = 1
 
@@ -92,6 +99,7 @@ class WebDatasetLoader:
         self._base = 0
         self._taken = Taken()
         self._repeated_tokens = 0
+        prestart_workers(cfg)
 
     @property
     def position(self) -> int:

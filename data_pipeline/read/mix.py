@@ -37,7 +37,14 @@ from data_pipeline.read.loader import epoch_units, make_spans
 from data_pipeline.read.order import GlobalOrder
 from data_pipeline.read.rows import RowSpan, RowSpans
 from data_pipeline.read.shard_table import DataWarning, ShardTable, build_table
-from data_pipeline.read.stream import RankStream, Taken, check_same_world, check_shape, elastic_start
+from data_pipeline.read.stream import (
+    RankStream,
+    Taken,
+    check_same_world,
+    check_shape,
+    elastic_start,
+    prestart_workers,
+)
 from data_pipeline.schema import ConfigError
 
 STATE_VERSION = 1
@@ -179,6 +186,7 @@ class MixLoader:
         self._start, self._bases = 0, [0] * len(self.sources)
         self._taken = Taken()
         self._repeated_rows = 0
+        prestart_workers(cfg)
 
     def _check_kinds(self) -> None:
         kinds = []

@@ -6,10 +6,22 @@ into a span (`read`, in the process that reads) and a span into a batch (`finish
 process). `RankStream` walks one rank's rounds over DataLoader workers; `Taken` counts the rounds
 the trainer consumed, which is all a loader's resume position needs, and restarts the walk when a
 checkpoint's state is loaded.
+
+DataLoader workers start from a forkserver, never by forking the rank: a rank runs threads (gloo's,
+the run lock's heartbeat), and on Python 3.11 a fork while another thread adds or removes a Python
+thread state leaves the child blocked for ever in `PyOS_AfterFork_Child` (seen in CI). The server
+is a fresh single-threaded interpreter that imports this module once per rank (about 2 s, mostly
+torch; started with the loader to overlap the model's build), after which a worker starts in about
+0.1 s; a worker ends as soon as its rank does (`_end_with_rank`).
 """
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import threading
 import warnings
+from multiprocessing.connection import wait
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -56,13 +68,47 @@ def _as_is(span: Any) -> Any:
     return span
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The DataLoader workers' start method: forkserver (module docstring). The server imports this
+    module (torch, numpy) once; each worker then only unpickles its RankStream."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def prestart_workers(cfg: WebDatasetConfig) -> None:
+    """Start the forkserver now (loader construction) when workers will be used: its imports then
+    overlap the model's build instead of delaying the first batch. A fork+exec, safe in a threaded
+    process; a no-op when the server already runs."""
+    if cfg.num_workers > 0:
+        worker_context()
+        multiprocessing.forkserver.ensure_running()
+
+
+def _end_with_rank(worker_id: int) -> None:
+    """DataLoader worker_init_fn: end this worker when its rank ends, SIGKILL included.
+
+    torch's workers watch their parent pid, which here is the forkserver; the forkserver in turn
+    lives while any worker holds its "alive" pipe, so without this a killed rank's workers and
+    server would wait on each other for ever (holding the rank's stdout and stderr)."""
+    rank = multiprocessing.parent_process()
+    if rank is not None:
+        threading.Thread(target=_exit_on_eof, args=(rank.sentinel,), name="rank-watch", daemon=True).start()
+
+
+def _exit_on_eof(sentinel: int) -> None:
+    wait([sentinel])   # readable (EOF) once the rank has exited
+    os._exit(1)
+
+
 def batch_source(stream: RankStream, cfg: WebDatasetConfig) -> Iterator[Any]:
     """The stream's spans, read in the training process (num_workers=0) or by DataLoader workers."""
     if cfg.num_workers == 0:
         yield from stream
         return
     it = iter(DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                         prefetch_factor=cfg.prefetch_factor, collate_fn=_as_is))
+                         prefetch_factor=cfg.prefetch_factor, collate_fn=_as_is,
+                         multiprocessing_context=worker_context(), worker_init_fn=_end_with_rank))
     try:
         yield from it
     finally:

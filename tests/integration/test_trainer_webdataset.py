@@ -1,6 +1,10 @@
 """The trainer on real tar shards: uneven shards never hang, and resume is exact."""
 from __future__ import annotations
 
+import os
+import signal
+
+import psutil
 import pytest
 
 from tests.helpers import (
@@ -66,3 +70,33 @@ def test_sigkill_and_resume_with_webdataset_matches_uninterrupted(shards, uninte
     assert 10 <= resumed_from < 30
     run_train([*args(shards, run_dir, 30), *EVAL], nproc=2)
     assert losses(run_dir) == losses(uninterrupted)
+
+
+def running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_loader_workers_start_from_a_forkserver_and_end_with_a_killed_rank(shards, tmp_path):
+    """The rank runs threads, so its DataLoader worker is not forked from it (a fork can hang on
+    Python 3.11, stream.py): it is a child of a forkserver the rank started. SIGKILL of the rank
+    alone leaves none of its helper processes (server, worker, resource tracker) behind."""
+    proc, helpers = start_train(args(shards, tmp_path / "run", 10_000), nproc=1), []
+    try:
+        wait_for(lambda: logged_steps(tmp_path / "run") >= 2, proc=proc, what="step 2", timeout=120)
+        rank = psutil.Process(proc.pid)
+        helpers = rank.children(recursive=True)
+        servers = [p for p in rank.children() if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+        assert len(servers) == 1, [p.cmdline() for p in helpers]
+        workers = [p for p in helpers if p.ppid() != rank.pid]
+        assert [w.ppid() for w in workers] == [servers[0].pid], [p.cmdline() for p in helpers]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        wait_for(lambda: not any(running(p) for p in helpers), timeout=10,
+                 what="the killed rank's forkserver, worker and resource tracker to end")
+    finally:
+        kill_all(proc)
+        for p in filter(running, helpers):  # the failure above: leave no orphan behind
+            p.kill()
