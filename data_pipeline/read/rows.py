@@ -23,6 +23,7 @@ import torch
 
 from data_pipeline.read.batches import IGNORE, ShardReader, fill, restart_positions
 from data_pipeline.read.order import GlobalOrder, Piece
+from data_pipeline.read.shared import shared, tensor_of
 
 
 class RowOrder:
@@ -32,6 +33,16 @@ class RowOrder:
         self.order, self.seq_len, self.pack = order, int(seq_len), bool(pack)
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._cum_rows = [0]   # rows before epoch e, for the epochs counted so far
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The cached epochs' rows (per document) go to workers as shared memory (shared.py)."""
+        self._epochs = OrderedDict((e, tuple(shared(a) for a in rows)) for e, rows in self._epochs.items())
+        return {**self.__dict__, "_epochs": [(e, tuple(tensor_of(a) for a in rows))
+                                             for e, rows in self._epochs.items()]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._epochs = OrderedDict((e, tuple(t.numpy() for t in rows)) for e, rows in state["_epochs"])
 
     def _rows(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shards, docs, starts) of epoch e: row r holds docs[starts[r]:starts[r + 1]]."""

@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.read.config import WebDatasetConfig
+from data_pipeline.read.shared import numpy_fields, share_fields
+
+PER_DOC = ("offsets", "lengths", "cum_tokens", "mask_offsets")
+"""ShardTable's per-document arrays: shared with DataLoader workers, not copied (shared.py)."""
 
 
 class DataWarning(UserWarning):
@@ -51,6 +55,12 @@ class ShardTable:
     remote: bool = False       # paths are URLs fetched lazily into the node cache (prefetch.py)
     sizes: np.ndarray | None = None   # remote: per shard, bytes the manifest promises
     sha256: list[str] | None = None   # remote: per shard, sha256 the manifest promises
+
+    def __getstate__(self) -> dict[str, Any]:
+        return share_fields(self, PER_DOC)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(numpy_fields(state, PER_DOC))
 
     @property
     def total_tokens(self) -> int:

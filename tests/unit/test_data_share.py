@@ -1,0 +1,94 @@
+"""DataLoader workers share their rank's per-document arrays (data_pipeline/read/shared.py).
+
+A worker receives its RankStream pickled by multiprocessing's ForkingPickler (the forkserver start,
+with torch's reductions registered): those bytes must not grow with the corpus's documents, while
+a plain pickle of the same stream does (the twin: the measurement sees a copy when there is one).
+"""
+from __future__ import annotations
+
+import copy
+import multiprocessing.resource_sharer
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions, as DataLoader does)
+
+from data_pipeline.read.config import WebDatasetConfig
+from data_pipeline.read.loader import make_spans
+from data_pipeline.read.order import GlobalOrder
+from data_pipeline.read.shared import tensor_of
+from data_pipeline.read.stream import RankStream
+from data_pipeline.read.table import PER_DOC, ShardTable, assemble
+
+SHARDS = 4
+
+
+def _table(docs: int, chat: bool) -> ShardTable:
+    """A table of `docs` documents of 1-4 tokens over SHARDS shards, built from shard indexes
+    alone (the stream never opens a shard until it reads)."""
+    rng = np.random.default_rng(0)
+    idxs = []
+    for n in np.full(SHARDS, docs // SHARDS):
+        tokens = np.concatenate([[0], np.cumsum(rng.integers(1, 5, n))])
+        cols = [np.arange(n + 1) * 1024, tokens] + ([np.arange(n + 1) * 1024 + 512] if chat else [])
+        idxs.append(np.stack(cols, axis=1).astype(np.uint64))
+    names = [f"shard-{i:06d}.tar" for i in range(SHARDS)]
+    return assemble(names, names, idxs, [2] * SHARDS, 1000, 0, None, [], 0)
+
+
+def _stream(docs: int, chat: bool = False) -> RankStream:
+    table = _table(docs, chat)
+    order = GlobalOrder(table, seed=0, shuffle_block=64)
+    spans = make_spans(table, order, WebDatasetConfig(urls="unused", num_workers=1), 2, 8)
+    if chat:
+        spans.order.rows_in(0)   # the rank counts epoch 0's rows (epoch_units, metrics): cached
+    return RankStream(spans, base=0, first_round=0, rank=0, world_size=1)
+
+
+@pytest.fixture(autouse=True)
+def _stop_sharer():
+    """ForkingPickler outside a process start hands descriptors to multiprocessing's resource
+    sharer (a thread); stop it after each test."""
+    yield
+    multiprocessing.resource_sharer.stop()
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["text", "chat"])
+def test_worker_bytes_do_not_grow_with_documents(chat):
+    small, large = _stream(1_000, chat), _stream(100_000, chat)
+    grows = len(ForkingPickler.dumps(large)) - len(ForkingPickler.dumps(small))
+    assert grows < 1_000   # O(shards): the same 4 shards, 99k more documents
+    # twin: a plain pickle copies the per-document arrays (24-32 bytes a document, more for chat's rows)
+    assert len(pickle.dumps(large)) - len(pickle.dumps(small)) > 24 * 99_000
+
+
+def test_rank_keeps_one_shared_copy_and_workers_see_the_same_documents():
+    stream = _stream(1_000, chat=True)
+    table = stream.spans.reader.table
+    before = {name: getattr(table, name).copy() for name in PER_DOC}
+    ForkingPickler.dumps(stream)
+    ptrs = {name: tensor_of(getattr(table, name)).data_ptr() for name in PER_DOC}
+    assert all(tensor_of(getattr(table, name)).is_shared() for name in PER_DOC)
+    worker = ForkingPickler.loads(ForkingPickler.dumps(stream))   # a second start: no second copy
+    assert {name: tensor_of(getattr(table, name)).data_ptr() for name in PER_DOC} == ptrs
+    for name in PER_DOC:
+        np.testing.assert_array_equal(getattr(worker.spans.reader.table, name), before[name])
+    rows = worker.spans.order._rows(0)
+    assert all(isinstance(a, np.ndarray) and isinstance(a.base, torch.Tensor) for a in rows)
+    assert worker.spans.order.rows(5, 3) == stream.spans.order.rows(5, 3)
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda s: pickle.loads(pickle.dumps(s))],
+                         ids=["deepcopy", "pickle"])
+def test_in_process_copies_still_work(clone):
+    stream = _stream(1_000, chat=True)
+    ForkingPickler.dumps(stream)   # the arrays are in shared memory now; copies are by value
+    twin = clone(stream)
+    for name in PER_DOC:
+        mine, theirs = getattr(stream.spans.reader.table, name), getattr(twin.spans.reader.table, name)
+        np.testing.assert_array_equal(theirs, mine)
+        assert not np.shares_memory(theirs, mine)
+    assert twin.spans.order.rows(0, 4) == stream.spans.order.rows(0, 4)
