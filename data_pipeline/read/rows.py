@@ -23,7 +23,7 @@ import torch
 
 from data_pipeline.read.batches import IGNORE, ShardReader, fill, restart_positions
 from data_pipeline.read.order import GlobalOrder, Piece
-from data_pipeline.read.shared import shared, tensor_of
+from data_pipeline.read.shared import for_pickle, numpy_of, shared
 
 
 class RowOrder:
@@ -37,12 +37,12 @@ class RowOrder:
     def __getstate__(self) -> dict[str, Any]:
         """The cached epochs' rows (per document) go to workers as shared memory (shared.py)."""
         self._epochs = OrderedDict((e, tuple(shared(a) for a in rows)) for e, rows in self._epochs.items())
-        return {**self.__dict__, "_epochs": [(e, tuple(tensor_of(a) for a in rows))
+        return {**self.__dict__, "_epochs": [(e, tuple(for_pickle(a) for a in rows))
                                              for e, rows in self._epochs.items()]}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._epochs = OrderedDict((e, tuple(t.numpy() for t in rows)) for e, rows in state["_epochs"])
+        self._epochs = OrderedDict((e, tuple(numpy_of(a) for a in rows)) for e, rows in state["_epochs"])
 
     def _rows(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shards, docs, starts) of epoch e: row r holds docs[starts[r]:starts[r + 1]]."""

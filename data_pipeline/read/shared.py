@@ -15,6 +15,7 @@ The same state pickles by value with a plain pickler (torch's own tensor picklin
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -23,18 +24,29 @@ import torch
 
 def shared(arr: np.ndarray) -> np.ndarray:
     """arr when it already is a whole shared-memory tensor's numpy view, else such a view of a copy
-    of it (the one copy a rank makes; `tensor_of` gives the tensor back)."""
-    base = arr.base
-    if isinstance(base, torch.Tensor) and base.is_shared() and base.numel() == arr.size \
-            and base.data_ptr() == arr.ctypes.data and arr.flags.c_contiguous:
+    of it (the one copy a rank makes; `for_pickle` gives the tensor back). When shared memory
+    (/dev/shm) has no room, arr itself, with a warning: workers then get a copy each, as before."""
+    if _whole_shared(arr):
         return arr
-    return torch.from_numpy(np.ascontiguousarray(arr)).share_memory_().numpy()
+    try:
+        return torch.from_numpy(np.ascontiguousarray(arr)).share_memory_().numpy()
+    except RuntimeError as exc:   # torch reserves the pages up front: ENOSPC here, not a SIGBUS later
+        warnings.warn(f"no room in shared memory for {arr.nbytes:,} bytes of the shard index, so each "
+                      f"DataLoader worker gets a copy ({exc}); give the machine or container a larger "
+                      "/dev/shm (docker run --shm-size)", RuntimeWarning, stacklevel=3)
+        return arr
 
 
-def tensor_of(view: np.ndarray) -> torch.Tensor:
-    """The shared tensor behind a view `shared` returned (numpy keeps it as the view's base)."""
-    assert isinstance(view.base, torch.Tensor), "not a view made by shared()"
-    return view.base
+def _whole_shared(arr: np.ndarray) -> bool:
+    base = arr.base
+    return isinstance(base, torch.Tensor) and base.is_shared() and base.numel() == arr.size \
+        and base.data_ptr() == arr.ctypes.data and arr.flags.c_contiguous
+
+
+def for_pickle(view: np.ndarray) -> torch.Tensor | np.ndarray:
+    """What pickles in place of a view `shared` returned: its shared tensor (numpy keeps it as the
+    view's base), or the array itself when it could not be shared."""
+    return view.base if _whole_shared(view) else view
 
 
 def share_fields(obj: Any, names: Iterable[str]) -> dict[str, Any]:
@@ -46,13 +58,17 @@ def share_fields(obj: Any, names: Iterable[str]) -> dict[str, Any]:
         if arr is not None:
             view = shared(arr)
             setattr(obj, name, view)
-            state[name] = tensor_of(view)
+            state[name] = for_pickle(view)
     return state
 
 
 def numpy_fields(state: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """A state `share_fields` made, with numpy views (no copy) in place of its tensors."""
+    """A state `share_fields` made, with numpy views (no copy) in place of its shared tensors."""
     for name in names:
-        if isinstance(state[name], torch.Tensor):
-            state[name] = state[name].numpy()
+        state[name] = numpy_of(state[name])
     return state
+
+
+def numpy_of(value: Any) -> Any:
+    """A tensor's numpy view (no copy); anything else as it is."""
+    return value.numpy() if isinstance(value, torch.Tensor) else value

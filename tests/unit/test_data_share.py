@@ -19,7 +19,7 @@ import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducti
 from data_pipeline.read.config import WebDatasetConfig
 from data_pipeline.read.loader import make_spans
 from data_pipeline.read.order import GlobalOrder
-from data_pipeline.read.shared import tensor_of
+from data_pipeline.read.shared import for_pickle
 from data_pipeline.read.stream import RankStream
 from data_pipeline.read.table import PER_DOC, ShardTable, assemble
 
@@ -70,10 +70,10 @@ def test_rank_keeps_one_shared_copy_and_workers_see_the_same_documents():
     table = stream.spans.reader.table
     before = {name: getattr(table, name).copy() for name in PER_DOC}
     ForkingPickler.dumps(stream)
-    ptrs = {name: tensor_of(getattr(table, name)).data_ptr() for name in PER_DOC}
-    assert all(tensor_of(getattr(table, name)).is_shared() for name in PER_DOC)
+    ptrs = {name: for_pickle(getattr(table, name)).data_ptr() for name in PER_DOC}
+    assert all(for_pickle(getattr(table, name)).is_shared() for name in PER_DOC)
     worker = ForkingPickler.loads(ForkingPickler.dumps(stream))   # a second start: no second copy
-    assert {name: tensor_of(getattr(table, name)).data_ptr() for name in PER_DOC} == ptrs
+    assert {name: for_pickle(getattr(table, name)).data_ptr() for name in PER_DOC} == ptrs
     for name in PER_DOC:
         np.testing.assert_array_equal(getattr(worker.spans.reader.table, name), before[name])
     rows = worker.spans.order._rows(0)
