@@ -1,11 +1,13 @@
 """The webdataset loader: packing contract, global order, rank assignment, real tar shards."""
 from __future__ import annotations
 
+import os
 import subprocess
 from collections import Counter
 from itertools import islice
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import webdataset as wds
@@ -188,3 +190,31 @@ def test_pin_memory_with_workers(tmp_path):
     assert all(v.is_pinned() for v in batch.values())
     assert_same({k: v.cuda(non_blocking=True).cpu() for k, v in batch.items()},
                 take(loader(s.root, b=2, t=8), 1)[0])
+
+
+def _mapped_file(pid: int, address: int) -> str | None:
+    """The file a process maps at `address` (None: anonymous memory)."""
+    for line in open(f"/proc/{pid}/maps"):
+        span, *_, last = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= address < hi:
+            return last.strip() if last.startswith("/") else None
+    return None
+
+
+def test_workers_map_the_rank_shard_index_instead_of_a_copy(tmp_path):
+    """Workers start from a forkserver and get their stream by pickle; the shard table's
+    per-document arrays arrive as the rank's own shared memory (data_pipeline/read/shared.py)."""
+    s = make_shards(tmp_path)
+    ld = loader(s.root, b=2, t=8, num_workers=1)
+    # twin: before the workers start, the rank's index is plain (anonymous) memory
+    assert _mapped_file(os.getpid(), ld.table.offsets.ctypes.data) is None
+    it = iter(ld)
+    next(it)
+    files = {name: _mapped_file(os.getpid(), getattr(ld.table, name).ctypes.data)
+             for name in ("offsets", "lengths", "cum_tokens")}
+    assert all(f and f.startswith("/dev/shm/") for f in files.values()), files
+    server = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+    worker_maps = "".join(open(f"/proc/{w.pid}/maps").read() for w in server[0].children())
+    assert all(f in worker_maps for f in files.values())
+    it.close()
