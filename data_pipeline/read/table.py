@@ -57,6 +57,8 @@ class ShardTable:
     sha256: list[str] | None = None   # remote: per shard, sha256 the manifest promises
 
     def __getstate__(self) -> dict[str, Any]:
+        """Pickled for each DataLoader worker: the per-document arrays go as shared memory, so a
+        worker's start is O(shards), not O(documents) (shared.py)."""
         return share_fields(self, PER_DOC)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
