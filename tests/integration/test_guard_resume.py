@@ -28,9 +28,10 @@ BASE = [*TINY, "schedule=constant", "optim.lr=1e-3", "checkpoint.every_steps=2",
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    """Four steps with checkpoints at 2 and 4 (with checksums); each test copies it."""
+    """Four steps with checkpoints at 2 and 4 (with checksums); each test copies it. Trained in this
+    process: the CLI's resumes below read it like any run's."""
     run_dir = tmp_path_factory.mktemp("guard") / "base"
-    run_train([*BASE, "trainer.max_steps=4", "checkpoint.verify=true", f"run.dir={run_dir}"])
+    train_here([*BASE, "trainer.max_steps=4", "checkpoint.verify=true", f"run.dir={run_dir}"])
     return run_dir
 
 
