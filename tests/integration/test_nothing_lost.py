@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TINY, run_train
+from tests.helpers.inprocess import train_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 LORA = ("adapter=lora", "model=hf_local", "trainer.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
@@ -33,7 +34,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_an_adapter_run_dir_belongs_to_its_adapter(hf_base, tmp_path):
     run_dir = tmp_path / "run"
     common = [*TINY, *LORA, f"model.path={hf_base}", f"run.dir={run_dir}"]
-    run_train(common)
+    train_here(common)  # the run whose checkpoints the CLI runs below must leave alone
     first = snapshot(run_dir)
     assert any("step_00000004" in k for k in first) and "metrics.jsonl" in first
 

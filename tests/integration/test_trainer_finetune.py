@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from data_pipeline.read.config import SyntheticDataConfig
 from data_pipeline.read.synthetic import SyntheticLoader
 from tests.helpers import TINY, losses, run_train
+from tests.helpers.inprocess import train_here
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def local_checkpoint(tmp_path_factory):
 @pytest.mark.slow
 def test_hf_local_starts_from_the_pretrained_weights(local_checkpoint, tmp_path):
     path, model = local_checkpoint
-    run_train([*TINY, "model=hf_local", f"model.path={path}", "data.vocab_size=96", "trainer.max_steps=2",
+    train_here([*TINY, "model=hf_local", f"model.path={path}", "data.vocab_size=96", "trainer.max_steps=2",
                "trainer.micro_batch_size=2", "optim.lr=1e-5", f"run.dir={tmp_path}"])
     # The first logged loss is the loss of the saved weights on the first batch.
     batch = next(iter(SyntheticLoader(SyntheticDataConfig(vocab_size=96), rank=0, world_size=1,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import TINY, losses, run_train
+from tests.helpers import TINY, losses
+from tests.helpers.inprocess import train_here
 
 # Global batch 4 everywhere: 2 ranks x micro 2, or 1 rank x micro 2 x accumulation 2.
 COMMON = ("trainer.max_steps=8", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
@@ -29,5 +30,6 @@ def test_two_ranks_match_one_rank(strategy, single_rank, reference_runs):
 
 @pytest.mark.slow
 def test_activation_checkpointing_keeps_the_curve(single_rank, tmp_path):
-    run_train([*TINY, *COMMON, "trainer.activation_checkpointing=true", f"run.dir={tmp_path}"])
+    """The run with checkpointing in this process (train_here): its curve is what is compared."""
+    train_here([*TINY, *COMMON, "trainer.activation_checkpointing=true", f"run.dir={tmp_path}"])
     assert losses(tmp_path) == pytest.approx(single_rank, rel=1e-5)

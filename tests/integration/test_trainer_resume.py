@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.helpers import (
     start_train,
     wait_for,
 )
+from tests.helpers.inprocess import train_here
 
 # Constant LR: a run's curve does not depend on max_steps, so runs of different lengths compare.
 BASE = (*TINY, *CONSTANT_B4)
@@ -69,14 +71,18 @@ def test_kill_while_writing_a_checkpoint_falls_back_to_the_previous_one(tmp_path
     assert not (tmp_path / "checkpoints" / ".tmp-step_00000008").exists()  # cleaned by the next save
 
 
-def test_corrupt_latest_is_skipped_with_a_warning_naming_it(tmp_path):
+def test_corrupt_latest_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    """Both runs in this process (train_here): what is checked is the resume's choice and its log."""
     args = [*BASE, "strategy=ddp", "trainer.max_steps=6", "checkpoint.every_steps=3", f"run.dir={tmp_path}"]
-    run_train(args)
+    train_here(args)
     newest = tmp_path / "checkpoints" / "step_00000006"
     victim = max((p for p in (newest / "model").iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    out = run_train([*args[:-2], "trainer.max_steps=8", f"run.dir={tmp_path}"])
-    log = out.stderr + out.stdout
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    train_here([*args[:-2], "trainer.max_steps=8", f"run.dir={tmp_path}"])
+    log = caplog.text
+    assert not [r for r in caplog.records if r.exc_info], log
     assert f"skipping checkpoint {newest}" in log and "truncated or corrupt" in log
     assert f"resumed from {tmp_path}/checkpoints/step_00000003" in log
     assert sorted(losses(tmp_path)) == list(range(1, 9))
