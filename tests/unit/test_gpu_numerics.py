@@ -31,7 +31,7 @@ class ProjectionDtypes(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("autocast", [True, False])
-def test_chunked_projection_runs_in_the_autocast_dtype(autocast):
+def test_chunked_projection_runs_in_the_autocast_dtype(autocast, monkeypatch):
     """DDP's case: fp32 parameters under bf16 autocast hand fp32 hidden states to the loss. The
     projection must still run in bf16 (the twin without autocast shows the hook sees fp32 too),
     and the gradients come back in the parameters' fp32."""
@@ -40,6 +40,7 @@ def test_chunked_projection_runs_in_the_autocast_dtype(autocast):
                                          num_attention_heads=4, num_key_value_heads=2, use_cache=False))
     ids = torch.randint(0, VOCAB, (2, 16))
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).repeat(2, 1)}
+    monkeypatch.setattr(L, "SMALL_LOGITS", 0)  # a small micro-batch: the chunk loop, not plain's one piece
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), ProjectionDtypes() as rec:
         total = L.token_loss_sum(model, batch, "chunked")
     total.sum.backward()
