@@ -16,25 +16,52 @@ The same state pickles by value with a plain pickler (torch's own tensor picklin
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+SHARED_BUDGET = 96
+"""At most this many arrays live in shared memory per process. Each one is a file descriptor sent
+at every worker start, and Python's forkserver refuses a start with more than 251: a mixture of a
+few dozen chat sources (about 10 arrays each) would reach that. Arrays past the budget go to the
+workers as copies, as before sharing (one warning)."""
+_live: set[int] = set()
+
 
 def shared(arr: np.ndarray) -> np.ndarray:
     """arr when it already is a whole shared-memory tensor's numpy view, else such a view of a copy
     of it (the one copy a rank makes; `for_pickle` gives the tensor back). When shared memory
-    (/dev/shm) has no room, arr itself, with a warning: workers then get a copy each, as before."""
+    (/dev/shm) has no room, or SHARED_BUDGET arrays are shared already, arr itself, with a warning:
+    workers then get a copy each, as before."""
     if _whole_shared(arr):
         return arr
+    if len(_live) >= SHARED_BUDGET:
+        _warn_once(f"more than {SHARED_BUDGET} arrays of shard indexes (a mixture of many sources), so "
+                   "DataLoader workers get a copy of the others (Python's forkserver passes at most 251 file "
+                   "descriptors to a worker)")
+        return arr
     try:
-        return torch.from_numpy(np.ascontiguousarray(arr)).share_memory_().numpy()
+        tensor = torch.from_numpy(np.ascontiguousarray(arr)).share_memory_()
     except RuntimeError as exc:   # torch reserves the pages up front: ENOSPC here, not a SIGBUS later
         warnings.warn(f"no room in shared memory for {arr.nbytes:,} bytes of the shard index, so each "
                       f"DataLoader worker gets a copy ({exc}); give the machine or container a larger "
                       "/dev/shm (docker run --shm-size)", RuntimeWarning, stacklevel=3)
         return arr
+    view = tensor.numpy()
+    _live.add(id(view.base))
+    weakref.finalize(view.base, _live.discard, id(view.base))   # the tensor the view keeps alive
+    return view
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _whole_shared(arr: np.ndarray) -> bool:

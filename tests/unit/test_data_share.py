@@ -92,3 +92,39 @@ def test_in_process_copies_still_work(clone):
         np.testing.assert_array_equal(theirs, mine)
         assert not np.shares_memory(theirs, mine)
     assert twin.spans.order.rows(0, 4) == stream.spans.order.rows(0, 4)
+
+
+def test_arrays_past_the_budget_go_as_copies_with_a_warning(monkeypatch):
+    """A mixture of many sources would send a worker more file descriptors than Python's forkserver
+    passes (251): past SHARED_BUDGET live shared arrays the rest are copied, as before sharing."""
+    import gc
+
+    import data_pipeline.read.shared as S
+
+    gc.collect()
+    monkeypatch.setattr(S, "SHARED_BUDGET", len(S._live) + 2)
+    monkeypatch.setattr(S, "_warned", set())
+    stream = _stream(1_000, chat=True)
+    table = stream.spans.reader.table
+    with pytest.warns(RuntimeWarning, match="DataLoader workers get a copy of the others"):
+        worker = ForkingPickler.loads(ForkingPickler.dumps(stream))
+    assert len(S._live) == S.SHARED_BUDGET   # two shared, not the chat stream's 10
+    assert not all(isinstance(for_pickle(getattr(table, name)), torch.Tensor) for name in PER_DOC)
+    for name in PER_DOC:
+        np.testing.assert_array_equal(getattr(worker.spans.reader.table, name), getattr(table, name))
+    assert worker.spans.order.rows(5, 3) == stream.spans.order.rows(5, 3)
+
+
+def test_shared_arrays_leave_the_budget_when_freed():
+    import gc
+
+    import data_pipeline.read.shared as S
+
+    gc.collect()
+    before = len(S._live)
+    stream = _stream(1_000, chat=True)
+    ForkingPickler.dumps(stream)
+    assert len(S._live) > before
+    del stream
+    gc.collect()
+    assert len(S._live) == before
