@@ -22,11 +22,12 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-SHARED_BUDGET = 96
+SHARED_BUDGET = 192
 """At most this many arrays live in shared memory per process. Each one is a file descriptor sent
 at every worker start, and Python's forkserver refuses a start with more than 251: a mixture of a
-few dozen chat sources (about 10 arrays each) would reach that. Arrays past the budget go to the
-workers as copies, as before sharing (one warning)."""
+few dozen chat sources (about 10 arrays each) would reach that; the worker's queues and its rank's
+sentinel take a few more. Arrays past the budget go to the workers as copies, as before sharing
+(one warning)."""
 _live: set[int] = set()
 
 
