@@ -218,3 +218,41 @@ def test_workers_map_the_rank_shard_index_instead_of_a_copy(tmp_path):
     worker_maps = "".join(open(f"/proc/{w.pid}/maps").read() for w in server[0].children())
     assert all(f in worker_maps for f in files.values())
     it.close()
+
+
+class _ManyStreams(torch.utils.data.IterableDataset):
+    """What a mixture of `n` chat sources sends each worker: n streams' shard indexes (7 arrays each)."""
+
+    def __init__(self, n: int) -> None:
+        from tests.support.streams import index_stream
+
+        self.streams = [index_stream(1_000, chat=True) for _ in range(n)]
+
+    def __iter__(self):
+        yield sum(int(s.spans.reader.table.cum_tokens[-1]) for s in self.streams)
+
+
+@pytest.mark.parametrize("budget", ["default", "none"])
+def test_a_mixture_of_many_sources_starts_its_workers(budget, monkeypatch):
+    """40 chat sources are 280 shared arrays, more file descriptors than Python's forkserver passes to
+    a worker (251): past SHARED_BUDGET the rest go as copies and the worker starts (the twin, with no
+    budget: the start fails as it did before the budget)."""
+    import warnings
+
+    import data_pipeline.read.shared as S
+    from data_pipeline.read.stream import worker_context
+
+    if budget == "none":
+        monkeypatch.setattr(S, "SHARED_BUDGET", 10**6)
+    monkeypatch.setattr(S, "_warned", set())
+    data = _ManyStreams(40)
+    want = next(iter(data))
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=1, multiprocessing_context=worker_context())
+    if budget == "none":
+        with pytest.raises(ValueError, match="too many fds"):
+            next(iter(loader))
+        return
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert next(iter(loader)) == want
+    assert any("get a copy of the others" in str(w.message) for w in seen)
