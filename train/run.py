@@ -147,6 +147,7 @@ def setup(cfg: Config, raw_cfg: dict[str, Any]) -> Run:
         model = apply_adapter(model, cfg.adapter, base_dtype)  # before checkpointing and sharding (docs/STYLE.md §2)
     weights = weight_source(cfg.model, model, t.seed)
     n_params = num_params(model)
+    trainable = trainable_summary(cfg.adapter.kind, cfg.adapter.r, model)  # before ZeRO-3 empties the parameters
     flops_tok = model_flops_per_token(model, t.seq_len)  # before sharding hides the shapes
 
     public_cfg = redact(raw_cfg)
@@ -178,7 +179,7 @@ def setup(cfg: Config, raw_cfg: dict[str, Any]) -> Run:
     tracker = build_tracker(cfg.tracking, run_dir=run_dir, rank=info.rank, world_size=info.world_size,
                             config=public_cfg, resume=resume_from is not None)
     log.info("model %s: %.2fM params | %s | strategy %s | world %d | accum %d | global batch %d",
-             cfg.model.name, n_params / 1e6, trainable_summary(cfg.adapter.kind, cfg.adapter.r, model),
+             cfg.model.name, n_params / 1e6, trainable,
              cfg.strategy.name, info.world_size, accum, t.micro_batch_size * accum * info.world_size)
     if cfg.checkpoint.async_save and not hasattr(strategy, "save_async"):
         log.warning("checkpoint.async=true: strategy %s saves blocking (only DDP and FSDP2 save in the "

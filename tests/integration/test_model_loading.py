@@ -4,6 +4,7 @@ record is written; a requeue of an adapter run does not read the base's weights.
 from __future__ import annotations
 
 import builtins
+import re
 from pathlib import Path
 
 import pytest
@@ -36,16 +37,25 @@ def bf16_base(tmp_path_factory) -> Path:
     return save_sharded_bf16(tmp_path_factory.mktemp("bf16_base"))
 
 
+def trainable_line(out) -> str:
+    """The start line's `full: 0.12M trainable of 0.12M` / `lora r=16: ...` part."""
+    found = re.findall(r"\| ((?:full|lora r=\d+): \S+ trainable of \S+) \|", out.stdout + out.stderr)
+    assert len(found) == 1, out.stderr[-3000:]
+    return found[0]
+
+
 @pytest.fixture(scope="module")
 def single(bf16_base, tmp_path_factory):
-    """1-process references (accumulation 2), one per adapter setting."""
-    cache: dict[str, float] = {}
+    """1-process references (accumulation 2), one per adapter setting: step 1's loss and the start
+    line's trainable count."""
+    cache: dict[str, tuple[float, str]] = {}
 
-    def get(adapter: str) -> float:
+    def get(adapter: str) -> tuple[float, str]:
         if adapter not in cache:
             run_dir = tmp_path_factory.mktemp(f"single-{adapter}")
-            run_train([*COMMON, f"model.path={bf16_base}", f"adapter={adapter}", "strategy=ddp", f"run.dir={run_dir}"])
-            cache[adapter] = losses(run_dir)[1]
+            out = run_train([*COMMON, f"model.path={bf16_base}", f"adapter={adapter}", "strategy=ddp",
+                             f"run.dir={run_dir}"])
+            cache[adapter] = losses(run_dir)[1], trainable_line(out)
         return cache[adapter]
 
     return get
@@ -80,11 +90,14 @@ def test_materialized_model_equals_the_files(bf16_base):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy,adapter", [(s, a) for s in ("fsdp", "zero3", "ddp", "zero2") for a in ("lora", "none")])
 def test_engines_match_one_process(strategy, adapter, bf16_base, single, tmp_path):
-    run_train([*COMMON, f"model.path={bf16_base}", f"adapter={adapter}", f"strategy={strategy}",
-               f"run.dir={tmp_path}"], nproc=2, timeout=600)
+    out = run_train([*COMMON, f"model.path={bf16_base}", f"adapter={adapter}", f"strategy={strategy}",
+                     f"run.dir={tmp_path}"], nproc=2, timeout=600)
     # A bf16 base computes in fp32 on CPU under every engine: the same products, summed in another order.
     rel = 2e-3 if adapter == "lora" else 1e-5
-    assert losses(tmp_path)[1] == pytest.approx(single(adapter), rel=rel)
+    loss, trainable = single(adapter)
+    assert losses(tmp_path)[1] == pytest.approx(loss, rel=rel)
+    # the start line counts the model, not a rank's partition (ZeRO-3 once logged "0 trainable of 0")
+    assert trainable_line(out) == trainable and not trainable.startswith(("full: 0 ", "lora r=16: 0 "))
     startup = [r["startup"] for r in read_metrics(tmp_path) if "startup" in r]
     assert len(startup) == 1 and STARTUP_KEYS <= startup[0].keys(), startup
     assert len(startup[0]["rank_peak_rss_bytes_before_first_step"]) == 2
