@@ -256,3 +256,50 @@ def test_a_mixture_of_many_sources_starts_its_workers(budget, monkeypatch):
         warnings.simplefilter("always")
         assert next(iter(loader)) == want
     assert any("get a copy of the others" in str(w.message) for w in seen)
+
+
+FULL_SHM_CHILD = """
+import sys, warnings
+from itertools import islice
+import torch
+sys.path.insert(0, sys.argv[2])
+from data_pipeline import build_loader
+from data_pipeline.read.config import WebDatasetConfig
+def batches(workers):
+    ld = build_loader(WebDatasetConfig(urls=sys.argv[1], num_workers=workers), rank=0, world_size=1,
+                      micro_batch_size=2, seq_len=16, split="train")
+    return [b["input_ids"] for b in islice(iter(ld), 3)]
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    got = batches(1)
+assert all(torch.equal(a, b) for a, b in zip(got, batches(0))) and len(got) == 3
+print("WARNINGS", [str(w.message) for w in seen])
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus_60k(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("c60k"), sizes=(30_000, 30_000), val_sizes=(), min_len=2, max_len=4,
+                       vocab_size=256, content="random")
+
+
+@pytest.mark.parametrize("shm", ["1m", "host"])
+def test_a_full_dev_shm_sends_workers_a_copy_and_the_same_batches(corpus_60k, shm):
+    """A container's small /dev/shm (here a real 1 MiB tmpfs mounted over it in a mount namespace of
+    its own) cannot hold the shard index (60k documents, ~1.4 MB): the rank warns, naming the fix, and
+    its worker gets a copy; the batches equal a worker-less loader's. The twin: on the host's /dev/shm
+    the same run shares the index without a warning."""
+    from tests.helpers import PY, REPO, child_env
+
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m is not permitted here (needs root or user namespaces)")
+    child = [PY, "-c", FULL_SHM_CHILD, str(corpus_60k.root), str(REPO)]
+    cmd = (["unshare", "-m", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"', "sh", *child] if shm == "1m" else child)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [w for w in proc.stdout.split("WARNINGS", 1)[1].split("', '") if "no room in shared memory" in w]
+    if shm == "1m":
+        assert warned and "/dev/shm (docker run --shm-size)" in warned[0], proc.stdout
+    else:
+        assert not warned, proc.stdout
