@@ -12,6 +12,10 @@ export HF_DATASETS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 export DS_BUILD_OPS := 0
+# DeepSpeed's JIT-built ops live with this venv: in the shared ~/.cache/torch_extensions, a second
+# checkout's venv rebuilds the op (its build file names the venv's paths) and the next run of the
+# first rebuilds it again, inside a run (~25 s of compiler, and a compiler in a measured peak).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup setup-offline wheelhouse demo test test-fast lint bench clean
 

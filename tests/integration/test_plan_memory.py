@@ -89,9 +89,10 @@ def planned_per_rank(overrides: list[str]) -> int:
 
 def _build_deepspeed_ops() -> None:
     """DeepSpeed's process group builds its CPU shared-memory op with a C++ compiler in the first
-    process that needs it (~/.cache/torch_extensions): a compiler run inside a measured run would be
-    its peak (a tiny zero3 run once measured 1.5 GiB). `make setup` builds it once, but DeepSpeed
-    rebuilds it when its build file changes; loading it here, outside the measurement, makes sure."""
+    process that needs it (into $TORCH_EXTENSIONS_DIR, .venv/torch_extensions under make): a
+    compiler run inside a measured run would be its peak (a tiny zero3 run once measured 1.5 GiB).
+    `make setup` builds it once, but DeepSpeed rebuilds it when its build file changes; loading it
+    here, outside the measurement, makes sure."""
     from deepspeed.comm.torch import build_shm_op
 
     build_shm_op()
