@@ -16,9 +16,11 @@ torch; started with the loader to overlap the model's build), after which a work
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import signal
 import threading
 import warnings
 from multiprocessing.connection import wait
@@ -86,11 +88,15 @@ def prestart_workers(cfg: WebDatasetConfig) -> None:
 
 
 def _end_with_rank(worker_id: int) -> None:
-    """DataLoader worker_init_fn: end this worker when its rank ends, SIGKILL included.
+    """DataLoader worker_init_fn: end this worker when its rank ends, SIGKILL included; and let
+    SIGUSR2 print its stacks as its rank's does (train/signals.py), instead of killing it.
 
     torch's workers watch their parent pid, which here is the forkserver; the forkserver in turn
     lives while any worker holds its "alive" pipe, so without this a killed rank's workers and
-    server would wait on each other for ever (holding the rank's stdout and stderr)."""
+    server would wait on each other for ever (holding the rank's stdout and stderr). A forked
+    worker inherited its rank's SIGUSR2 handler; one from the forkserver has the default action,
+    which ends the process (and the rank's loader with it)."""
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
     rank = multiprocessing.parent_process()
     if rank is not None:
         threading.Thread(target=_exit_on_eof, args=(rank.sentinel,), name="rank-watch", daemon=True).start()

@@ -303,3 +303,36 @@ def test_a_full_dev_shm_sends_workers_a_copy_and_the_same_batches(corpus_60k, sh
         assert warned and "/dev/shm (docker run --shm-size)" in warned[0], proc.stdout
     else:
         assert not warned, proc.stdout
+
+
+USR2_CHILD = """
+import os, signal, sys, time
+from itertools import islice
+import psutil
+sys.path.insert(0, sys.argv[2])
+from data_pipeline import build_loader
+from data_pipeline.read.config import WebDatasetConfig
+ld = build_loader(WebDatasetConfig(urls=sys.argv[1], num_workers=1), rank=0, world_size=1, micro_batch_size=1,
+                  seq_len=8, split="train")
+it = iter(ld)
+next(it)
+server = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())][0]
+worker = server.children()[0]
+worker.send_signal(signal.SIGUSR2)
+time.sleep(1.0)
+print("ALIVE", worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE, flush=True)
+print("BATCHES", len(list(islice(it, 5))), flush=True)
+"""
+
+
+def test_sigusr2_prints_a_worker_stack_and_the_worker_goes_on(tmp_path):
+    """`kill -USR2` on a DataLoader worker prints its threads' stacks (as on its rank) and loading goes
+    on: a worker started from the forkserver would otherwise die of the signal's default action."""
+    from tests.helpers import PY, REPO, child_env
+
+    s = make_shards(tmp_path, sizes=(40, 40))
+    proc = subprocess.run([PY, "-c", USR2_CHILD, str(s.root), str(REPO)], capture_output=True, text=True,
+                          env=child_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ALIVE True" in proc.stdout and "BATCHES 5" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "Thread 0x" in proc.stderr and "rank-watch" not in proc.stdout, proc.stderr[-2000:]
