@@ -202,7 +202,11 @@ def setup(cfg: Config, raw_cfg: dict[str, Any]) -> Run:
 
 
 def finish(run: Run) -> None:
-    """Wait for a background checkpoint, close the trackers, leave the process group, free the lock."""
+    """Stop the data workers, wait for a background checkpoint, close the trackers, leave the process
+    group, free the lock."""
+    close = getattr(run.batches, "close", None)
+    if close is not None:  # DataLoader workers from the forkserver (data_pipeline/read/stream.py) end
+        close()            # and their queues' semaphores are released before the rank's os._exit
     run.checkpointer.wait()
     run.progress.close()
     run.tracker.finish()
