@@ -19,7 +19,9 @@ def greedy(export_dir: Path | str, prompt: str, max_new_tokens: int = 48) -> str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True, torch_dtype=torch.float32)
+    # fp32 whatever the export's dtype; `.float()` rather than the loading keyword, which transformers
+    # renamed (`torch_dtype` warns as deprecated from 5.x, `dtype` is unknown before 4.56)
+    model = AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True).float()
     model.eval()
     enc = tok(prompt, return_tensors="pt")
     with torch.no_grad():
