@@ -27,15 +27,16 @@ class BlockedWeight:
         self.blocks = [(a, min(a + rows, weight.size(0))) for a in range(0, weight.size(0), rows)]
 
     def times_t(self, h: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """h @ weight.T for h [tokens, in], in `out_dtype` (default `dtype`)."""
+        """h @ weight.T for h [..., in], in `out_dtype` (default `dtype`): a tensor of its own
+        [..., out], not a view (FSDP2 warns about a module that returns a view)."""
         out_dtype = out_dtype or self.dtype
-        if h.size(0) == 0:  # the output head under the chunked loss, which keeps no position
-            return h.new_empty(0, self.weight.size(0), dtype=out_dtype)
+        if h.numel() == 0:  # the output head under the chunked loss, which keeps no position
+            return h.new_empty(*h.shape[:-1], self.weight.size(0), dtype=out_dtype)
         if self.whole is not None:
             return (h @ self.whole.t()).to(out_dtype)
-        out = torch.empty(h.size(0), self.weight.size(0), dtype=out_dtype, device=h.device)
+        out = torch.empty(*h.shape[:-1], self.weight.size(0), dtype=out_dtype, device=h.device)
         for a, b in self.blocks:
-            out[:, a:b] = h @ self.weight[a:b].to(self.dtype).t()
+            out[..., a:b] = h @ self.weight[a:b].to(self.dtype).t()
         return out
 
     def times(self, p: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,7 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        out = BlockedWeight(weight, x.dtype).times_t(x.reshape(-1, x.size(-1)))
-        out = out.view(*x.shape[:-1], weight.size(0))
+        out = BlockedWeight(weight, x.dtype).times_t(x)
         return out if bias is None else out + bias.to(x.dtype)
 
     @staticmethod
