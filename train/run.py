@@ -142,7 +142,7 @@ def setup(cfg: Config, raw_cfg: dict[str, Any]) -> Run:
     check_targets(model, cfg.adapter)  # every adapter.target_modules / modules_to_save entry matches a module
     adapter = _adapter_info(cfg, model, info)
     objective = build_objective(cfg, model, info, loader, phases)  # a DPO reference copy: of the plain model
-    with phases.phase("build"):
+    with phases.phase("build", "adapter"):
         base_dtype = resolve_base_dtype(cfg.model.base_dtype, cfg.model.path)
         model = apply_adapter(model, cfg.adapter, base_dtype)  # before checkpointing and sharding (docs/STYLE.md §2)
     weights = weight_source(cfg.model, model, t.seed)

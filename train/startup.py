@@ -46,7 +46,9 @@ class Phases:
         """Extra entries of the `startup` record (DPO's `reference`: what each rank holds of it)."""
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str, part: str | None = None) -> Iterator[None]:
+        """Time `name` (a phase may be entered more than once; its figures add up); `part` names
+        this entry in the log line."""
         t0 = time.perf_counter()
         self._open.append(name)
         try:
@@ -58,7 +60,8 @@ class Phases:
             if self._open:  # a nested phase's time is not its parent's
                 self.seconds[self._open[-1]] -= took
             self.peak[name] = peak_rss_bytes()
-            log.info("start-up: %s took %.2f s (peak host memory %.2f GiB)", name, took, self.peak[name] / 2**30)
+            log.info("start-up: %s took %.2f s (peak host memory %.2f GiB)", f"{name} ({part})" if part else name,
+                     took, self.peak[name] / 2**30)
 
     def record(self, rank_peaks_before: list[int], rank_peaks_after: list[int]) -> dict[str, Any]:
         """The `startup` record (the per-rank peaks gathered by the caller, collective)."""
