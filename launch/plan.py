@@ -19,7 +19,7 @@ from launch.gpus import GPU, GiB, lookup
 from launch.host import host_bytes
 from launch.state import Adapter, Setup, Shape, frozen_width, model_state, state_bytes
 
-UPCAST_BYTES = 4 * 2**20
+UPCAST_BYTES = 4 * 2**18
 """train/upcast.py UPCAST_BLOCK in fp32: what a frozen low-precision weight is upcast by at a time."""
 
 __all__ = ["Adapter", "Setup", "Shape", "model_state", "plan", "plan_request", "render"]
@@ -28,6 +28,8 @@ STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "zero3_offload", "fsdp_o
 FRAMEWORK_RESERVE = 1 * GiB
 """CUDA context, cuBLAS workspaces and allocator slack, counted in `buffers`."""
 CHUNK_LOGITS = 2**25
+CPU_REDUCE_BUCKET = 200_000
+"""train/strategies/deepspeed.py CPU_REDUCE_BUCKET: ZeRO-3's gradient bucket on CPU ranks (elements)."""
 """Logits per chunk of the chunked loss (train/loss.py)."""
 
 
@@ -113,26 +115,32 @@ def buffer_bytes(shape: Shape, psi: int, s: Setup) -> int:
 
 
 def cpu_sharded_buffers(shape: Shape, psi: int, s: Setup) -> int:
-    """The step's transients of FSDP2 and ZeRO-3 on CPU ranks, which do not add up: FSDP2 holds one
-    block at a time there (blocks of 4 MiB and more; smaller ones keep FSDP2's defaults, a few MiB
-    more than this; no backward prefetch, each all-gather's buffer freed after its own
-    copy-out: train/strategies/parallelize.py `gather_one_block_at_a_time`), and the largest
-    transient is either a decoder block (gathered and copied out, with the fp32 copy of one of
-    its frozen weights, `upcast_bytes`; its fp32 gradients under full fine-tuning; under ZeRO-3
-    the reduce bucket, its flat copy and the fp32 gradient sub-group of backward and the
-    optimizer step) or the output head in the loss (gathered, and beside it FSDP2's all-gather
-    buffer during the copy-out or ZeRO-3's gloo staging copy). ZeRO-3 gathers a block's
-    parameters into one flat buffer that they then view (no copy-out), one module's worth at a
-    time beside it: one gathered block, not two."""
+    """The step's transients of FSDP2 and ZeRO-3 on CPU ranks, which do not add up. FSDP2 holds one
+    unit at a time there (blocks of 4 MiB and more; smaller ones keep FSDP2's defaults, a few MiB
+    more than this; no backward prefetch, each all-gather's buffer freed after its own copy-out:
+    train/strategies/parallelize.py `gather_one_unit_at_a_time`). Under LoRA each frozen projection
+    is its own unit, gathered straight into its weight like the embedding and the head (units of
+    one parameter need no copy-out), so the largest transient is one such weight and the fp32 rows
+    it is upcast by (`upcast_bytes`). Under full fine-tuning it is either a decoder block (gathered
+    and copied out, with its fp32 gradients) or the output head with its fp32 gradient. Under
+    ZeRO-3 it is one module's parameters (DeepSpeed gathers each module as it runs, into one flat
+    buffer that they view; in place on CPU ranks, train/strategies/deepspeed.py `_gather_in_place`)
+    with the reduce bucket (2e5 elements there), its flat copy and the fp32 gradient sub-group of
+    backward and the optimizer step with Adam's temporaries, or the head."""
     a, gw = (2 if s.bf16 else 4), gather_width(s)
     layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
+    upcast = upcast_bytes(shape, s)
+    projection = max(shape.hidden * shape.intermediate, shape.hidden * shape.hidden)
+    if s.strategy.startswith("fsdp") and s.adapter.kind == "lora":
+        return int(gw * max(projection, vocab_unit)) + upcast
     if s.strategy.startswith("fsdp"):
-        block = int(2 * gw * layer) + (4 * layer if s.adapter.kind == "none" else 0)
-    else:
-        block = int(gw * layer) + 2 * a * min(psi, 500_000_000)
-        if s.strategy == "zero3":
-            block += 4 * min(psi // s.world, 1_000_000_000)
-    return max(block + upcast_bytes(shape, s), int(2 * gw * vocab_unit))
+        return max(int(2 * gw * layer) + 4 * layer + upcast, int(gw * vocab_unit) + 4 * vocab_unit)
+    block = int(gw * projection) + 2 * a * min(psi, CPU_REDUCE_BUCKET)  # one module's parameters at a time
+    if s.strategy == "zero3":
+        # the fp32 flat copy of a sub-group's gradients, and the two temporaries of its size that
+        # torch's Adam makes stepping it as one tensor (the denominator, the decayed gradient)
+        block += 12 * min(psi // s.world, 1_000_000_000)
+    return max(block + upcast, int(gw * vocab_unit))
 
 
 def step_seconds(shape: Shape, psi: int, s: Setup, gpu: GPU) -> float:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-# 4 MiB of fp32 a block, not a copy of the matrix.
-UPCAST_BLOCK = 2**20
+# 1 MiB of fp32 a block, not a copy of the matrix (4 MiB held 6 MiB more at the peak of a
+# 2048-wide LoRA step on CPU ranks, docs/BENCHMARKS.md; the products are no slower).
+UPCAST_BLOCK = 2**18
 
 
 class BlockedWeight:

@@ -106,6 +106,39 @@ def test_engines_match_one_process(strategy, adapter, bf16_base, single, tmp_pat
     assert startup[0]["load_s"] > 0
 
 
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory) -> Path:
+    """Blocks of 5.5 MB in bf16, past ONE_BLOCK_FROM: FSDP2 on CPU ranks gathers one unit at a time
+    (train/strategies/parallelize.py), each frozen projection a unit gathered into its weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=2))
+    out = tmp_path_factory.mktemp("wide_base")
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="4MB")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fsdp_cpu_units_match_one_process(wide_base, tmp_path):
+    """fsdp+lora with one frozen projection per unit (gathered into its weight, resharded after an
+    activation-checkpointing recompute) gives one process's losses, with and without checkpointing;
+    the start-up log says the path ran, and a 1-process run (no sharding) does not take it."""
+    run = [*COMMON, f"model.path={wide_base}", "adapter=lora"]
+    single = run_train([*run, "strategy=ddp", f"run.dir={tmp_path / 'one'}"])
+    assert "one unit gathered at a time" not in single.stdout + single.stderr
+    for ac in ("false", "true"):
+        out = run_train([*run, "strategy=fsdp", f"trainer.activation_checkpointing={ac}", f"run.dir={tmp_path / ac}"],
+                        nproc=2, timeout=600)
+        assert "one unit gathered at a time, 14 frozen projections in units of their own" in out.stdout + out.stderr
+        got, want = losses(tmp_path / ac), losses(tmp_path / "one")
+        assert got.keys() == want.keys() == {1, 2}
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=2e-5), (ac, step, got, want)
+
+
 def test_requeue_does_not_read_the_base_weights(bf16_base, monkeypatch):
     """The fingerprint reads file sizes and safetensors headers, not tensors (a 70B requeue would
     otherwise read 140 GB); the full hash only under checkpoint.verify=true."""

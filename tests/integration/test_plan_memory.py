@@ -1,21 +1,20 @@
 """Host memory of a real 2-rank CPU run against the planner and the issue's bounds (issue 17).
 
-A ~150M-parameter Llama (12 layers) is built from a config and saved as bf16 safetensors in
-several files, then trained for one step (two for the FSDP full fine-tune, see STEPS) on 2 gloo
-ranks with `model=hf_local` under `fsdp` and `zero3`, with `adapter=lora` and with full
-fine-tuning. The measured figure is the peak resident set of the worst process over the whole
-run (the kernel's ru_maxrss of the torchrun tree: no sampling to miss a peak) minus the same
-run's peak with `model=tiny` (imports and engines; one tiny run per strategy serves every case).
-On the CPU the planner's "device" bytes are host bytes too, so its per-rank peak minus its CPU
-baseline is what the run should measure.
+Two Llamas are built from a config and saved as bf16 safetensors in several files, then trained
+on 2 gloo ranks with `model=hf_local` under `fsdp` and `zero3`: a ~395M-parameter one (hidden
+2048, 8 layers) with `adapter=lora` for one step, and a ~150M one (hidden 1024, 12 layers) fully
+fine-tuned (two steps for FSDP, see STEPS). The measured figure is the peak resident set of the
+worst process over the whole run (the kernel's ru_maxrss of the torchrun tree: no sampling to
+miss a peak) minus the same command's peak with `model=tiny` (imports and engines). On the CPU the
+planner's "device" bytes are host bytes too, so its per-rank peak minus its CPU baseline is what
+the run should measure. With full fine-tuning no rank may hold a full fp32 copy before step 1.
 
-With full fine-tuning the planner is checked too (see STEPS), and no rank may hold a full fp32
-copy before the first step.
-
-Measured on this shape (2 CPU ranks, per rank over the tiny baseline, as a fraction of the bf16
-files): fsdp+lora 0.79x, zero3+lora 0.86x (1.03-1.05x and 1.06-1.11x before the CPU host-memory
-changes of issue 17's last part; the goal is 0.6x: not met, see LORA_BOUND); before the first step
-fsdp ~0.56x, zero3 ~0.66x.
+Why the LoRA case needs a wide model: at hidden 1024 LoRA's fp32 state (r=16 on every projection:
+parameters, gradients and Adam's two moments) is 0.10x of the bf16 files per rank on 2 ranks, so
+with the base's half (0.50x) the issue's 0.6x is gone before anything is gathered; at hidden 2048 it
+is 0.05x, and 0.02x for an 8B model. Measured here (per rank over the tiny run, as a fraction of
+the bf16 files): fsdp+lora 0.58x with activation checkpointing (0.61x without), zero3+lora 0.65x
+without (0.69x with); docs/BENCHMARKS.md, "One frozen weight at a time".
 """
 from __future__ import annotations
 
@@ -30,32 +29,41 @@ from tests.helpers import PY, REPO, child_env, compose_train, train_cmd
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SHAPE = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
              num_attention_heads=16, num_key_value_heads=4)
+LORA_SHAPE = dict(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=4)
 RUN = ["trainer.device=cpu", "trainer.max_steps=1", "trainer.seq_len=32", "trainer.micro_batch_size=1",
        "checkpoint.at_end=false", "export=none", "tracking=none", "tracking.progress=false"]
+LORA_RUN = {"fsdp": ["adapter=lora", "trainer.activation_checkpointing=true"], "zero3": ["adapter=lora"]}
+"""Each engine's LoRA run with its lower setting: FSDP2 reshards each recomputed frozen projection
+(train/strategies/parallelize.py), DeepSpeed's recomputation holds more than the activations it saves."""
 ISSUE_GOAL = 0.6
 """Issue 17: per-rank peak over the tiny baseline with adapter=lora under fsdp/zero3 on 2 ranks,
 at most 0.6 x the bf16 weight files."""
-LORA_BOUND = 0.95
-"""What holds today: measured 0.79x (fsdp, 228-232 MiB) and 0.86x (zero3, 247-250 MiB). The bf16 shard
-and the LoRA shard alone are 0.52x and step 1's saved activations another 0.13x (measured), so the 0.6x
-goal is past before the backward gathers anything; on top comes the one unit a rank holds whole while it
-computes: a decoder block gathered, beside its all-gather buffer during the copy-out (0.15x; the fsdp
-peak), or the output head in the loss (ZeRO-3 also holds its persistent LoRA matrices and flat optimizer
-buffers). Breakdown: docs/BENCHMARKS.md, "Where step 1's host memory goes under fsdp+lora" and the
-sections it follows."""
+LORA_BOUND = {"fsdp": ISSUE_GOAL, "zero3": 0.7}
+"""fsdp meets the goal (0.58x measured). zero3 does not (0.65x): DeepSpeed's objects and small
+tensors hold ~24 MiB more heap than FSDP2's, its LoRA state is in flat buffers beside the
+parameters, and its activation-checkpointed step peaks higher than the plain one."""
+
+
+def save_llama(out: Path, shape: dict, shard: str) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size=shard)
+    assert len(list(out.glob("*.safetensors"))) >= 3
+    return out
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return save_llama(tmp_path_factory.mktemp("llama150m"), SHAPE, "100MB")
 
-    out = tmp_path_factory.mktemp("llama150m")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=False)).to(torch.bfloat16)
-    model.save_pretrained(out, max_shard_size="100MB")
-    assert len(list(out.glob("*.safetensors"))) >= 3
-    return out
+
+@pytest.fixture(scope="module")
+def lora_model_dir(tmp_path_factory) -> Path:
+    return save_llama(tmp_path_factory.mktemp("llama395m"), LORA_SHAPE, "200MB")
 
 
 # The peak is read by a small parent of torchrun: a child exec'd from a process inherits that
@@ -107,18 +115,26 @@ second step adds ~10% more on the CPU, not modelled: docs/BENCHMARKS.md, start-u
 
 
 @pytest.fixture(scope="module", params=["fsdp", "zero3"])
-def runs(request, model_dir, tmp_path_factory) -> dict:
-    """Per strategy: the tiny baseline, the model with LoRA, the model fully fine-tuned (STEPS)."""
+def runs(request, model_dir, lora_model_dir, tmp_path_factory) -> dict:
+    """Per strategy: LoRA on the wide model and full fine-tuning (STEPS) on the narrow one, each
+    with its tiny baseline (the same command with model=tiny)."""
     strategy = request.param
     if strategy.startswith("zero"):
         _build_deepspeed_ops()
     tmp = tmp_path_factory.mktemp(strategy)
-    model = ["model=hf_local", f"model.path={model_dir}", f"strategy={strategy}"]
-    out = {"strategy": strategy, "model": model, "files": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
-           "tiny": measure(["model=tiny", f"strategy={strategy}", "adapter=lora"], tmp / "tiny")}
-    out["lora"] = measure([*model, "adapter=lora"], tmp / "lora")
-    out["none"] = measure([*model, "adapter=none", f"trainer.max_steps={STEPS[strategy]}"], tmp / "none")
+    lora = [f"strategy={strategy}", *LORA_RUN[strategy]]
+    none = [f"strategy={strategy}", "adapter=none", f"trainer.max_steps={STEPS[strategy]}"]
+    out = {"strategy": strategy, "args": {"lora": ["model=hf_local", f"model.path={lora_model_dir}", *lora],
+                                          "none": ["model=hf_local", f"model.path={model_dir}", *none]},
+           "files": {"lora": _files(lora_model_dir), "none": _files(model_dir)}}
+    for case in ("lora", "none"):
+        out[case] = measure(out["args"][case], tmp / case)
+        out[f"tiny_{case}"] = measure(["model=tiny", *(lora if case == "lora" else none)], tmp / f"tiny_{case}")
     return out
+
+
+def _files(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
 
 def mib(b: float) -> str:
@@ -127,20 +143,20 @@ def mib(b: float) -> str:
 
 @pytest.mark.parametrize("adapter", ["lora", "none"])
 def test_planner_matches_measured_peak(runs, adapter):
-    delta = runs[adapter]["peak"] - runs["tiny"]["peak"]
-    steps = [f"trainer.max_steps={STEPS[runs['strategy']]}"] if adapter == "none" else []
-    planned = planned_per_rank([*runs["model"], f"adapter={adapter}", *steps])
+    delta = runs[adapter]["peak"] - runs[f"tiny_{adapter}"]["peak"]
+    planned = planned_per_rank(runs["args"][adapter])
     report = (f"{runs['strategy']} adapter={adapter}: measured {mib(delta)} over the tiny baseline "
-              f"({mib(runs['tiny']['peak'])}), planned {mib(planned)}, bf16 files {mib(runs['files'])}")
+              f"({mib(runs[f'tiny_{adapter}']['peak'])}), planned {mib(planned)}, bf16 files {mib(runs['files'][adapter])}")
     print(report)
     assert delta == pytest.approx(planned, rel=0.15), report
 
 
 def test_lora_peak_over_the_bf16_files(runs):
-    ratio = (runs["lora"]["peak"] - runs["tiny"]["peak"]) / runs["files"]
-    assert ratio <= LORA_BOUND, (f"{runs['strategy']}+lora on 2 ranks: per-rank peak over the tiny baseline is "
-                                 f"{ratio:.2f}x the bf16 files; held at {LORA_BOUND}x (measured 0.79-0.86x), the "
-                                 f"issue's goal is {ISSUE_GOAL}x")
+    ratio = (runs["lora"]["peak"] - runs["tiny_lora"]["peak"]) / runs["files"]["lora"]
+    bound = LORA_BOUND[runs["strategy"]]
+    print(f"{runs['strategy']}+lora: {ratio:.3f}x the bf16 files")
+    assert ratio <= bound, (f"{runs['strategy']}+lora on 2 ranks: per-rank peak over the tiny baseline is "
+                            f"{ratio:.3f}x the bf16 files; held at {bound}x, the issue's goal is {ISSUE_GOAL}x")
 
 
 def test_full_finetune_never_holds_a_full_fp32_copy(runs):
@@ -150,8 +166,8 @@ def test_full_finetune_never_holds_a_full_fp32_copy(runs):
     (its flat partition buffer, gradient partition and optimizer set-up: ~3.3x a partition on
     2 ranks, more than one full copy although all of it is 1/N), so there the bound is checked
     on the load phase, where the old path built the whole model (rank 0's `phase_peak_rss_bytes`)."""
-    fp32_copy = 2 * runs["files"]
-    tiny, full = runs["tiny"]["startup"], runs["none"]["startup"]
+    fp32_copy = 2 * runs["files"]["none"]
+    tiny, full = runs["tiny_none"]["startup"], runs["none"]["startup"]
     base = max(tiny["rank_peak_rss_bytes_before_first_step"])
     before = [p - base for p in full["rank_peak_rss_bytes_before_first_step"]]
     if runs["strategy"] == "fsdp":

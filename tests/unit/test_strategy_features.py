@@ -116,3 +116,18 @@ def test_a_forced_skip_updates_nothing(info, kind, extra):
     ds = kind == "deepspeed"
     assert results[0] == (True, True, True, 1 if ds else None)  # skipped: unchanged
     assert results[1] == (False, False, False, 1 if ds else None)  # applied: changed
+
+
+@pytest.mark.parametrize("extra,bucket", [({}, 200_000), ({"zero_optimization": {"reduce_bucket_size": 10**6}}, 10**6)])
+def test_zero3_on_cpu_ranks_takes_a_small_gradient_bucket(info, extra, bucket):
+    """DeepSpeed's default bucket (5e8 elements, 1.9 GiB of fp32) keeps every page the trainable
+    gradients reach resident on a CPU rank: ZeRO-3 there gets CPU_REDUCE_BUCKET unless the user's
+    `strategy.deepspeed` names one; the planner counts the same bucket."""
+    from launch.plan import CPU_REDUCE_BUCKET as PLANNED
+    from train.strategies.deepspeed import CPU_REDUCE_BUCKET, ds_config
+
+    cfg = load_config({"strategy": {"kind": "deepspeed", "name": "zero3", "zero_stage": 3, "deepspeed": extra}})
+    assert ds_config(cfg, info, accum=1)["zero_optimization"]["reduce_bucket_size"] == bucket
+    assert PLANNED == CPU_REDUCE_BUCKET == 200_000
+    cfg2 = load_config({"strategy": {"kind": "deepspeed", "name": "zero2", "zero_stage": 2}})
+    assert "reduce_bucket_size" not in ds_config(cfg2, info, accum=1)["zero_optimization"]  # the twin: stage 2 keeps its default

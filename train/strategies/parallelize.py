@@ -38,6 +38,11 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the embedding's output require a gradient, which only the reentrant
+    # recomputation needs: with a frozen embedding (LoRA) backward would then reach the embedding
+    # for nothing, and gather its FSDP2 unit to compute no gradient.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def apply_block_transforms(model: nn.Module, cfg: TrainerConfig) -> None:
@@ -181,11 +186,31 @@ class InPlaceAllGather:
     in place, the same bytes on the wire. The last broadcast is returned as the pending work
     when FSDP2 asks for an asynchronous one (`_set_unshard_async_op`, below). Units below
     IN_PLACE_FROM bytes use gloo's own all-gather: their staging copy is small, and one collective
-    costs less time than one per rank (a tiny model's CPU step was ~6% slower with broadcasts)."""
+    costs less time than one per rank (a tiny model's CPU step was ~6% slower with broadcasts).
+
+    A unit of one parameter (a frozen projection, the embedding, the head: `_one_weight_units`)
+    is gathered straight into that parameter: FSDP2 gathers into a flat buffer and then copies
+    each parameter out of it, two copies of the unit at once, but for a single parameter sharded
+    on dim 0 the flat buffer already is the parameter's layout (rank 0's rows, then rank 1's), so
+    `allocate` hands FSDP2 the parameter's own unsharded storage and the copy-out copies it onto
+    itself."""
 
     IN_PLACE_FROM = 1 << 20
 
+    def __init__(self, module: FSDPModule | None = None) -> None:
+        self.param = _single_param(module) if module is not None else None
+
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        fp = self.param
+        if fp is not None and size[0] % fp.mesh_info.shard_mesh_size == 0:
+            world = fp.mesh_info.shard_mesh_size
+            fp.init_all_gather_outputs([size[0] // world], [dtype], world, device)
+            fp.alloc_all_gather_outputs()
+            out = fp.all_gather_outputs[0]
+            if out.shape == torch.Size(size) and out.dtype == dtype:
+                # the same storage under a version counter of its own: the copy-in and the
+                # broadcasts write it, and autograd may hold the parameter from the last forward
+                return torch.empty(0, dtype=dtype, device=device).set_(out.untyped_storage(), 0, out.shape)
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group,
@@ -202,24 +227,52 @@ class InPlaceAllGather:
         return work
 
 
+def _single_param(module: FSDPModule):
+    """The FSDPParam of a unit that holds exactly one plain parameter sharded on dim 0 (whose
+    all-gather output is laid out as the unsharded parameter), else None."""
+    groups = module._get_fsdp_state()._fsdp_param_groups
+    if len(groups) != 1 or len(groups[0].fsdp_params) != 1:
+        return None
+    fp = groups[0].fsdp_params[0]
+    plain = not hasattr(fp._sharded_local_tensor, "fsdp_pre_all_gather")
+    return fp if plain and fp.fsdp_placement.dim == 0 else None
+
+
+def _frozen_projections(layer: nn.Module) -> list[nn.Module]:
+    """The linear projections of a decoder block with no trainable parameter (the base under
+    LoRA): each can be its own FSDP2 unit."""
+    return [m for m in layer.modules() if isinstance(m, nn.Linear) and not any(p.requires_grad for p in m.parameters())]
+
+
+def _reshard_after_recompute(module: nn.Module, args, output) -> None:
+    """A unit recomputed inside backward (activation checkpointing) stays gathered until its own
+    backward in FSDP2 (its post-forward does not reshard while autograd runs), so a whole
+    recomputed block of one-projection units would be gathered at once: reshard it now, and its
+    pre-backward gathers it again when its gradient is computed."""
+    if torch._C._current_graph_task_id() != -1:
+        module.reshard()
+
+
 ONE_BLOCK_FROM = 4 << 20
-"""Bytes of a decoder block's parameters from which CPU ranks hold one gathered block at a time."""
+"""Bytes of a decoder block's parameters from which CPU ranks hold one gathered unit at a time."""
 
 
-def gather_one_block_at_a_time(model: nn.Module) -> None:
-    """On CPU ranks (gloo) a gathered block is host memory, and there is no accelerator for a
-    collective to overlap with: hold one block at a time. FSDP2's defaults, made to overlap
-    all-gathers with GPU compute, hold more: backward prefetches the next block while one
-    computes (a unit that names itself as the one to prefetch turns that off: it is already
-    gathered), and a synchronous forward all-gather keeps its output buffer until the next
-    block's is copied out (an asynchronous one frees it after its own copy-out). With gloo's
-    staging copy gone too (`InPlaceAllGather`), a 150M LoRA run on 2 ranks peaks ~0.15x the bf16
-    weight files lower (issue 17, docs/BENCHMARKS.md). gloo's worker threads do overlap a little
-    (a tiny model's CPU step was ~8% slower without the prefetch), so `apply_fsdp` does this only
-    where a block is large enough for its bytes to matter (ONE_BLOCK_FROM)."""
+def gather_one_unit_at_a_time(model: nn.Module) -> None:
+    """On CPU ranks (gloo) a gathered unit is host memory, and there is no accelerator for a
+    collective to overlap with: hold one unit at a time, as small as it can be. FSDP2's defaults,
+    made to overlap all-gathers with GPU compute, hold more: backward prefetches the next unit
+    while one computes (a unit that names itself as the one to prefetch turns that off: it is
+    already gathered), and a synchronous forward all-gather keeps its output buffer until the
+    next unit's is copied out (an asynchronous one frees it after its own copy-out). With gloo's
+    staging copy gone (`InPlaceAllGather`), and each frozen projection of a LoRA base its own
+    unit gathered straight into its weight (`apply_fsdp`), a rank holds one weight of the base
+    at a time instead of a block and its all-gather buffer (issue 17, docs/BENCHMARKS.md). gloo's
+    worker threads do overlap a little (a tiny model's CPU step was ~8% slower without the
+    prefetch), so `apply_fsdp` does this only where a block is large enough for its bytes to
+    matter (ONE_BLOCK_FROM)."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_custom_all_gather(InPlaceAllGather())
+            module.set_custom_all_gather(InPlaceAllGather(module))
             module.set_modules_to_backward_prefetch([module])
             module._set_unshard_async_op(True)
 
@@ -256,13 +309,22 @@ def apply_fsdp(model: nn.Module, cfg: FSDPConfig, info: DistInfo, dtype: torch.d
     param_dtype = None if upcast else dtype
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                   offload_policy=offload, reshard_after_forward=cfg.reshard_after_forward)
+    one_at_a_time = info.device.type == "cpu" and info.world_size > 1 and _block_bytes(model) >= ONE_BLOCK_FROM
+    own_units = 0
     for layer in decoder_layers(model):
+        for proj in _frozen_projections(layer) if one_at_a_time else []:
+            fully_shard(proj, **kwargs)  # a frozen weight: its own unit on CPU ranks (gather_one_unit_at_a_time)
+            proj.register_forward_hook(_reshard_after_recompute)
+            own_units += 1
         fully_shard(layer, **kwargs)
+    if one_at_a_time:
+        log.info("FSDP2 on CPU ranks: one unit gathered at a time, %d frozen projections in units of their own",
+                 own_units)
     for module in _vocab_modules(model):  # torchtitan: the embedding and the output head on their own
         fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
-    if info.device.type == "cpu" and info.world_size > 1 and _block_bytes(model) >= ONE_BLOCK_FROM:
-        gather_one_block_at_a_time(model)
+    if one_at_a_time:
+        gather_one_unit_at_a_time(model)
     if upcast:
         apply_frozen_upcast(model, dtype, saved_low)
     if meta:
