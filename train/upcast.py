@@ -51,13 +51,20 @@ class BlockedWeight:
 
 
 class _FrozenLinear(torch.autograd.Function):
-    """x @ weight.T (+ bias) with a frozen `weight`: autograd saves the stored parameter (not a
-    copy, not the input: a frozen weight needs no input for any gradient) and backward computes
-    the input's gradient block by block too."""
+    """x @ weight.T (+ bias) with a frozen `weight`: backward keeps the stored parameter (not a
+    copy, not the input: a frozen weight needs no input for any gradient) and computes the input's
+    gradient block by block too.
+
+    The parameter is held on `ctx`, not saved through autograd: a sharding engine gathers it again
+    for the module's backward, into the same parameter, and in between it may be released. A saved
+    tensor would be checked by activation checkpointing after a recomputation, and ZeRO-3 releases
+    a weight by giving it an empty `.data` (shape [0]): to pass that check DeepSpeed keeps every
+    frozen weight a recomputation gathers until a later backward hook, a whole decoder block at
+    once (train/strategies/deepspeed.py `_release_after_recompute`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(weight)
+        ctx.weight = weight
         out = BlockedWeight(weight, x.dtype).times_t(x)
         return out if bias is None else out + bias.to(x.dtype)
 
@@ -65,7 +72,7 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        (weight,) = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = BlockedWeight(weight, grad_out.dtype).times(grad_out.reshape(-1, grad_out.size(-1)))
         return grad_x.view(*grad_out.shape[:-1], weight.size(1)), None, None
 

@@ -120,23 +120,33 @@ def wide_base(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def wide_single(wide_base, tmp_path_factory) -> dict[int, float]:
+    """One process's losses on the wide base (no sharding: neither path below is taken)."""
+    run_dir = tmp_path_factory.mktemp("wide-one")
+    out = run_train([*COMMON, f"model.path={wide_base}", "adapter=lora", "strategy=ddp", f"run.dir={run_dir}"])
+    assert "one unit gathered at a time" not in out.stdout + out.stderr
+    return losses(run_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_fsdp_cpu_units_match_one_process(wide_base, tmp_path):
-    """fsdp+lora with one frozen projection per unit (gathered into its weight, resharded after an
-    activation-checkpointing recompute) gives one process's losses, with and without checkpointing;
-    the start-up log says the path ran, and a 1-process run (no sharding) does not take it."""
-    run = [*COMMON, f"model.path={wide_base}", "adapter=lora"]
-    single = run_train([*run, "strategy=ddp", f"run.dir={tmp_path / 'one'}"])
-    assert "one unit gathered at a time" not in single.stdout + single.stderr
-    for ac in ("false", "true"):
-        out = run_train([*run, "strategy=fsdp", f"trainer.activation_checkpointing={ac}", f"run.dir={tmp_path / ac}"],
-                        nproc=2, timeout=600)
-        assert "one unit gathered at a time, 14 frozen projections in units of their own" in out.stdout + out.stderr
-        got, want = losses(tmp_path / ac), losses(tmp_path / "one")
-        assert got.keys() == want.keys() == {1, 2}
-        for step in want:
-            assert got[step] == pytest.approx(want[step], rel=2e-5), (ac, step, got, want)
+@pytest.mark.parametrize("strategy,ac,says", [
+    ("fsdp", "false", "one unit gathered at a time, 14 frozen projections in units of their own"),
+    ("fsdp", "true", "one unit gathered at a time, 14 frozen projections in units of their own"),
+    ("zero3", "true", "frozen modules released right after their recomputation")])
+def test_cpu_ranks_one_weight_at_a_time_match_one_process(strategy, ac, says, wide_base, wide_single, tmp_path):
+    """LoRA on 2 CPU ranks holding one frozen weight at a time: FSDP2 with each frozen projection a unit
+    gathered into its weight (and resharded after an activation-checkpointing recompute), ZeRO-3 releasing
+    each recomputed frozen module at once (train/strategies/deepspeed.py `_release_after_recompute`), give
+    one process's losses at both steps; the start-up log says the path ran."""
+    out = run_train([*COMMON, f"model.path={wide_base}", "adapter=lora", f"strategy={strategy}",
+                     f"trainer.activation_checkpointing={ac}", f"run.dir={tmp_path}"], nproc=2, timeout=600)
+    assert says in out.stdout + out.stderr
+    got = losses(tmp_path)
+    assert got.keys() == wide_single.keys() == {1, 2}
+    for step, want in wide_single.items():
+        assert got[step] == pytest.approx(want, rel=2e-5), (step, got, wide_single)
 
 
 def test_requeue_does_not_read_the_base_weights(bf16_base, monkeypatch):

@@ -188,7 +188,7 @@ class InPlaceAllGather:
     IN_PLACE_FROM bytes use gloo's own all-gather: their staging copy is small, and one collective
     costs less time than one per rank (a tiny model's CPU step was ~6% slower with broadcasts).
 
-    A unit of one parameter (a frozen projection, the embedding, the head: `_one_weight_units`)
+    A unit of one parameter (a frozen projection, the embedding, the head: `_single_param`)
     is gathered straight into that parameter: FSDP2 gathers into a flat buffer and then copies
     each parameter out of it, two copies of the unit at once, but for a single parameter sharded
     on dim 0 the flat buffer already is the parameter's layout (rank 0's rows, then rank 1's), so
