@@ -28,9 +28,9 @@ STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "zero3_offload", "fsdp_o
 FRAMEWORK_RESERVE = 1 * GiB
 """CUDA context, cuBLAS workspaces and allocator slack, counted in `buffers`."""
 CHUNK_LOGITS = 2**25
+"""Logits per chunk of the chunked loss (train/loss.py)."""
 CPU_REDUCE_BUCKET = 200_000
 """train/strategies/deepspeed.py CPU_REDUCE_BUCKET: ZeRO-3's gradient bucket on CPU ranks (elements)."""
-"""Logits per chunk of the chunked loss (train/loss.py)."""
 
 
 def activation_bytes(shape: Shape, s: Setup, checkpointing: bool) -> int:

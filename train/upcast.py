@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 # 1 MiB of fp32 a block, not a copy of the matrix (4 MiB held 6 MiB more at the peak of a
-# 2048-wide LoRA step on CPU ranks, docs/BENCHMARKS.md; the products are no slower).
+# 2048-wide LoRA step on CPU ranks; the blocked products are 6-28% slower: docs/BENCHMARKS.md).
 UPCAST_BLOCK = 2**18
 
 
