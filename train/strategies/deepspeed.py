@@ -38,7 +38,13 @@ from train.model_weights import (
 from train.schedule import apply_optim_settings, build_scheduler
 from train.startup import NULL, Phases
 from train.strategies.base import LossFn, Update, compute_dtype, forward_only, param_groups, token_scale
-from train.strategies.parallelize import InPlaceAllGather, apply_block_transforms, apply_frozen_upcast, saves_low
+from train.strategies.parallelize import (
+    InPlaceAllGather,
+    apply_block_transforms,
+    apply_frozen_upcast,
+    in_backward,
+    saves_low,
+)
 
 log = logging.getLogger("scaletrain")
 TAG = "state"
@@ -250,7 +256,7 @@ def _release_after_recompute(engine) -> int:
     modules = {m.ds_id: m for m in engine.module.modules() if hasattr(m, "ds_id")}
 
     def release(module: nn.Module, args, output) -> None:
-        if torch._C._current_graph_task_id() == -1:  # a forward outside backward: DeepSpeed released it
+        if not in_backward():  # a forward outside backward: DeepSpeed released it
             return
         for p in module.parameters(recurse=False):
             for owner in [modules.get(i) for i in p.ds_active_sub_modules if i != module.ds_id]:

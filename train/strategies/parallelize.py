@@ -244,12 +244,18 @@ def _frozen_projections(layer: nn.Module) -> list[nn.Module]:
     return [m for m in layer.modules() if isinstance(m, nn.Linear) and not any(p.requires_grad for p in m.parameters())]
 
 
+def in_backward() -> bool:
+    """Whether autograd's engine is running: a module's forward then is a recomputation
+    (activation checkpointing)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _reshard_after_recompute(module: nn.Module, args, output) -> None:
     """A unit recomputed inside backward (activation checkpointing) stays gathered until its own
     backward in FSDP2 (its post-forward does not reshard while autograd runs), so a whole
     recomputed block of one-projection units would be gathered at once: reshard it now, and its
     pre-backward gathers it again when its gradient is computed."""
-    if torch._C._current_graph_task_id() != -1:
+    if in_backward():
         module.reshard()
 
 
