@@ -31,6 +31,8 @@ CHUNK_LOGITS = 2**25
 """Logits per chunk of the chunked loss (train/loss.py)."""
 CPU_REDUCE_BUCKET = 200_000
 """train/strategies/deepspeed.py CPU_REDUCE_BUCKET: ZeRO-3's gradient bucket on CPU ranks (elements)."""
+CPU_SUB_GROUP = 200_000
+"""train/strategies/deepspeed.py CPU_SUB_GROUP: ZeRO-3's optimizer sub-group on CPU ranks (elements)."""
 
 
 def activation_bytes(shape: Shape, s: Setup, checkpointing: bool) -> int:
@@ -126,7 +128,9 @@ def cpu_sharded_buffers(shape: Shape, psi: int, s: Setup) -> int:
     ZeRO-3 it is one module's parameters (DeepSpeed gathers each module as it runs, into one flat
     buffer that they view; in place on CPU ranks, train/strategies/deepspeed.py `_gather_in_place`)
     with the reduce bucket (2e5 elements there), its flat copy and the fp32 gradient sub-group of
-    backward and the optimizer step with Adam's temporaries, or the head."""
+    backward and the optimizer step with Adam's temporaries (sub-groups of 2e5 elements there), or
+    the head. Every module is released after its use there (no reuse window: deepspeed.py
+    `CPU_ZERO3`), so step 2 holds no more than step 1 but Adam's moments."""
     a, gw = (2 if s.bf16 else 4), gather_width(s)
     layer, vocab_unit = shape.layer_params, shape.vocab * shape.hidden
     upcast = upcast_bytes(shape, s)
@@ -138,8 +142,11 @@ def cpu_sharded_buffers(shape: Shape, psi: int, s: Setup) -> int:
     block = int(gw * projection) + 2 * a * min(psi, CPU_REDUCE_BUCKET)  # one module's parameters at a time
     if s.strategy == "zero3":
         # the fp32 flat copy of a sub-group's gradients, and the two temporaries of its size that
-        # torch's Adam makes stepping it as one tensor (the denominator, the decayed gradient)
-        block += 12 * min(psi // s.world, 1_000_000_000)
+        # torch's Adam makes stepping it as one tensor (the denominator, the decayed gradient); a
+        # sub-group closes once it reaches CPU_SUB_GROUP elements, so it may hold one more partition
+        largest = shape.largest_param if s.adapter.kind == "none" else max(
+            (n for n, _ in s.adapter.tensors(shape)), default=0)
+        block += 12 * min(psi // s.world, CPU_SUB_GROUP + largest // s.world)
     return max(block + upcast, int(gw * vocab_unit))
 
 

@@ -9,9 +9,10 @@ MixedPrecisionPolicy), so 4Ψ + 4Ψ + 8Ψ (FSDP2: all over N). On CPU (fp32) Dee
 
 With an adapter only the trainable parameters (LoRA's A and B, `modules_to_save`) have
 gradients and optimizer state; the frozen base is held in `model.base_dtype` (bf16 by
-default), sharded like every parameter under fsdp and zero3, except that ZeRO-3 keeps tensors
-below its persistence threshold (1e5 elements) whole on every rank: LoRA's A and B of a small
-model. No torch import: this runs on a login node.
+default), sharded like every parameter under fsdp and zero3, except that ZeRO-3 on GPUs keeps
+tensors below its persistence threshold (1e5 elements) whole on every rank: LoRA's A and B of a
+small model (CPU ranks set the threshold to 0: train/strategies/deepspeed.py `CPU_ZERO3`). No
+torch import: this runs on a login node.
 """
 from __future__ import annotations
 
@@ -187,8 +188,9 @@ def state_bytes(shape: Shape, s: Setup) -> dict[str, int]:
 def _persistent(out: dict[str, int], shape: Shape, s: Setup) -> dict[str, int]:
     """ZeRO-3 keeps every tensor below its persistence threshold whole on each rank (the norms;
     LoRA's A and B of a small model; every tensor of a tiny one), beside the partition its
-    optimizer updates (measured: tests/support/dist_state_bytes.py)."""
-    if s.strategy != "zero3" or s.world == 1:
+    optimizer updates (measured: tests/support/dist_state_bytes.py). Not on CPU ranks, where the
+    threshold is 0."""
+    if s.strategy != "zero3" or s.world == 1 or s.device == "cpu":
         return out
     width = 2 if s.bf16 else 4
     trainable = s.adapter.tensors(shape) if s.adapter.kind != "none" else shape.tensors()

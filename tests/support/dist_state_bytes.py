@@ -133,12 +133,15 @@ def peak_grad_bytes(strategy, batch) -> int:
 
 def state_bytes(strategy, batch) -> dict[str, int]:
     """params / grads / optimizer bytes this rank holds, read from the engine's own objects."""
-    params, _, inner = _parts(strategy)
+    params, zero, inner = _parts(strategy)
     tally = Tally()
     # ZeRO-3 keeps tensors below its persistence threshold whole beside their partition
     whole = [p.data for p in params if getattr(p, "ds_persist", False)]
     out = {"params": tally.add([*(getattr(p, "ds_tensor", p) for p in params), *whole])}
-    masters = [p for g in inner.param_groups for p in g["params"]]  # ZeRO's fp32 partitions
+    masters = [p for g in inner.param_groups for p in g["params"]]  # ZeRO-1/2's fp32 partitions
+    # ZeRO-3's, handed to the torch optimizer one sub-group at a time; in fp32 they are the module's
+    # flat partition (train/strategies/deepspeed.py `_share_fp32_masters`), counted once
+    masters += list(getattr(zero, "fp32_partitioned_groups_flat", None) or [])
     out["optimizer"] = tally.add([*masters, *_flat(list(inner.state.values()))])
     out["grads"] = peak_grad_bytes(strategy, batch)
     out["grads_held"] = grad_bytes(strategy)  # after backward, before the optimizer step

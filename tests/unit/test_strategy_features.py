@@ -119,15 +119,21 @@ def test_a_forced_skip_updates_nothing(info, kind, extra):
 
 
 @pytest.mark.parametrize("extra,bucket", [({}, 200_000), ({"zero_optimization": {"reduce_bucket_size": 10**6}}, 10**6)])
-def test_zero3_on_cpu_ranks_takes_a_small_gradient_bucket(info, extra, bucket):
-    """DeepSpeed's default bucket (5e8 elements, 1.9 GiB of fp32) keeps every page the trainable
-    gradients reach resident on a CPU rank: ZeRO-3 there gets CPU_REDUCE_BUCKET unless the user's
-    `strategy.deepspeed` names one; the planner counts the same bucket."""
+def test_zero3_on_cpu_ranks_takes_small_buckets_and_no_reuse_window(info, extra, bucket):
+    """DeepSpeed's defaults on a CPU rank keep every page the trainable gradients reach resident (a
+    5e8-element bucket), step the optimizer on fp32 copies of the whole partition (sub-groups of
+    1e9), and, from step 2 on, keep every module it reuses within 1e9 elements gathered (a whole
+    small model). ZeRO-3 there gets CPU_ZERO3 unless the user's `strategy.deepspeed` names a key;
+    the planner counts the same bucket and sub-group."""
     from launch.plan import CPU_REDUCE_BUCKET as PLANNED
-    from train.strategies.deepspeed import CPU_REDUCE_BUCKET, ds_config
+    from launch.plan import CPU_SUB_GROUP as PLANNED_GROUP
+    from train.strategies.deepspeed import CPU_REDUCE_BUCKET, CPU_SUB_GROUP, ds_config
 
     cfg = load_config({"strategy": {"kind": "deepspeed", "name": "zero3", "zero_stage": 3, "deepspeed": extra}})
-    assert ds_config(cfg, info, accum=1)["zero_optimization"]["reduce_bucket_size"] == bucket
-    assert PLANNED == CPU_REDUCE_BUCKET == 200_000
+    zero = ds_config(cfg, info, accum=1)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == bucket
+    assert (zero["sub_group_size"], zero["stage3_max_reuse_distance"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (200_000, 0, 0, 0)
+    assert PLANNED == CPU_REDUCE_BUCKET == 200_000 and PLANNED_GROUP == CPU_SUB_GROUP == 200_000
     cfg2 = load_config({"strategy": {"kind": "deepspeed", "name": "zero2", "zero_stage": 2}})
-    assert "reduce_bucket_size" not in ds_config(cfg2, info, accum=1)["zero_optimization"]  # the twin: stage 2 keeps its default
+    assert ds_config(cfg2, info, accum=1)["zero_optimization"] == {"stage": 2}  # the twin: stage 2 keeps DeepSpeed's
