@@ -194,6 +194,7 @@ def test_bench_startup_smoke(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(out) == ["ratios", "rows"] and list(out["ratios"]) == ["smoke/fsdp/lora/today"]
+    assert list(out) == ["ratios", "rows"] and list(out["ratios"]) == ["smoke/fsdp/lora/today/2"]
     row = out["rows"][0]
     assert row["peak_over_baseline_mib"] > 100 and row["planned_mib"] >= 0 and row["wall_s"] > 0
+    assert row["ranks"] == 2 and row["before_step1_over_shard"] > 0
